@@ -1,0 +1,44 @@
+# The two commands of the README: `make demo` and `make test`.
+# Both create .venv if missing, install tangomesh into it, and (as root) the
+# Debian packages the tests need. Nothing else has to be installed by hand.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+STARTER := /usr/lib/tango/Starter
+DEMO_HOME ?= $(CURDIR)/.tangomesh
+PYTEST_ARGS ?=
+
+.PHONY: demo test bench system-deps venv clean
+
+venv: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	@touch $@
+
+# Debian's Starter (what Astor drives) and tango_admin, for the Starter tests.
+system-deps:
+	@if [ -x $(STARTER) ] && command -v tango_admin >/dev/null; then exit 0; fi; \
+	if [ "$$(id -u)" -ne 0 ]; then \
+	  echo "missing $(STARTER) / tango_admin: run 'sudo apt-get install tango-starter libtango-tools' or make as root"; exit 1; \
+	fi; \
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends tango-starter libtango-tools
+
+test: $(STAMP) system-deps
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	@export TANGOMESH_HOME=$(DEMO_HOME); \
+	$(BIN)/tangomesh up && $(BIN)/tangomesh status; rc=$$?; \
+	$(BIN)/tangomesh down; exit $$rc
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_codec.py
+
+clean:
+	-$(BIN)/tangomesh down 2>/dev/null
+	rm -rf $(VENV) .tangomesh .pytest_cache .hypothesis

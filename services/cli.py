@@ -1,0 +1,134 @@
+"""``tangomesh``: run the mesh from a shell.
+
+    tangomesh db [start|stop|status]    the embedded Tango database
+    tangomesh env                       the TANGO_HOST to export
+    tangomesh up [--mesh F] [--via-starter]
+    tangomesh status [--json]
+    tangomesh down [--keep-db]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from services import mesh
+from services.home import EmbeddedDatabase, home, resolve_tango_host
+
+console = Console(stderr=False, width=None if sys.stdout.isatty() else 200)
+err = Console(stderr=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tangomesh", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("db", help="run the embedded sqlite Tango database")
+    p.add_argument("action", nargs="?", choices=("start", "stop", "status"), default="start")
+    sub.add_parser("env", help="print the TANGO_HOST to export")
+
+    for name, text in (("up", "declare the mesh and start it"), ("down", "stop the mesh"),
+                       ("status", "show every service")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--mesh", type=Path, default=mesh.DEFAULT_MESH, help="mesh file (dsconfig JSON)")
+    sub.choices["up"].add_argument("--via-starter", action="store_true",
+                                   help="start servers through this host's Starter (as Astor does)")
+    sub.choices["up"].add_argument("--timeout", type=float, default=60.0, help="seconds per startup level")
+    sub.choices["down"].add_argument("--keep-db", action="store_true", help="leave the embedded database running")
+    sub.choices["status"].add_argument("--json", action="store_true", help="a JSON list instead of a table")
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except (RuntimeError, TimeoutError, FileNotFoundError, ValueError) as exc:
+        err.print(f"[bold red]tangomesh {args.command}:[/] {exc}")
+        return 1
+
+
+def cmd_db(args: argparse.Namespace) -> int:
+    db = EmbeddedDatabase(home())
+    if args.action == "start":
+        console.print(db.start())
+    elif args.action == "stop":
+        console.print("stopped" if db.stop() else "not running")
+    else:
+        running = db.running()
+        console.print(f"{db.tango_host() or '-'} {'running' if running else 'stopped'}")
+        return 0 if running else 3
+    return 0
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    tango_host, _ = resolve_tango_host(home())
+    print(f"export TANGO_HOST={tango_host}")
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    root = home()
+    spec = mesh.MeshSpec.load(args.mesh)
+    tango_host, embedded = resolve_tango_host(root)
+    launcher = mesh.StarterLauncher(root) if args.via_starter else mesh.LocalLauncher(root)
+    outcome = mesh.up(spec, launcher, root, timeout=args.timeout)
+    for server, what in outcome.items():
+        console.print(f"{server:32s} {what}")
+    console.print(f"mesh up on TANGO_HOST={tango_host}{' (embedded)' if embedded else ''}")
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    root = home()
+    spec = mesh.MeshSpec.load(args.mesh)
+    db = EmbeddedDatabase(root)
+    tango_host, embedded = resolve_tango_host(root, start=False)
+    if embedded and not db.running():
+        console.print("mesh is down (no database running)")
+        return 0
+    stopped = mesh.down(spec, [mesh.StarterLauncher(root), mesh.LocalLauncher(root)])
+    for server in stopped:
+        console.print(f"{server:32s} stopped")
+    if embedded and not args.keep_db:
+        db.stop()
+        console.print("embedded Tango database stopped")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    root = home()
+    spec = mesh.MeshSpec.load(args.mesh)
+    tango_host, embedded = resolve_tango_host(root, start=False)
+    if embedded and not EmbeddedDatabase(root).running():
+        rows: list[dict[str, Any]] = []
+    else:
+        rows = mesh.status(spec, spec.topology_device)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    table = Table(title=f"tangomesh on {tango_host or '(no database)'}")
+    for column in ("device", "kind", "pipeline", "host", "pid", "state", "in", "out", "errors", "queue", "endpoints"):
+        table.add_column(column)
+    for r in rows:
+        c = r.get("counters", {})
+        table.add_row(
+            r["name"], r["kind"], r["pipeline"], r["host"], str(r["pid"] or "-"), r["state"],
+            *(str(c.get(k, "-")) for k in ("events_in", "events_out", "errors", "queue_depth")),
+            " ".join(f"{k}={v}" for k, v in r["endpoints"].items()),
+        )
+    console.print(table)
+    return 0
+
+
+COMMANDS = {"db": cmd_db, "env": cmd_env, "up": cmd_up, "down": cmd_down, "status": cmd_status}
+
+if __name__ == "__main__":
+    sys.exit(main())

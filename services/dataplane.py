@@ -1,0 +1,84 @@
+"""Sockets of the data plane: binding, and the receive loop every consumer uses."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Callable
+
+import zmq
+
+from services import codec
+from services.component import Counters
+
+log = logging.getLogger(__name__)
+
+POLL_MS = 100
+
+
+def bind(socket: zmq.Socket, bind_host: str, advertised_host: str) -> str:
+    """Bind to a free TCP port; return the endpoint others should connect to."""
+    port = socket.bind_to_random_port(f"tcp://{bind_host}")
+    return f"tcp://{advertised_host}:{port}"
+
+
+class PullInlet:
+    """A bound PULL socket drained by one thread.
+
+    Each valid message goes to ``handler`` on that thread. While the handler is
+    busy nothing more is read, the socket's high-water mark fills and senders
+    block: backpressure, never a drop. A frame set that does not decode, or that
+    the handler refuses by raising ``ValueError`` (``CodecError`` is one), is
+    counted and logged, and the loop goes on.
+    """
+
+    def __init__(
+        self,
+        context: zmq.Context,
+        bind_host: str,
+        advertised_host: str,
+        handler: Callable[[codec.Message], None],
+        counters: Counters,
+        thread_factory: Callable[..., threading.Thread] = threading.Thread,
+        hwm: int = 1000,
+        name: str = "inlet",
+    ) -> None:
+        self.socket = context.socket(zmq.PULL)
+        self.socket.set_hwm(hwm)
+        self.socket.linger = 0
+        self.endpoint = bind(self.socket, bind_host, advertised_host)
+        self.handler = handler
+        self.counters = counters
+        self._stop = threading.Event()
+        self._thread = thread_factory(target=self._run, name=name, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(5)
+        self.socket.close(0)
+
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.socket, zmq.POLLIN)
+        while not self._stop.is_set():
+            if not poller.poll(POLL_MS):
+                continue
+            try:
+                msg = codec.recv(self.socket)
+            except codec.CodecError as exc:
+                self.counters.error(f"refused data-plane message on {self.endpoint}: {exc}")
+                continue
+            self.counters.events_in += 1
+            try:
+                self.handler(msg)
+            except ValueError as exc:
+                self.counters.error(
+                    f"refused {msg.type} scan={msg.scan!r} stream={msg.stream!r} index={msg.index}: {exc}"
+                )
+            except Exception as exc:  # a bug in a handler must not kill the service's data path
+                log.exception("handler failed")
+                self.counters.error(f"handler failed on {msg.type} index={msg.index}: {exc!r}")

@@ -1,0 +1,169 @@
+"""MeshDevice: the Tango face every tangomesh service shares.
+
+It registers the service with the topology manager, keeps the lease alive from
+a ``PyTangoThread``, deregisters on delete, and exposes the standard counters.
+Subclasses only say which component to build (:meth:`create_component`) and
+declare their own properties, attributes and commands.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import sys
+from typing import Any, Callable, NoReturn
+
+import tango
+from tango import DevState
+from tango.server import Device, attribute, device_property
+from tango.utils import PyTangoThread
+
+from services.component import Component
+from services.registration import (
+    DEFAULT_TOPOLOGY_DEVICE,
+    REASON_INVALID_INPUT,
+    ManagerLink,
+    RegistrationClient,
+    TangoManagerLink,
+)
+
+LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+
+
+def throw_invalid(message: str, origin: str) -> NoReturn:
+    """Refuse a command's input with a DevFailed that names what was wrong."""
+    tango.Except.throw_exception(REASON_INVALID_INPUT, message, origin)
+
+
+class MeshDevice(Device):
+    """Base class: do not instantiate; subclasses implement create_component."""
+
+    TopologyDevice = device_property(
+        dtype=str, default_value=DEFAULT_TOPOLOGY_DEVICE, doc="Device name of the TopologyManager"
+    )
+    Pipeline = device_property(dtype=str, default_value="", doc="Pipeline this service belongs to")
+    DataHost = device_property(
+        dtype=str,
+        default_value="",
+        doc="Address data endpoints bind to and advertise (empty: this host's name, all interfaces)",
+    )
+
+    component: Component
+    registration: RegistrationClient | None = None
+
+    # ------------------------------------------------------------ life cycle
+    def init_device(self) -> None:
+        super().init_device()
+        self.set_state(DevState.INIT)
+        try:
+            self.component = self.create_component()
+            self.component.start()
+        except Exception as exc:  # a bad property, a bind failure: show it, stay up for Jive/Astor
+            self.component = Component(self.get_name())
+            self.component.counters.error(f"start failed: {exc}")
+            self.set_state(DevState.FAULT)
+            self.set_status(f"start failed: {exc}")
+            return
+        self.registration = RegistrationClient(
+            self.create_link(),
+            self.registration_info(),
+            thread_factory=PyTangoThread,
+        )
+        self.registration.start()
+        self.set_state(DevState.ON)
+
+    def delete_device(self) -> None:
+        if self.registration is not None:
+            self.registration.stop(deregister=True)
+            self.registration = None
+        self.component.stop()
+        super().delete_device()
+
+    def create_component(self) -> Component:
+        raise NotImplementedError
+
+    def create_link(self) -> ManagerLink:
+        return TangoManagerLink(self.TopologyDevice)
+
+    def registration_info(self) -> dict[str, Any]:
+        util = tango.Util.instance()
+        return {
+            "name": self.get_name().lower(),
+            "kind": self.component.kind,
+            "pipeline": self.Pipeline,
+            "server": util.get_ds_name(),
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "endpoints": self.component.endpoints,
+            "capabilities": self.component.capabilities,
+        }
+
+    @property
+    def bind_host(self) -> str:
+        return self.DataHost or "*"
+
+    @property
+    def advertised_host(self) -> str:
+        return self.DataHost if self.DataHost not in ("", "*", "0.0.0.0") else socket.getfqdn()
+
+    def dev_status(self) -> str:
+        if self.get_state() == DevState.FAULT:
+            return self.get_status()
+        lines = [f"The device is in {self.get_state()} state."]
+        reg = self.registration
+        if reg is not None:
+            lines.append("Registered with the topology manager." if reg.registered else
+                         f"Not registered yet: {reg.last_problem or 'waiting for the topology manager'}")
+        extra = self.component.status()
+        if extra:
+            lines.append(extra)
+        last = self.component.counters.last_error
+        if last:
+            lines.append(f"Last error: {last}")
+        self._status = "\n".join(lines)
+        return self._status
+
+    # ------------------------------------------------------------ counters
+    @attribute(dtype=int, doc="Messages or events received")
+    def EventsIn(self) -> int:
+        return self.component.counters.events_in
+
+    @attribute(dtype=int, doc="Messages or events sent on")
+    def EventsOut(self) -> int:
+        return self.component.counters.events_out
+
+    @attribute(dtype=int, doc="Refused inputs and failed operations (see Status and the log)")
+    def Errors(self) -> int:
+        return self.component.counters.errors
+
+    @attribute(dtype=int, doc="Items waiting inside the service")
+    def QueueDepth(self) -> int:
+        return self.component.counters.queue_depth
+
+    @attribute(dtype=str, doc="Data-plane endpoints by role (JSON)")
+    def Endpoints(self) -> str:
+        return json.dumps(self.component.endpoints)
+
+    @attribute(dtype=bool, doc="True while the topology manager holds our lease")
+    def Registered(self) -> bool:
+        return bool(self.registration and self.registration.registered)
+
+
+def run_server(classes: tuple[type[Device], ...], argv: list[str] | None = None) -> None:
+    """Entry point body of every tangomesh console script."""
+    logging.basicConfig(level=os.environ.get("TANGOMESH_LOG_LEVEL", "INFO"), format=LOG_FORMAT, stream=sys.stdout)
+    from tango.server import run
+
+    run(classes, args=argv)
+
+
+def console_script(*classes: type[Device]) -> Callable[[], None]:
+    """``main`` for setup.cfg's console_scripts: the script name is the server name."""
+
+    def main() -> None:
+        run_server(classes)
+
+    return main
+

@@ -1,0 +1,385 @@
+"""Declare, start, stop and inspect a mesh described by a dsconfig file.
+
+The mesh file is plain dsconfig JSON (servers → instances → classes → devices →
+properties) plus a ``_tangomesh`` section with what dsconfig does not cover:
+the Starter startup level (and host) of every server. Servers start level by
+level (topology manager first, master last), each level only once every
+device of the previous one has registered with the topology manager.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import tango
+
+from services.home import executable, pid_alive, process_cmdline, spawn, terminate
+from services.registration import DEFAULT_TOPOLOGY_DEVICE, ManagerUnavailable, TangoManagerLink
+from services.schema import validate
+
+log = logging.getLogger("tangomesh.mesh")
+
+DEFAULT_MESH = Path(__file__).resolve().parents[1] / "deploy" / "mesh.json"
+STARTER_PATH = "/usr/lib/tango/Starter"
+
+
+def short_hostname() -> str:
+    return socket.gethostname().split(".")[0]
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    name: str  # "Server/instance", as Tango and Starter call it
+    level: int
+    host: str
+    devices: tuple[str, ...]
+
+    @property
+    def executable(self) -> str:
+        return self.name.split("/")[0]
+
+    @property
+    def instance(self) -> str:
+        return self.name.split("/")[1]
+
+    @property
+    def admin_device(self) -> str:
+        return f"dserver/{self.name}"
+
+    @property
+    def file_stem(self) -> str:
+        return self.name.replace("/", "_")
+
+
+@dataclass
+class MeshSpec:
+    path: Path
+    config: dict[str, Any]
+    servers: list[ServerSpec]
+    topology_device: str = DEFAULT_TOPOLOGY_DEVICE
+    levels: list[int] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, path: Path | str = DEFAULT_MESH) -> "MeshSpec":
+        path = Path(path)
+        config = json.loads(path.read_text())
+        validate("mesh", config)
+        info = config["_tangomesh"]
+        servers = []
+        for server, instances in config["servers"].items():
+            for instance, classes in instances.items():
+                name = f"{server}/{instance}"
+                if name not in info["servers"]:
+                    raise ValueError(f"{path}: server {name} has no startup level in _tangomesh.servers")
+                devices = tuple(d.lower() for devs in classes.values() for d in devs)
+                spec = info["servers"][name]
+                servers.append(ServerSpec(name, spec["level"], spec.get("host", short_hostname()), devices))
+        unknown = set(info["servers"]) - {s.name for s in servers}
+        if unknown:
+            raise ValueError(f"{path}: _tangomesh.servers names undeclared servers {sorted(unknown)}")
+        servers.sort(key=lambda s: (s.level, s.name))
+        topology = info.get("topology_device", DEFAULT_TOPOLOGY_DEVICE).lower()
+        if not any(topology in s.devices for s in servers):
+            log.info("topology device %s is not part of this mesh file (a shared one is used)", topology)
+        return cls(path, config, servers, topology, sorted({s.level for s in servers}))
+
+    def at_level(self, level: int) -> list[ServerSpec]:
+        return [s for s in self.servers if s.level == level]
+
+    @property
+    def devices(self) -> list[str]:
+        return [d for s in self.servers for d in s.devices]
+
+
+# --------------------------------------------------------------------------- declaring
+
+
+def declare(spec: MeshSpec) -> bool:
+    """Write servers, devices and properties with dsconfig; True if anything changed.
+
+    Running it again with the same file changes nothing.
+    """
+    from dsconfig.json2tango import apply_config, prepare_config
+
+    config = prepare_config(spec.config)
+    db = tango.Database()
+    _, _, calls, *_ = apply_config(config, db, write=True, update=False, verbose=False)
+    return bool(calls)
+
+
+def put_server_info(db: tango.Database, server: ServerSpec) -> None:
+    """Starter's view of a server: host, controlled, startup level (Astor shows it)."""
+    info = tango.DbServerInfo()
+    info.name = server.name
+    info.host = server.host
+    info.mode = 1
+    info.level = server.level
+    db.put_server_info(info)
+
+
+def admin_answers(server: ServerSpec, timeout_ms: int = 1000) -> bool:
+    try:
+        proxy = tango.DeviceProxy(server.admin_device)
+        proxy.set_timeout_millis(timeout_ms)
+        proxy.ping()
+        return True
+    except tango.DevFailed:
+        return False
+
+
+def exported_pid(db: tango.Database, server: ServerSpec) -> int | None:
+    """The pid this host's server last exported, if that process still runs it."""
+    try:
+        info = db.get_device_info(server.admin_device)
+    except tango.DevFailed:
+        return None
+    pid = int(getattr(info, "pid", 0) or 0)
+    if pid and pid_alive(pid) and any(server.executable in part for part in process_cmdline(pid)[:3]):
+        return pid
+    return None
+
+
+# --------------------------------------------------------------------------- launching
+
+
+class Launcher(Protocol):
+    def start(self, server: ServerSpec) -> None: ...
+    def stop(self, server: ServerSpec) -> None: ...
+    def shutdown(self) -> None: ...
+
+
+class LocalLauncher:
+    """Servers as detached child processes of this host, logging under the home."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def start(self, server: ServerSpec) -> None:
+        pid = spawn(
+            [executable(server.executable), server.instance],
+            self.root / "logs" / f"{server.file_stem}.log",
+            dict(os.environ),
+        )
+        (self.root / "run" / f"{server.file_stem}.pid").write_text(str(pid))
+
+    def stop(self, server: ServerSpec) -> None:
+        pid_file = self.root / "run" / f"{server.file_stem}.pid"
+        pids = set()
+        if pid_file.exists():
+            try:
+                pids.add(int(pid_file.read_text()))
+            except ValueError:
+                pass
+        exported = exported_pid(tango.Database(), server)
+        if exported:
+            pids.add(exported)
+        for pid in pids:
+            if pid_alive(pid) and any(server.executable in p for p in process_cmdline(pid)[:3]):
+                terminate(pid)
+        pid_file.unlink(missing_ok=True)
+
+    def shutdown(self) -> None:
+        pass
+
+
+class StarterLauncher(LocalLauncher):
+    """Servers started through this host's Starter device, as Astor would."""
+
+    def __init__(self, root: Path, timeout: float = 30.0) -> None:
+        super().__init__(root)
+        self.host = short_hostname()
+        self.device = f"tango/admin/{self.host}"
+        self.timeout = timeout
+        self.pid_file = root / "run" / "Starter.pid"
+        self._proxy: tango.DeviceProxy | None = None
+
+    @property
+    def proxy(self) -> tango.DeviceProxy:
+        if self._proxy is None:
+            self._proxy = self.ensure_running()
+        return self._proxy
+
+    def declare(self) -> None:
+        db = tango.Database()
+        info = tango.DbDevInfo()
+        info.name, info._class, info.server = self.device, "Starter", f"Starter/{self.host}"
+        db.add_server(info.server, [info])
+        log_home = self.root / "logs" / "starter"
+        log_home.mkdir(parents=True, exist_ok=True)
+        db.put_device_property(
+            self.device,
+            {
+                "StartDsPath": [str(executable("TopologyManager")).rsplit("/", 1)[0]],
+                "LogFileHome": [str(log_home)],
+                "StartServersAtStartup": ["false"],
+                "InterStartupLevelWait": ["1"],
+                "ServerStartupTimeout": ["30"],
+            },
+        )
+
+    def ensure_running(self) -> tango.DeviceProxy:
+        self.declare()
+        proxy = tango.DeviceProxy(self.device)
+        try:
+            proxy.ping()
+            return proxy
+        except tango.DevFailed:
+            pass
+        if not os.path.exists(STARTER_PATH):
+            raise FileNotFoundError(f"{STARTER_PATH} is missing: install Debian's tango-starter (make does)")
+        pid = spawn([STARTER_PATH, self.host], self.root / "logs" / "Starter.log", dict(os.environ))
+        self.pid_file.write_text(str(pid))
+        deadline = time.monotonic() + self.timeout
+        while time.monotonic() < deadline:
+            if not pid_alive(pid):
+                raise RuntimeError(f"Starter exited; see {self.root / 'logs' / 'Starter.log'}")
+            try:
+                proxy.state()  # OFF until its controlled servers run: answering is enough
+                return proxy
+            except tango.DevFailed:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"Starter {self.device} did not come up within {self.timeout:.0f} s")
+
+    def start(self, server: ServerSpec) -> None:
+        self.proxy.command_inout("DevStart", server.name)
+
+    def stop(self, server: ServerSpec) -> None:
+        proxy = self._running_proxy()
+        if proxy is not None and server.name in proxy.command_inout("DevGetRunningServers", True):
+            try:
+                proxy.command_inout("DevStop", server.name)
+            except tango.DevFailed as exc:
+                log.warning("DevStop %s: %s", server.name, exc.args[0].desc)
+        super().stop(server)  # waits for the process to go, kills it if it hangs
+
+    def shutdown(self) -> None:
+        try:
+            pid = int(self.pid_file.read_text())
+        except (OSError, ValueError):
+            return
+        if pid_alive(pid):
+            terminate(pid)
+        self.pid_file.unlink(missing_ok=True)
+
+    def _running_proxy(self) -> tango.DeviceProxy | None:
+        try:
+            proxy = tango.DeviceProxy(self.device)
+            proxy.ping()
+            return proxy
+        except tango.DevFailed:
+            return None
+
+
+# --------------------------------------------------------------------------- up / down
+
+
+def registered_names(topology_device: str) -> set[str]:
+    try:
+        return {s["name"] for s in TangoManagerLink(topology_device, 1500).lookup({})}
+    except ManagerUnavailable:
+        return set()
+
+
+def wait_registered(spec: MeshSpec, devices: list[str], root: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    missing = set(devices)
+    while time.monotonic() < deadline:
+        missing = set(devices) - registered_names(spec.topology_device)
+        if not missing:
+            return
+        time.sleep(0.2)
+    raise TimeoutError(
+        f"not registered after {timeout:.0f} s: {sorted(missing)}; see the logs under {root / 'logs'}"
+    )
+
+
+def up(spec: MeshSpec, launcher: Launcher, root: Path, timeout: float = 60.0) -> dict[str, str]:
+    """Declare the mesh and start what is not running, level by level.
+
+    Returns what happened per server: "started" or "running" (idempotent).
+    """
+    declare(spec)
+    db = tango.Database()
+    outcome: dict[str, str] = {}
+    for level in spec.levels:
+        servers = spec.at_level(level)
+        for server in servers:
+            if admin_answers(server):
+                outcome[server.name] = "running"
+                continue
+            launcher.start(server)
+            outcome[server.name] = "started"
+        wait_registered(spec, [d for s in servers for d in s.devices], root, timeout)
+        for server in servers:
+            put_server_info(db, server)
+    if isinstance(launcher, StarterLauncher):
+        launcher.proxy.command_inout("UpdateServersInfo")
+    return outcome
+
+
+def down(spec: MeshSpec, launchers: list[Launcher]) -> list[str]:
+    """Stop every server of the mesh, highest level first; returns those stopped."""
+    stopped = []
+    db = tango.Database()
+    for level in reversed(spec.levels):
+        for server in spec.at_level(level):
+            was_running = admin_answers(server, 500) or exported_pid(db, server) is not None
+            for launcher in launchers:
+                launcher.stop(server)
+            if was_running:
+                stopped.append(server.name)
+    for launcher in launchers:
+        launcher.shutdown()
+    return stopped
+
+
+# --------------------------------------------------------------------------- status
+
+STATUS_ATTRIBUTES = ("State", "EventsIn", "EventsOut", "Errors", "QueueDepth")
+
+
+def status(spec: MeshSpec | None, topology_device: str) -> list[dict[str, Any]]:
+    """One row per service: registration facts plus live state and counters."""
+    try:
+        services = TangoManagerLink(topology_device, 1500).lookup({})
+    except ManagerUnavailable:
+        services = []
+    rows = []
+    for svc in services:
+        row = {k: svc[k] for k in ("name", "kind", "pipeline", "server", "host", "pid", "endpoints")}
+        row.update(_read_live(svc["name"]))
+        rows.append(row)
+    if spec is not None:
+        known = {r["name"] for r in rows}
+        for server in spec.servers:
+            for device in server.devices:
+                if device not in known:
+                    rows.append({
+                        "name": device, "kind": "", "pipeline": "", "server": server.name,
+                        "host": server.host, "pid": None, "endpoints": {}, "state": "NOT RUNNING",
+                        "counters": {},
+                    })
+    return sorted(rows, key=lambda r: r["name"])
+
+
+def _read_live(device: str) -> dict[str, Any]:
+    try:
+        proxy = tango.DeviceProxy(device)
+        proxy.set_timeout_millis(1500)
+        values = proxy.read_attributes(list(STATUS_ATTRIBUTES))
+    except tango.DevFailed as exc:
+        return {"state": "UNREACHABLE", "counters": {}, "problem": exc.args[0].desc if exc.args else str(exc)}
+    state, *counts = values
+    names = ("events_in", "events_out", "errors", "queue_depth")
+    return {
+        "state": str(state.value),
+        "counters": {n: (v.value if not v.has_failed else None) for n, v in zip(names, counts)},
+    }
