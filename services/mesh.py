@@ -160,6 +160,8 @@ class LocalLauncher:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        for sub in ("logs", "run"):
+            (root / sub).mkdir(parents=True, exist_ok=True)
 
     def start(self, server: ServerSpec) -> None:
         pid = spawn(

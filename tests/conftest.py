@@ -1,0 +1,105 @@
+"""Fixtures for tests against real parts: the embedded Tango database and real
+device-server processes started from the installed console scripts."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+from services.home import EmbeddedDatabase, executable, pid_alive, spawn, terminate
+
+
+def wait_for(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.05):
+    """Poll until predicate() is truthy; its value, or a failure naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = predicate()
+        except Exception as exc:  # noqa: BLE001 - the device may not be up yet
+            value, last = None, exc
+        else:
+            last = None
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}" + (f" (last error: {last})" if last else ""))
+        time.sleep(interval)
+
+
+@pytest.fixture(scope="session")
+def tango_db(tmp_path_factory) -> Iterator[str]:
+    """The embedded sqlite Tango database, started by tangomesh's own code."""
+    root = tmp_path_factory.mktemp("tangomesh-home")
+    for sub in ("logs", "run"):
+        (root / sub).mkdir()
+    db = EmbeddedDatabase(root)
+    tango_host = db.start()
+    os.environ["TANGO_HOST"] = tango_host
+    os.environ["TANGOMESH_HOME"] = str(root)
+    yield tango_host
+    db.stop()
+
+
+@dataclass
+class ServerHandle:
+    name: str
+    pid: int
+    log: Path
+
+    def kill(self, hard: bool = True) -> None:
+        import signal
+
+        os.kill(self.pid, signal.SIGKILL if hard else signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while pid_alive(self.pid) and time.monotonic() < deadline:
+            try:
+                os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+            time.sleep(0.02)
+        assert not pid_alive(self.pid), f"{self.name} survived"
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+@pytest.fixture
+def tango_server(tango_db, tmp_path) -> Iterator[Callable[..., ServerHandle]]:
+    """start(server, {class: {device: {property: value}}}) declares a server in
+    the database and runs its console script; every server is stopped at teardown."""
+    import tango
+
+    started: list[ServerHandle] = []
+
+    def start(server: str, classes: dict[str, dict[str, dict[str, object]]], wait_devices: bool = True) -> ServerHandle:
+        db = tango.Database()
+        for cls, devices in classes.items():
+            for device, props in devices.items():
+                info = tango.DbDevInfo()
+                info.name, info._class, info.server = device, cls, server
+                db.add_device(info)
+                if props:
+                    db.put_device_property(device, {k: [str(v)] for k, v in props.items()})
+        script, instance = server.split("/")
+        log = tmp_path / f"{server.replace('/', '_')}.log"
+        handle = ServerHandle(server, spawn([executable(script), instance], log), log)
+        started.append(handle)
+        if wait_devices:
+            for devices in classes.values():
+                for device in devices:
+                    wait_for(lambda d=device: tango.DeviceProxy(d).ping() >= 0, 30, f"{device} to answer\n{handle.log_text()}")
+        return handle
+
+    yield start
+    for handle in started:
+        if pid_alive(handle.pid):
+            terminate(handle.pid, timeout=5)
+
+
+def topology_props(heartbeat: float = 0.5, lease: float = 2.0) -> dict[str, object]:
+    return {"HeartbeatSeconds": heartbeat, "LeaseSeconds": lease}

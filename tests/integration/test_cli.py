@@ -1,0 +1,80 @@
+"""`tangomesh up / status --json / down` as a user runs them, from a fresh state directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from services.home import bin_dir, pid_alive
+
+EXPECTED = {"tangomesh/topology/manager": "topology", "tangomesh/recorder/tap": "recorder"}
+STATUS_KEYS = {"name", "kind", "pipeline", "server", "host", "pid", "state", "endpoints", "counters"}
+
+
+def tangomesh(home: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TANGO_HOST"}
+    env["TANGOMESH_HOME"] = str(home)
+    result = subprocess.run([str(bin_dir() / "tangomesh"), *args], env=env, capture_output=True, text=True,
+                            timeout=timeout, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, f"tangomesh {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+def status(home: Path) -> list[dict]:
+    return json.loads(tangomesh(home, "status", "--json").stdout)
+
+
+def assert_all_gone(pids: list[int]) -> None:
+    alive = [pid for pid in pids if pid_alive(pid)]
+    assert not alive, f"processes left behind: {alive}"
+
+
+@pytest.fixture
+def home(tmp_path) -> Path:
+    path = tmp_path / "home"
+    yield path
+    if (path / "run").exists():  # a failed test must not leave a mesh running
+        env = {k: v for k, v in os.environ.items() if k != "TANGO_HOST"}
+        subprocess.run([str(bin_dir() / "tangomesh"), "down"], env={**env, "TANGOMESH_HOME": str(path)},
+                       capture_output=True, timeout=120)
+
+
+@pytest.mark.slow
+def test_up_status_down_round_trip(home) -> None:
+    first = tangomesh(home, "up")
+    assert "TopologyManager/mesh" in first.stdout and "started" in first.stdout
+    rows = status(home)
+    assert {r["name"]: r["kind"] for r in rows} == EXPECTED
+    for row in rows:
+        assert STATUS_KEYS <= row.keys()
+        assert row["state"] == "ON", row
+        assert pid_alive(row["pid"])
+        assert set(row["counters"]) == {"events_in", "events_out", "errors", "queue_depth"}
+    recorder = next(r for r in rows if r["kind"] == "recorder")
+    assert recorder["endpoints"]["data_in"].startswith("tcp://127.0.0.1:")
+
+    again = tangomesh(home, "up")  # idempotent: nothing restarted
+    assert again.stdout.count("running") == 2 and "started" not in again.stdout
+    assert {r["name"]: r["pid"] for r in status(home)} == {r["name"]: r["pid"] for r in rows}
+
+    db_pid = int((home / "run" / "databaseds.pid").read_text())
+    tangomesh(home, "down")
+    assert_all_gone([r["pid"] for r in rows] + [db_pid])
+    assert status(home) == []
+    assert "mesh is down" in tangomesh(home, "down").stdout  # down twice is harmless
+
+
+@pytest.mark.slow
+def test_up_via_starter_and_down(home) -> None:
+    tangomesh(home, "up", "--via-starter")
+    rows = status(home)
+    assert {r["name"]: r["state"] for r in rows} == {name: "ON" for name in EXPECTED}
+    starter_pid = int((home / "run" / "Starter.pid").read_text())
+    assert pid_alive(starter_pid)
+    db_pid = int((home / "run" / "databaseds.pid").read_text())
+    tangomesh(home, "down")
+    assert_all_gone([r["pid"] for r in rows] + [starter_pid, db_pid])

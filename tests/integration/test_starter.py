@@ -1,0 +1,87 @@
+"""Debian's Starter (what Astor drives) runs tangomesh servers from the embedded DB."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import tango
+
+from conftest import topology_props, wait_for
+from services.home import pid_alive
+from services.mesh import STARTER_PATH, ServerSpec, StarterLauncher, exported_pid, put_server_info, short_hostname
+
+TOPOLOGY = "test/starter/topology"
+RECORDER = "test/starter/recorder"
+
+
+@pytest.fixture
+def starter(tango_db, tmp_path) -> StarterLauncher:
+    assert Path(STARTER_PATH).exists(), "Debian's tango-starter must be installed (make system-deps)"
+    db = tango.Database()
+    for server, cls, device, props in (
+        ("TopologyManager/starter", "TopologyManager", TOPOLOGY, topology_props(heartbeat=0.5, lease=3.0)),
+        ("Recorder/starter", "Recorder", RECORDER, {"DataHost": "127.0.0.1", "TopologyDevice": TOPOLOGY}),
+    ):
+        info = tango.DbDevInfo()
+        info.name, info._class, info.server = device, cls, server
+        db.add_server(server, [info])
+        db.put_device_property(device, {k: [str(v)] for k, v in props.items()})
+    launcher = StarterLauncher(tmp_path)
+    yield launcher
+    for name in ("Recorder/starter", "TopologyManager/starter"):
+        launcher.stop(ServerSpec(name, 1, launcher.host, ()))
+    launcher.shutdown()
+
+
+def running(proxy: tango.DeviceProxy) -> list[str]:
+    return list(proxy.DevGetRunningServers(True))
+
+
+def stopped(proxy: tango.DeviceProxy, name: str) -> bool:
+    """Starter reports a stopped server MOVING until it has made sure it is gone,
+    then FAULT; DevStartAll skips a server it still takes for running."""
+    states = {line.split("\t")[0]: line.split("\t")[1] for line in proxy.read_attribute("Servers").value}
+    return states.get(name) == "FAULT" and name in proxy.DevGetStopServers(True)
+
+
+def test_starter_starts_stops_and_respects_levels(starter) -> None:
+    db = tango.Database()
+    proxy = starter.proxy  # declares tango/admin/<host> and runs /usr/lib/tango/Starter
+    assert proxy.name() == f"tango/admin/{short_hostname()}"
+    topology = ServerSpec("TopologyManager/starter", 1, starter.host, (TOPOLOGY,))
+    recorder = ServerSpec("Recorder/starter", 2, starter.host, (RECORDER,))
+
+    # DevStart / DevStop, as Astor's start and stop buttons do
+    for server in (topology, recorder):
+        proxy.DevStart(server.name)
+        wait_for(lambda s=server: s.name in running(proxy), 30, f"Starter to report {server.name} running")
+        put_server_info(db, server)  # a server exported once from this host becomes controlled
+    proxy.UpdateServersInfo()
+    manager = tango.DeviceProxy(TOPOLOGY)
+    wait_for(lambda: RECORDER in [s["name"] for s in json.loads(manager.Lookup("{}"))], 15, "the recorder to register")
+
+    def servers() -> dict[str, list[str]]:  # name -> [state, controlled, level, instances]
+        return {line.split("\t")[0]: line.split("\t")[1:4] for line in proxy.read_attribute("Servers").value}
+
+    expected = {"TopologyManager/starter": ["ON", "1", "1"], "Recorder/starter": ["ON", "1", "2"]}
+    wait_for(lambda: all(servers().get(k) == v for k, v in expected.items()), 15,
+             f"Starter's Servers attribute to show both controlled with their levels ({servers()})")
+
+    pids = {s.name: exported_pid(db, s) for s in (topology, recorder)}
+    assert all(pids.values())
+    for server in (recorder, topology):
+        proxy.DevStop(server.name)
+        wait_for(lambda s=server: not pid_alive(pids[s.name]), 20, f"{server.name} to exit")
+        wait_for(lambda s=server: stopped(proxy, s.name), 20, f"Starter to see {server.name} stopped")
+
+    # DevStartAll(level) starts that level only
+    proxy.DevStartAll(1)
+    wait_for(lambda: "TopologyManager/starter" in running(proxy), 30, "level 1 to start")
+    assert "Recorder/starter" not in running(proxy)
+    assert stopped(proxy, "Recorder/starter")
+    proxy.DevStartAll(2)
+    wait_for(lambda: "Recorder/starter" in running(proxy), 30, "level 2 to start")
+    wait_for(lambda: RECORDER in [s["name"] for s in json.loads(tango.DeviceProxy(TOPOLOGY).Lookup("{}"))],
+             15, "the recorder started by level to register")

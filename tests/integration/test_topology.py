@@ -1,0 +1,160 @@
+"""TopologyManager and MeshDevice against the embedded database and real servers."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import msgpack
+import numpy as np
+import pytest
+import tango
+import zmq
+
+from conftest import topology_props, wait_for
+from services import codec
+
+MANAGER = "tangomesh/topology/manager"
+
+
+def names(manager: tango.DeviceProxy, query: dict | None = None) -> list[str]:
+    return [s["name"] for s in json.loads(manager.Lookup(json.dumps(query or {})))]
+
+
+def registration(name: str, kind: str = "worker", pipeline: str = "xrf") -> str:
+    return json.dumps({"name": name, "kind": kind, "pipeline": pipeline, "host": "node-7", "pid": 1234,
+                       "endpoints": {"data_in": "tcp://node-7:5001"}, "capabilities": {"processors": ["xrf"]}})
+
+
+@pytest.fixture
+def manager(tango_server) -> tango.DeviceProxy:
+    tango_server("TopologyManager/test", {"TopologyManager": {MANAGER: topology_props(heartbeat=0.5, lease=2.0)}})
+    proxy = tango.DeviceProxy(MANAGER)
+    wait_for(lambda: MANAGER in names(proxy), 10, "the manager to list itself")
+    return proxy
+
+
+def test_register_lookup_heartbeat_deregister(manager) -> None:
+    terms = json.loads(manager.Register(registration("bl/worker/1")))
+    assert terms == {"name": "bl/worker/1", "lease_s": 2.0, "heartbeat_s": 0.5}
+    manager.Register(registration("bl/worker/2", pipeline="xrd"))
+    manager.Register(registration("bl/sink/1", kind="sink", pipeline=""))
+    assert names(manager, {"kind": "worker"}) == ["bl/worker/1", "bl/worker/2"]
+    assert names(manager, {"kind": "worker", "pipeline": "xrd"}) == ["bl/worker/2"]
+    record = json.loads(manager.Lookup('{"name": "bl/worker/1"}'))[0]
+    assert record["endpoints"] == {"data_in": "tcp://node-7:5001"} and record["pid"] == 1234
+    assert json.loads(manager.Heartbeat("bl/worker/1"))["lease_s"] == 2.0
+    manager.Deregister("bl/worker/1")
+    assert "bl/worker/1" not in names(manager)
+    with pytest.raises(tango.DevFailed) as exc:
+        manager.Heartbeat("bl/worker/1")
+    assert exc.value.args[0].reason == "TANGOMESH_UnknownService"
+    assert manager.ServiceCount == 3  # itself, worker/2, sink/1
+
+
+def test_lease_expiry_removes_silent_services(manager, tango_server) -> None:
+    manager.Register(registration("bl/worker/9"))
+    recorder = tango_server("Recorder/expiry", {"Recorder": {"test/recorder/expiry": {"DataHost": "127.0.0.1"}}})
+    wait_for(lambda: "test/recorder/expiry" in names(manager), 10, "the recorder to register")
+    t0 = time.monotonic()
+    recorder.kill(hard=True)  # no deregistration: only the lease can remove it
+    wait_for(lambda: not {"bl/worker/9", "test/recorder/expiry"} & set(names(manager)), 10, "leases to expire")
+    assert time.monotonic() - t0 < 2.0 + 1.5  # lease plus the expiry check period
+    assert MANAGER in names(manager)  # the manager itself keeps heartbeating
+
+
+def test_services_change_events(manager) -> None:
+    received: list[list[str]] = []
+
+    def on_event(event: tango.EventData) -> None:
+        if not event.err:
+            received.append([s["name"] for s in json.loads(event.attr_value.value)])
+
+    event_id = manager.subscribe_event("Services", tango.EventType.CHANGE_EVENT, on_event)
+    try:
+        wait_for(lambda: received, 5, "the initial event")
+        manager.Register(registration("bl/worker/5"))
+        wait_for(lambda: any("bl/worker/5" in r for r in received), 5, "a join event")
+        manager.Deregister("bl/worker/5")
+        wait_for(lambda: "bl/worker/5" not in received[-1], 5, "a leave event")
+    finally:
+        manager.unsubscribe_event(event_id)
+
+
+def test_manager_restart_is_repopulated_within_two_heartbeats(tango_server) -> None:
+    heartbeat = 1.0
+    props = topology_props(heartbeat=heartbeat, lease=5.0)
+    first = tango_server("TopologyManager/restart", {"TopologyManager": {MANAGER: props}})
+    devices = [f"test/recorder/r{i}" for i in range(3)]
+    tango_server("Recorder/restart", {"Recorder": {d: {"DataHost": "127.0.0.1"} for d in devices}})
+    manager = tango.DeviceProxy(MANAGER)
+    wait_for(lambda: set(devices) <= set(names(manager)), 10, "recorders to register")
+
+    first.kill(hard=True)
+    tango_server("TopologyManager/restart", {"TopologyManager": {MANAGER: props}})
+    fresh = tango.DeviceProxy(MANAGER)
+    t_up = time.monotonic()
+    wait_for(lambda: set(devices) <= set(names(fresh)), 4 * heartbeat, "services to re-register")
+    elapsed = time.monotonic() - t_up
+    assert elapsed <= 2 * heartbeat, f"repopulated after {elapsed:.2f} s"
+    for device in devices:
+        assert tango.DeviceProxy(device).Registered
+
+
+def test_bad_input_is_refused_and_the_manager_stays_up(manager) -> None:
+    errors_before = manager.Errors
+    cases = [
+        ("Register", "{not json", "TANGOMESH_InvalidInput", "not JSON"),
+        ("Register", '{"name": "bl/worker/1"}', "TANGOMESH_InvalidInput", "'kind' is a required property"),
+        ("Register", json.dumps({**json.loads(registration("bl/w/1")), "pid": "x"}), "TANGOMESH_InvalidInput", "at pid"),
+        ("Lookup", "[1, 2]", "TANGOMESH_InvalidInput", "not of type 'object'"),
+        ("Heartbeat", "nobody/is/here", "TANGOMESH_UnknownService", "not registered"),
+        ("Deregister", "nobody/is/here", "TANGOMESH_UnknownService", "not registered"),
+    ]
+    for command, argument, reason, text in cases:
+        with pytest.raises(tango.DevFailed) as exc:
+            manager.command_inout(command, argument)
+        assert exc.value.args[0].reason == reason
+        assert text in exc.value.args[0].desc
+    assert manager.Errors == errors_before + len(cases)
+    assert manager.state() == tango.DevState.ON
+    assert "Last error" in manager.status()
+    manager.Register(registration("bl/worker/ok"))
+    assert "bl/worker/ok" in names(manager)
+
+
+def test_garbage_frames_on_a_data_endpoint_are_counted_and_survived(manager, tango_server) -> None:
+    device = "test/recorder/garbage"
+    tango_server("Recorder/garbage", {"Recorder": {device: {"DataHost": "127.0.0.1"}}})
+    recorder = tango.DeviceProxy(device)
+    endpoint = json.loads(recorder.Endpoints)["data_in"]
+    good = codec.encode(codec.Message(codec.DATA, "scan-1", "counters", 7, 2,
+                                      {"i0": np.array([1.0, 2.0]), "spectrum": np.ones((2, 4096), "<u4")}))
+    garbage = [
+        [b"\x00\x01\x02"],
+        [b""],
+        [msgpack.packb({"v": 1})],
+        [msgpack.packb([1, 2, 3])],
+        [good[0]],  # header promises arrays that are missing
+        [good[0], good[1], b"short"],  # wrong buffer length
+        [good[0].replace(b"counters", b"counter\xff")],  # invalid UTF-8 inside the header
+        [np.random.default_rng(1).bytes(5000)],
+    ]
+    context = zmq.Context.instance()
+    push = context.socket(zmq.PUSH)
+    push.linger = 1000
+    push.connect(endpoint)
+    try:
+        for frames in garbage:
+            push.send_multipart(frames)
+        push.send_multipart(good)
+        wait_for(lambda: recorder.RecordCount == 1, 10, "the valid message after the garbage")
+    finally:
+        push.close()
+    assert recorder.Errors == len(garbage)
+    assert recorder.EventsIn == 1
+    assert recorder.state() == tango.DevState.ON
+    record = json.loads(recorder.LatestRecords(1))[0]
+    assert record["index"] == 7 and record["count"] == 2 and record["stream"] == "counters"
+    assert record["arrays"]["spectrum"] == {"dtype": "<u4", "shape": [2, 4096], "sum": 2 * 4096.0}
+    assert "refused data-plane message" in recorder.status()
