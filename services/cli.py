@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import tango
 from rich.console import Console
 from rich.table import Table
 
@@ -52,7 +53,9 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except (RuntimeError, TimeoutError, FileNotFoundError, ValueError) as exc:
         err.print(f"[bold red]tangomesh {args.command}:[/] {exc}")
-        return 1
+    except tango.DevFailed as exc:
+        err.print(f"[bold red]tangomesh {args.command}:[/] {exc.args[0].desc if exc.args else exc}")
+    return 1
 
 
 def cmd_db(args: argparse.Namespace) -> int:

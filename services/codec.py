@@ -236,7 +236,8 @@ def _check_scalar_fields(mtype: Any, scan: Any, stream: Any, index: Any, count: 
 
 
 _dtype_cache: dict[str, np.dtype] = {}
-_DTYPE_PATTERN = re.compile(r"[<>|][biufc][0-9]{1,2}")
+# Portable numeric dtypes only: no platform-dependent long doubles (f16, c32).
+_DTYPE_PATTERN = re.compile(r"[<>|](?:[biu][1248]|f[248]|c(?:8|16))")
 _MAX_NBYTES = int(np.iinfo(np.intp).max)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import socket
 import sys
 from typing import Any, Callable, NoReturn
@@ -153,7 +154,11 @@ class MeshDevice(Device):
 
 def run_server(classes: tuple[type[Device], ...], argv: list[str] | None = None) -> None:
     """Entry point body of every tangomesh console script."""
-    logging.basicConfig(level=os.environ.get("TANGOMESH_LOG_LEVEL", "INFO"), format=LOG_FORMAT, stream=sys.stdout)
+    # Starter sends a server's stdout to /dev/null and keeps stderr in its LogFileHome.
+    logging.basicConfig(level=os.environ.get("TANGOMESH_LOG_LEVEL", "INFO"), format=LOG_FORMAT, stream=sys.stderr)
+    # Debian's Starter starts servers with SIGTERM blocked; unblock it so that
+    # kill, systemd and `tangomesh down` stop them cleanly (deregistering first).
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
     from tango.server import run
 
     run(classes, args=argv)

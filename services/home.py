@@ -208,8 +208,11 @@ def resolve_tango_host(root: Path, start: bool = True) -> tuple[str, bool]:
     whether it is the embedded one, and exports it in ``os.environ``."""
     external = os.environ.get("TANGO_HOST", "")
     embedded = EmbeddedDatabase(root)
-    if external and external != embedded.tango_host() and database_answers(external):
-        return external, False
+    if external and external != embedded.tango_host():
+        if database_answers(external):
+            return external, False
+        print(f"tangomesh: TANGO_HOST={external} does not answer: using the embedded database of {root}",
+              file=sys.stderr)
     if start:
         tango_host = embedded.start()
     else:

@@ -28,6 +28,13 @@ log = logging.getLogger("tangomesh.mesh")
 
 DEFAULT_MESH = Path(__file__).resolve().parents[1] / "deploy" / "mesh.json"
 STARTER_PATH = "/usr/lib/tango/Starter"
+#: Starter properties set only where the host has none yet.
+STARTER_DEFAULTS = {
+    "LogFileHome": "",
+    "StartServersAtStartup": "false",
+    "InterStartupLevelWait": "1",
+    "ServerStartupTimeout": "30",
+}
 
 
 def short_hostname() -> str:
@@ -85,9 +92,15 @@ class MeshSpec:
         if unknown:
             raise ValueError(f"{path}: _tangomesh.servers names undeclared servers {sorted(unknown)}")
         servers.sort(key=lambda s: (s.level, s.name))
-        topology = info.get("topology_device", DEFAULT_TOPOLOGY_DEVICE).lower()
-        if not any(topology in s.devices for s in servers):
-            log.info("topology device %s is not part of this mesh file (a shared one is used)", topology)
+        managers = [
+            device.lower()
+            for instances in config["servers"].values()
+            for classes in instances.values()
+            for device in classes.get("TopologyManager", {})
+        ]
+        if len(managers) > 1:
+            raise ValueError(f"{path}: one TopologyManager per mesh, found {managers}")
+        topology = managers[0] if managers else DEFAULT_TOPOLOGY_DEVICE
         return cls(path, config, servers, topology, sorted({s.level for s in servers}))
 
     def at_level(self, level: int) -> list[ServerSpec]:
@@ -102,15 +115,12 @@ class MeshSpec:
 
 
 def declare(spec: MeshSpec) -> bool:
-    """Write servers, devices and properties with dsconfig; True if anything changed.
-
-    Running it again with the same file changes nothing.
-    """
+    """Write servers, devices and properties with dsconfig (update mode: add and
+    change, never remove, so properties set by hand in Jive survive)."""
     from dsconfig.json2tango import apply_config, prepare_config
 
     config = prepare_config(spec.config)
-    db = tango.Database()
-    _, _, calls, *_ = apply_config(config, db, write=True, update=False, verbose=False)
+    _, _, calls, *_ = apply_config(config, tango.Database(), write=True, update=True, verbose=False)
     return bool(calls)
 
 
@@ -213,18 +223,19 @@ class StarterLauncher(LocalLauncher):
         info = tango.DbDevInfo()
         info.name, info._class, info.server = self.device, "Starter", f"Starter/{self.host}"
         db.add_server(info.server, [info])
-        log_home = self.root / "logs" / "starter"
-        log_home.mkdir(parents=True, exist_ok=True)
-        db.put_device_property(
-            self.device,
-            {
-                "StartDsPath": [str(executable("TopologyManager")).rsplit("/", 1)[0]],
-                "LogFileHome": [str(log_home)],
-                "StartServersAtStartup": ["false"],
-                "InterStartupLevelWait": ["1"],
-                "ServerStartupTimeout": ["30"],
-            },
-        )
+        # A host's Starter runs other servers too: add to its configuration, never replace it.
+        ours = str(Path(executable("TopologyManager")).parent)
+        current = db.get_device_property(self.device, list(STARTER_DEFAULTS) + ["StartDsPath"])
+        update = {k: [v] for k, v in STARTER_DEFAULTS.items() if not list(current[k])}
+        if "LogFileHome" in update:
+            log_home = self.root / "logs" / "starter"
+            log_home.mkdir(parents=True, exist_ok=True)
+            update["LogFileHome"] = [str(log_home)]
+        paths = list(current["StartDsPath"])
+        if ours not in paths:
+            update["StartDsPath"] = paths + [ours]
+        if update:
+            db.put_device_property(self.device, update)
 
     def ensure_running(self) -> tango.DeviceProxy:
         self.declare()
@@ -311,8 +322,12 @@ def up(spec: MeshSpec, launcher: Launcher, root: Path, timeout: float = 60.0) ->
     declare(spec)
     db = tango.Database()
     outcome: dict[str, str] = {}
+    here = short_hostname()
     for level in spec.levels:
-        servers = spec.at_level(level)
+        servers = [s for s in spec.at_level(level) if s.host == here]
+        for server in spec.at_level(level):
+            if server.host != here:
+                outcome[server.name] = f"on {server.host} (start it there)"
         for server in servers:
             if admin_answers(server):
                 outcome[server.name] = "running"
@@ -331,8 +346,11 @@ def down(spec: MeshSpec, launchers: list[Launcher]) -> list[str]:
     """Stop every server of the mesh, highest level first; returns those stopped."""
     stopped = []
     db = tango.Database()
+    here = short_hostname()
     for level in reversed(spec.levels):
         for server in spec.at_level(level):
+            if server.host != here:
+                continue
             was_running = admin_answers(server, 500) or exported_pid(db, server) is not None
             for launcher in launchers:
                 launcher.stop(server)
@@ -363,11 +381,13 @@ def status(spec: MeshSpec | None, topology_device: str) -> list[dict[str, Any]]:
         known = {r["name"] for r in rows}
         for server in spec.servers:
             for device in server.devices:
-                if device not in known:
+                if device not in known:  # declared but not registered: not running, or failed to start
+                    live = _read_live(device)
+                    if live["state"] == "UNREACHABLE":
+                        live = {"state": "NOT RUNNING", "counters": {}}
                     rows.append({
                         "name": device, "kind": "", "pipeline": "", "server": server.name,
-                        "host": server.host, "pid": None, "endpoints": {}, "state": "NOT RUNNING",
-                        "counters": {},
+                        "host": server.host, "pid": None, "endpoints": {}, **live,
                     })
     return sorted(rows, key=lambda r: r["name"])
 

@@ -25,6 +25,11 @@ from services.device import MeshDevice, console_script
 log = logging.getLogger("tangomesh.recorder")
 
 
+def _total(a: Any) -> float | list[float]:
+    total = a.sum() if a.size else a.dtype.type(0)
+    return [float(total.real), float(total.imag)] if a.dtype.kind == "c" else float(total)
+
+
 def summarise(msg: codec.Message) -> dict[str, Any]:
     return {
         "type": msg.type,
@@ -33,7 +38,7 @@ def summarise(msg: codec.Message) -> dict[str, Any]:
         "index": msg.index,
         "count": msg.count,
         "arrays": {
-            name: {"dtype": a.dtype.str, "shape": list(a.shape), "sum": float(a.sum()) if a.size else 0.0}
+            name: {"dtype": a.dtype.str, "shape": list(a.shape), "sum": _total(a)}
             for name, a in msg.arrays.items()
         },
     }

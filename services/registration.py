@@ -15,6 +15,7 @@ from typing import Any, Callable, Protocol
 log = logging.getLogger(__name__)
 
 DEFAULT_TOPOLOGY_DEVICE = "tangomesh/topology/manager"
+REFUSED_RETRY_SECONDS = 10.0
 
 #: DevFailed reasons used by mesh devices, so that clients can branch on them.
 REASON_UNKNOWN_SERVICE = "TANGOMESH_UnknownService"
@@ -126,7 +127,13 @@ class RegistrationClient:
     def _run(self) -> None:
         while not self._stop.is_set():
             self.tick()
-            self._stop.wait(self.heartbeat_seconds if self.registered else self.retry_seconds)
+            if self.registered:
+                pause = self.heartbeat_seconds
+            elif self.last_problem.startswith("registration refused"):
+                pause = REFUSED_RETRY_SECONDS  # needs a configuration fix: retry slowly
+            else:
+                pause = self.retry_seconds
+            self._stop.wait(pause)
 
     def tick(self) -> None:
         """One step of the lease protocol (public so tests can drive it)."""
@@ -144,11 +151,15 @@ class RegistrationClient:
             self.last_problem = ""
             log.info("%s registered (%d)", self.name, self.registrations)
         except ManagerUnavailable as exc:
+            # Unknown whether the lease survives: say "not registered" until the
+            # manager answers again (re-registering with the same facts is a no-op).
+            self.registered = False
             self.last_problem = str(exc)
             log.debug("topology manager unavailable: %s", exc)
-        except ValueError as exc:  # refused registration: a configuration error, keep saying so
+        except ValueError as exc:  # refused registration: a configuration error
+            if not self.last_problem.startswith("registration refused"):
+                log.error("registration refused: %s", exc)
             self.last_problem = f"registration refused: {exc}"
-            log.error("%s", self.last_problem)
 
     def _accept(self, terms: dict[str, Any]) -> None:
         self.heartbeat_seconds = float(terms.get("heartbeat_s", self.heartbeat_seconds))

@@ -84,11 +84,13 @@ class TopologyManager(MeshDevice):
 
     @command(dtype_in=str, doc_in="device name of the service")
     def Deregister(self, name: str) -> None:
+        self.component.counters.events_in += 1
         with self._refusals("Deregister"):
             self.component.registry.deregister(name)
 
     @command(dtype_in=str, doc_in='query JSON, e.g. {"kind": "worker", "pipeline": "xrf"}; {} lists all',
              dtype_out=str, doc_out="JSON list of matching services")
     def Lookup(self, query: str) -> str:
+        self.component.counters.events_in += 1
         with self._refusals("Lookup"):
             return json.dumps(self.component.registry.lookup(load_json("lookup", query)))

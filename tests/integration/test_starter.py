@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -28,6 +30,8 @@ def starter(tango_db, tmp_path) -> StarterLauncher:
         info.name, info._class, info.server = device, cls, server
         db.add_server(server, [info])
         db.put_device_property(device, {k: [str(v)] for k, v in props.items()})
+    starter_device = f"tango/admin/{short_hostname()}"
+    db.put_device_property(starter_device, {"StartDsPath": ["/opt/other-servers/bin"]})
     launcher = StarterLauncher(tmp_path)
     yield launcher
     for name in ("Recorder/starter", "TopologyManager/starter"):
@@ -50,6 +54,8 @@ def test_starter_starts_stops_and_respects_levels(starter) -> None:
     db = tango.Database()
     proxy = starter.proxy  # declares tango/admin/<host> and runs /usr/lib/tango/Starter
     assert proxy.name() == f"tango/admin/{short_hostname()}"
+    ds_path = list(db.get_device_property(proxy.name(), "StartDsPath")["StartDsPath"])
+    assert ds_path[0] == "/opt/other-servers/bin" and len(ds_path) == 2  # added to, not replaced
     topology = ServerSpec("TopologyManager/starter", 1, starter.host, (TOPOLOGY,))
     recorder = ServerSpec("Recorder/starter", 2, starter.host, (RECORDER,))
 
@@ -85,3 +91,14 @@ def test_starter_starts_stops_and_respects_levels(starter) -> None:
     wait_for(lambda: "Recorder/starter" in running(proxy), 30, "level 2 to start")
     wait_for(lambda: RECORDER in [s["name"] for s in json.loads(tango.DeviceProxy(TOPOLOGY).Lookup("{}"))],
              15, "the recorder started by level to register")
+
+    # A server started by Starter stops cleanly on a plain SIGTERM (Starter
+    # starts it with SIGTERM blocked) and deregisters on the way out; its log
+    # is in Starter's LogFileHome.
+    pid = wait_for(lambda: exported_pid(db, recorder), 10, "the recorder's pid")
+    log_home = Path(db.get_device_property(proxy.name(), "LogFileHome")["LogFileHome"][0])
+    log_file = log_home / "ds.log" / "Recorder_starter.log"
+    wait_for(lambda: "registered" in log_file.read_text(), 10, f"the recorder's log in {log_file}")
+    os.kill(pid, signal.SIGTERM)
+    wait_for(lambda: not pid_alive(pid), 10, "the recorder to exit on SIGTERM")
+    assert RECORDER not in [s["name"] for s in json.loads(tango.DeviceProxy(TOPOLOGY).Lookup("{}"))]

@@ -158,3 +158,17 @@ def test_garbage_frames_on_a_data_endpoint_are_counted_and_survived(manager, tan
     assert record["index"] == 7 and record["count"] == 2 and record["stream"] == "counters"
     assert record["arrays"]["spectrum"] == {"dtype": "<u4", "shape": [2, 4096], "sum": 2 * 4096.0}
     assert "refused data-plane message" in recorder.status()
+
+
+def test_bad_property_faults_the_device_with_a_reason_and_it_stays_up(manager, tango_server) -> None:
+    device = "test/recorder/badprop"
+    tango_server("Recorder/badprop", {"Recorder": {device: {"MaxRecords": 0}}})
+    proxy = tango.DeviceProxy(device)
+    assert proxy.state() == tango.DevState.FAULT
+    assert "MaxRecords must be at least 1" in proxy.status()
+    assert proxy.Errors == 1
+    assert device not in names(manager)  # a device that cannot work does not offer itself
+    proxy.put_property({"MaxRecords": ["10"]})
+    proxy.Init()  # fixed in Jive, re-initialised from Astor/Jive: it recovers
+    assert proxy.state() == tango.DevState.ON
+    wait_for(lambda: device in names(manager), 10, "the repaired device to register")

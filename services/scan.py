@@ -1,0 +1,259 @@
+"""Scan metadata: the document the control system sends with ``StartScan``.
+
+It is validated once, against ``schemas/scan.json`` plus the checks below that a
+schema cannot express, and then read through :class:`ScanMeta` so that every
+stage (master, workers, sorter, sink, writers) interprets geometry the same
+way. Nothing here needs Tango; the geometry helpers are vectorised because the
+sink and writers place whole blocks of points at kHz rates.
+
+Geometry conventions (docs/scan-metadata.md is the reference for integrators):
+
+* raster: ``axes = [fast, slow]``; the map has shape ``(rows, cols) =
+  (slow.points, fast.points)``; acquisition index ``i`` lands in row
+  ``i // cols``, column ``i % cols``, and with ``snake`` odd rows run backwards
+  (column ``cols - 1 - i % cols``). Column 0 is the fast axis' ``start``,
+  row 0 the slow axis' ``start``.
+* line and points: index ``i`` is map cell ``i`` of a 1-D map.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import PurePosixPath
+from typing import Any, Mapping
+
+import numpy as np
+
+from services.schema import SchemaError, load_json, validate
+
+SCHEMA = "scan"
+#: Acquisition indices travel as integers below 2**53 (see services.codec.MAX_INDEX).
+MAX_POINTS = 2**53
+_PIPELINE_NAME = re.compile(r"^[a-z][a-z0-9_-]*$")
+
+
+class ScanError(ValueError):
+    """Scan metadata that cannot be used, or a question it cannot answer; the
+    message names the scan or the offending path."""
+
+
+def _fail(where: str, why: str) -> ScanError:
+    # Same shape as services.schema messages, so that callers see one format.
+    return ScanError(f"invalid {SCHEMA}: at {where}: {why}")
+
+
+@dataclass(frozen=True, eq=False)
+class ScanMeta:
+    """A validated scan document (``raw``, stored whole with every product) and
+    the few derived facts every stage needs. Build it with :func:`parse_scan`."""
+
+    raw: dict[str, Any]
+
+    @property
+    def scan_id(self) -> str:
+        return self.raw["scan"]["id"]
+
+    @property
+    def number(self) -> int:
+        return self.raw["scan"]["number"]
+
+    @property
+    def geometry(self) -> dict[str, Any]:
+        return self.raw["scan"]["geometry"]
+
+    @property
+    def geometry_type(self) -> str:
+        """``"raster"``, ``"line"`` or ``"points"``."""
+        return self.geometry["type"]
+
+    @property
+    def pipelines(self) -> tuple[str, ...]:
+        """Pipelines with analysis settings, in document order."""
+        return tuple(self.raw["analysis"])
+
+    @property
+    def snake(self) -> bool:
+        """True only for a raster whose odd rows run the fast axis backwards."""
+        return self.geometry_type == "raster" and bool(self.geometry.get("snake", False))
+
+    @property
+    def map_shape(self) -> tuple[int, ...]:
+        """(rows, cols) = (slow points, fast points) for a raster, (n,) otherwise."""
+        g = self.geometry
+        if g["type"] == "raster":
+            fast, slow = g["axes"]
+            return (slow["points"], fast["points"])
+        if g["type"] == "line":
+            return (g["axes"][0]["points"],)
+        return (g["points"],)
+
+    @property
+    def points(self) -> int:
+        """Total number of acquisition indices the scan is expected to produce."""
+        return math.prod(self.map_shape)
+
+    @property
+    def axis_names(self) -> tuple[str, ...]:
+        """Motor names in document order: (fast, slow) for a raster."""
+        return tuple(a["name"] for a in self.geometry.get("axes", ()))
+
+    @property
+    def axis_units(self) -> tuple[str, ...]:
+        """Units matching :attr:`axis_names`."""
+        return tuple(a["units"] for a in self.geometry.get("axes", ()))
+
+    def analysis_for(self, pipeline: str) -> tuple[str, dict[str, Any]]:
+        """(processor, settings) for ``pipeline``; a master started for a
+        pipeline the scan does not mention must refuse the scan, loudly."""
+        try:
+            entry = self.raw["analysis"][pipeline]
+        except KeyError:
+            raise ScanError(
+                f"scan {self.scan_id} has no analysis settings for pipeline {pipeline}"
+            ) from None
+        return entry["processor"], entry.get("settings", {})
+
+    def to_json(self) -> str:
+        """The document as JSON text, for storing it whole with a product."""
+        return json.dumps(self.raw, ensure_ascii=False)
+
+
+def parse_scan(document: str | bytes | Mapping[str, Any], *, allow_absolute: bool = False) -> ScanMeta:
+    """Validate scan metadata (JSON text or an already decoded dict) and wrap it.
+
+    ``beamtime.paths.processed`` must not contain ``..``; it must be relative
+    (to the facility's beamtime root, joined by the writers) unless
+    ``allow_absolute`` is true, which a deployment sets when its control system
+    sends absolute paths that the writers are configured to trust.
+    A dict is deep-copied, so later changes by the caller cannot alter the scan.
+    """
+    try:
+        if isinstance(document, (str, bytes, bytearray)):
+            doc = load_json(SCHEMA, document)
+        else:
+            doc = copy.deepcopy(dict(document)) if isinstance(document, Mapping) else document
+        validate(SCHEMA, doc)
+    except SchemaError as exc:
+        raise ScanError(str(exc)) from exc
+    _check_semantics(doc, allow_absolute)
+    return ScanMeta(doc)
+
+
+def _check_semantics(doc: dict[str, Any], allow_absolute: bool) -> None:
+    """What the schema cannot say; each failure names its path."""
+    processed = doc["beamtime"]["paths"]["processed"]
+    if allow_absolute and PurePosixPath(processed).is_absolute():
+        if ".." in PurePosixPath(processed).parts:
+            raise _fail("beamtime/paths/processed", f"path {processed!r} contains '..'")
+    else:
+        try:
+            safe_relative(processed)
+        except ScanError as exc:
+            raise _fail("beamtime/paths/processed", str(exc)) from None
+
+    scan = doc["scan"]
+    if "start_time" in scan:
+        try:
+            datetime.fromisoformat(scan["start_time"].replace(",", "."))
+        except ValueError as exc:
+            raise _fail("scan/start_time", f"not a valid ISO 8601 date-time: {exc}") from None
+
+    geometry = scan["geometry"]
+    axes = geometry.get("axes", [])
+    expected = {"raster": 2, "line": 1}.get(geometry["type"])
+    if expected is not None and len(axes) != expected:  # the schema says so too
+        raise _fail("scan/geometry/axes", f"a {geometry['type']} needs exactly {expected} axes")
+    names = [a["name"] for a in axes]
+    if len(set(names)) != len(names):
+        raise _fail("scan/geometry/axes", f"axis names repeat: {names}")
+    for k, axis in enumerate(axes):
+        for key in ("start", "stop"):
+            if key in axis and not math.isfinite(axis[key]):
+                raise _fail(f"scan/geometry/axes/{k}/{key}", f"{axis[key]} is not finite")
+        if "positions" in axis:
+            positions = np.asarray(axis["positions"], dtype=np.float64)
+            if positions.shape != (geometry["points"],):
+                raise _fail(f"scan/geometry/axes/{k}/positions",
+                            f"{positions.size} positions for {geometry['points']} points")
+            if not np.isfinite(positions).all():
+                raise _fail(f"scan/geometry/axes/{k}/positions", "positions must be finite")
+    meta = ScanMeta(doc)
+    if meta.points > MAX_POINTS:
+        raise _fail("scan/geometry", f"{meta.points} points exceed {MAX_POINTS}")
+
+    for pipeline in doc["analysis"]:  # the schema says so too
+        if not _PIPELINE_NAME.match(pipeline):
+            raise _fail("analysis", f"pipeline name {pipeline!r} does not match {_PIPELINE_NAME.pattern}")
+
+    for stream, spec in doc.get("streams", {}).items():
+        for name, array in spec.get("arrays", {}).items():
+            try:
+                dtype = np.dtype(array["dtype"])
+            except TypeError as exc:
+                raise _fail(f"streams/{stream}/arrays/{name}/dtype", f"not a dtype: {exc}") from None
+            if dtype.kind not in "biufc" or dtype.fields is not None:
+                raise _fail(f"streams/{stream}/arrays/{name}/dtype", f"{dtype} is not numeric")
+
+
+def safe_relative(path: str) -> str:
+    """Normalise a relative POSIX path that cannot leave the directory it is
+    joined to: no absolute path, no ``..``, no NUL, not empty. Writers join the
+    result with their beamtime root, so a scan document cannot make them write
+    elsewhere."""
+    if not isinstance(path, str) or not path or "\0" in path:
+        raise ScanError(f"path {path!r} is empty or not a string")
+    pure = PurePosixPath(path)
+    if pure.is_absolute():
+        raise ScanError(f"path {path!r} is absolute; a relative path is required")
+    if ".." in pure.parts:
+        raise ScanError(f"path {path!r} contains '..'")
+    text = str(pure)
+    if text == ".":
+        raise ScanError(f"path {path!r} names no directory")
+    return text
+
+
+def grid_position(meta: ScanMeta, indices: Any) -> tuple[np.ndarray, ...]:
+    """Map cells of acquisition indices: ``(rows, cols)`` for a raster (snake
+    unfolded), ``(indices,)`` for line and points. Integer int64 arrays of the
+    shape of ``indices``; ScanError for a non-integer or out-of-range index,
+    because a wrong cell would silently corrupt a map."""
+    idx = np.asarray(indices)
+    if idx.size == 0:
+        idx = idx.astype(np.int64)
+    if idx.dtype.kind not in "iu":
+        raise ScanError(f"scan {meta.scan_id}: acquisition indices must be integers, not {idx.dtype}")
+    points = meta.points
+    if idx.size and (idx.min() < 0 or idx.max() >= points):
+        bad = idx[(idx < 0) | (idx >= points)].flat[0]
+        raise ScanError(f"scan {meta.scan_id}: acquisition index {bad} outside [0, {points})")
+    idx = idx.astype(np.int64)
+    if meta.geometry_type != "raster":
+        return (idx,)
+    n_fast = meta.map_shape[1]
+    rows, cols = np.divmod(idx, n_fast)
+    if meta.snake:
+        cols = np.where(rows % 2 == 1, n_fast - 1 - cols, cols)
+    return rows, cols
+
+
+def axis_values(meta: ScanMeta) -> tuple[np.ndarray | None, ...]:
+    """Nominal motor positions per axis, in :attr:`ScanMeta.axis_names` order:
+    ``(fast, slow)`` for a raster (lengths cols, rows), ``(values,)`` for a line,
+    one entry per axis for points (``None`` where the document gives no
+    positions: take the measured ones from the data). For viewer scales and
+    NXdata axes; they are set points, not encoder readings."""
+    values: list[np.ndarray | None] = []
+    for axis in meta.geometry.get("axes", ()):
+        if "points" in axis:
+            values.append(np.linspace(axis["start"], axis["stop"], axis["points"]))
+        elif "positions" in axis:
+            values.append(np.asarray(axis["positions"], dtype=np.float64))
+        else:
+            values.append(None)
+    return tuple(values)
