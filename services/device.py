@@ -123,8 +123,7 @@ class MeshDevice(Device):
         last = self.component.counters.last_error
         if last:
             lines.append(f"Last error: {last}")
-        self._status = "\n".join(lines)
-        return self._status
+        return "\n".join(lines)
 
     # ------------------------------------------------------------ counters
     @attribute(dtype=int, doc="Messages or events received")

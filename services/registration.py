@@ -126,7 +126,12 @@ class RegistrationClient:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.tick()
+            try:
+                self.tick()
+            except Exception as exc:  # the lease thread must outlive any surprise
+                self.registered = False
+                self.last_problem = f"unexpected: {exc!r}"
+                log.exception("registration step failed")
             if self.registered:
                 pause = self.heartbeat_seconds
             elif self.last_problem.startswith("registration refused"):

@@ -26,9 +26,10 @@ class TopologyManager(MeshDevice):
 
     def init_device(self) -> None:
         self._services_json = "[]"
-        super().init_device()
+        # before the component starts: its first registration already pushes events
         self.set_change_event("Services", True, False)
         self.set_change_event("ServiceCount", True, False)
+        super().init_device()
 
     def create_component(self) -> TopologyComponent:
         return TopologyComponent(
@@ -44,8 +45,11 @@ class TopologyManager(MeshDevice):
 
     def _publish(self, services: list[dict]) -> None:
         self._services_json = json.dumps(services)
-        self.push_change_event("Services", self._services_json)
-        self.push_change_event("ServiceCount", len(services))
+        try:
+            self.push_change_event("Services", self._services_json)
+            self.push_change_event("ServiceCount", len(services))
+        except tango.DevFailed as exc:  # a failed event must not fail the registration behind it
+            self.component.counters.error(f"change event not pushed: {exc.args[0].desc}")
 
     # ------------------------------------------------------------ attributes
     @attribute(dtype=str, doc="Every registered service (JSON list); change events on every change")
