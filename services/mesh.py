@@ -106,10 +106,6 @@ class MeshSpec:
     def at_level(self, level: int) -> list[ServerSpec]:
         return [s for s in self.servers if s.level == level]
 
-    @property
-    def devices(self) -> list[str]:
-        return [d for s in self.servers for d in s.devices]
-
 
 # --------------------------------------------------------------------------- declaring
 
