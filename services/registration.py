@@ -101,6 +101,7 @@ class RegistrationClient:
         self.retry_seconds = retry_seconds
         self.heartbeat_seconds = retry_seconds
         self.registered = False
+        self.refused = False  # the manager rejected our registration: a configuration error
         self.registrations = 0
         self.last_problem = ""
         self._stop = threading.Event()
@@ -134,7 +135,7 @@ class RegistrationClient:
                 log.exception("registration step failed")
             if self.registered:
                 pause = self.heartbeat_seconds
-            elif self.last_problem.startswith("registration refused"):
+            elif self.refused:
                 pause = REFUSED_RETRY_SECONDS  # needs a configuration fix: retry slowly
             else:
                 pause = self.retry_seconds
@@ -152,6 +153,7 @@ class RegistrationClient:
                     self.registered = False
             self._accept(self.link.register(self.info))
             self.registered = True
+            self.refused = False
             self.registrations += 1
             self.last_problem = ""
             log.info("%s registered (%d)", self.name, self.registrations)
@@ -162,8 +164,9 @@ class RegistrationClient:
             self.last_problem = str(exc)
             log.debug("topology manager unavailable: %s", exc)
         except ValueError as exc:  # refused registration: a configuration error
-            if not self.last_problem.startswith("registration refused"):
+            if not self.refused:  # say it once, not at every retry
                 log.error("registration refused: %s", exc)
+            self.refused = True
             self.last_problem = f"registration refused: {exc}"
 
     def _accept(self, terms: dict[str, Any]) -> None:

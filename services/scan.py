@@ -21,7 +21,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import re
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import PurePosixPath
@@ -34,7 +33,6 @@ from services.schema import SchemaError, load_json, validate
 SCHEMA = "scan"
 #: Acquisition indices travel as integers below 2**53 (see services.codec.MAX_INDEX).
 MAX_POINTS = 2**53
-_PIPELINE_NAME = re.compile(r"^[a-z][a-z0-9_-]*$")
 
 
 class ScanError(ValueError):
@@ -164,10 +162,7 @@ def _check_semantics(doc: dict[str, Any], allow_absolute: bool) -> None:
             raise _fail("scan/start_time", f"not a valid ISO 8601 date-time: {exc}") from None
 
     geometry = scan["geometry"]
-    axes = geometry.get("axes", [])
-    expected = {"raster": 2, "line": 1}.get(geometry["type"])
-    if expected is not None and len(axes) != expected:  # the schema says so too
-        raise _fail("scan/geometry/axes", f"a {geometry['type']} needs exactly {expected} axes")
+    axes = geometry.get("axes", [])  # their count per geometry type is the schema's check
     names = [a["name"] for a in axes]
     if len(set(names)) != len(names):
         raise _fail("scan/geometry/axes", f"axis names repeat: {names}")
@@ -185,10 +180,6 @@ def _check_semantics(doc: dict[str, Any], allow_absolute: bool) -> None:
     meta = ScanMeta(doc)
     if meta.points > MAX_POINTS:
         raise _fail("scan/geometry", f"{meta.points} points exceed {MAX_POINTS}")
-
-    for pipeline in doc["analysis"]:  # the schema says so too
-        if not _PIPELINE_NAME.match(pipeline):
-            raise _fail("analysis", f"pipeline name {pipeline!r} does not match {_PIPELINE_NAME.pattern}")
 
     for stream, spec in doc.get("streams", {}).items():
         for name, array in spec.get("arrays", {}).items():
