@@ -5,6 +5,8 @@
     tangomesh up [--mesh F] [--via-starter]
     tangomesh status [--json]
     tangomesh down [--keep-db]
+    tangomesh scan --sim PROFILE [--points N] [--rate HZ] [--block B] [--json]
+    tangomesh scale PIPELINE N
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ import tango
 from rich.console import Console
 from rich.table import Table
 
-from services import mesh
+from services import mesh, simulate
 from services.home import EmbeddedDatabase, home, resolve_tango_host
+from services.registration import TangoManagerLink
 
 console = Console(stderr=False, width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True)
@@ -45,6 +48,22 @@ def main(argv: list[str] | None = None) -> int:
     sub.choices["up"].add_argument("--timeout", type=float, default=60.0, help="seconds per startup level")
     sub.choices["down"].add_argument("--keep-db", action="store_true", help="leave the embedded database running")
     sub.choices["status"].add_argument("--json", action="store_true", help="a JSON list instead of a table")
+
+    p = sub.add_parser("scan", help="drive a simulated scan through the running mesh and check what arrives")
+    p.add_argument("--sim", choices=sorted(simulate.PROFILES), required=True, help="simulated sources")
+    p.add_argument("--pipeline", help="pipeline to drive (default: the profile's name)")
+    p.add_argument("--points", type=int, default=10_000)
+    p.add_argument("--rate", type=float, default=0.0, help="points per second (default: as fast as the mesh takes them)")
+    p.add_argument("--block", type=int, default=100, help="points per source message")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the scan's end")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--mesh", type=Path, default=mesh.DEFAULT_MESH, help="mesh file (for the topology device)")
+
+    p = sub.add_parser("scale", help="start or stop worker servers of a pipeline until N run")
+    p.add_argument("pipeline")
+    p.add_argument("workers", type=int)
+    p.add_argument("--mesh", type=Path, default=mesh.DEFAULT_MESH, help="mesh file (for the topology device)")
+    p.add_argument("--timeout", type=float, default=60.0)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
@@ -131,7 +150,41 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"db": cmd_db, "env": cmd_env, "up": cmd_up, "down": cmd_down, "status": cmd_status}
+def cmd_scan(args: argparse.Namespace) -> int:
+    if args.points < 1 or args.block < 1 or args.rate < 0:
+        raise ValueError("--points and --block must be >= 1, --rate >= 0")
+    spec = mesh.MeshSpec.load(args.mesh)
+    resolve_tango_host(home(), start=False)
+    link = TangoManagerLink(spec.topology_device)
+    beamline = simulate.SimBeamline(args.pipeline or args.sim, args.sim, link)
+    try:
+        summary, _ = beamline.scan(args.points, args.rate, args.block, timeout=args.timeout)
+    finally:
+        beamline.close()
+    if args.json:
+        print(json.dumps(summary, indent=1))
+    else:
+        table = Table(title=f"scan {summary['scan']} through pipeline {summary['pipeline']}")
+        table.add_column("")
+        table.add_column("", justify="right")
+        for key, value in summary.items():
+            table.add_row(key, json.dumps(value) if isinstance(value, dict) else str(value))
+        console.print(table)
+    lossless = summary["missing"] == 0 and summary["duplicates"] == 0 and summary["out_of_order"] == 0
+    return 0 if lossless else 2
+
+
+def cmd_scale(args: argparse.Namespace) -> int:
+    spec = mesh.MeshSpec.load(args.mesh)
+    resolve_tango_host(home(), start=False)
+    root = home()
+    running = mesh.scale_workers(spec, args.pipeline, args.workers, mesh.LocalLauncher(root), root, args.timeout)
+    console.print(f"pipeline {args.pipeline}: {len(running)} worker(s) running: {', '.join(running) or '-'}")
+    return 0
+
+
+COMMANDS = {"db": cmd_db, "env": cmd_env, "up": cmd_up, "down": cmd_down, "status": cmd_status,
+            "scan": cmd_scan, "scale": cmd_scale}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -401,3 +401,62 @@ def _read_live(device: str) -> dict[str, Any]:
         "state": str(state.value),
         "counters": {n: (v.value if not v.has_failed else None) for n, v in zip(names, counts)},
     }
+
+
+# --------------------------------------------------------------------------- scaling
+
+WORKER_CLASS = "PipelineWorker"
+WORKER_LEVEL = 4
+
+
+def worker_servers(db: tango.Database, pipeline: str) -> list[ServerSpec]:
+    """Declared PipelineWorker servers whose devices serve ``pipeline``, by name."""
+    found = []
+    for name in db.get_server_list(f"{WORKER_CLASS}/*"):
+        pairs = list(db.get_device_class_list(name))
+        devices = tuple(d for d, c in zip(pairs[::2], pairs[1::2]) if c == WORKER_CLASS)
+        if any(list(db.get_device_property(d, "Pipeline")["Pipeline"]) == [pipeline] for d in devices):
+            found.append(ServerSpec(name, WORKER_LEVEL, short_hostname(), devices))
+    return sorted(found, key=lambda s: s.name)
+
+
+def scale_workers(spec: MeshSpec, pipeline: str, workers: int, launcher: Launcher, root: Path,
+                  timeout: float = 60.0) -> list[str]:
+    """Run exactly ``workers`` worker servers for ``pipeline`` on this host:
+    declare more (named ``PipelineWorker/<pipeline>-NN``, properties copied
+    from an existing worker of the pipeline) and start them, or stop the last
+    ones. Returns the devices running afterwards."""
+    if workers < 0:
+        raise ValueError("the number of workers must be >= 0")
+    db = tango.Database()
+    servers = worker_servers(db, pipeline)
+    template: dict[str, list[str]] = {"Pipeline": [pipeline]}
+    if servers:
+        device = servers[0].devices[0]
+        names = list(db.get_device_property_list(device, "*"))
+        template = {k: list(v) for k, v in db.get_device_property(device, names).items()}
+    k = 0
+    while len(servers) < workers:
+        k += 1
+        name = f"{WORKER_CLASS}/{pipeline}-{k:02d}"
+        if any(s.name == name for s in servers):
+            continue
+        info = tango.DbDevInfo()
+        info.name, info._class, info.server = f"tangomesh/{pipeline}-worker/{k:02d}", WORKER_CLASS, name
+        db.add_device(info)
+        db.put_device_property(info.name, template)
+        servers.append(ServerSpec(name, WORKER_LEVEL, short_hostname(), (info.name,)))
+        servers.sort(key=lambda s: s.name)
+    started = []
+    for server in servers[:workers]:
+        if not admin_answers(server, 500):
+            launcher.start(server)
+            started.append(server)
+    for server in reversed(servers[workers:]):
+        if admin_answers(server, 500) or exported_pid(db, server) is not None:
+            launcher.stop(server)
+            log.info("stopped %s", server.name)
+    wait_registered(spec, [d for s in started for d in s.devices], root, timeout)
+    for server in started:
+        put_server_info(db, server)
+    return [d for s in servers[:workers] for d in s.devices]

@@ -29,10 +29,22 @@ def _validator(name: str) -> jsonschema.protocols.Validator:
 
 def validate(name: str, document: Any) -> Any:
     """Raise SchemaError naming the first offending path; return the document."""
-    error = jsonschema.exceptions.best_match(_validator(name).iter_errors(document))
+    return _check(_validator(name), name, document)
+
+
+def validate_against(schema: dict[str, Any], label: str, document: Any) -> Any:
+    """Like :func:`validate` for a schema that lives in code (a processor's
+    settings schema); ``label`` names the document in the message."""
+    cls = jsonschema.validators.validator_for(schema)
+    cls.check_schema(schema)
+    return _check(cls(schema, format_checker=cls.FORMAT_CHECKER), label, document)
+
+
+def _check(validator: jsonschema.protocols.Validator, label: str, document: Any) -> Any:
+    error = jsonschema.exceptions.best_match(validator.iter_errors(document))
     if error is not None:
         where = "/".join(str(p) for p in error.absolute_path) or "(top level)"
-        raise SchemaError(f"invalid {name}: at {where}: {error.message}")
+        raise SchemaError(f"invalid {label}: at {where}: {error.message}")
     return document
 
 

@@ -1,0 +1,123 @@
+"""Processor plugins: the modalities a worker runs, and their tiny interface.
+
+A processor is a class registered under the entry-point group
+``tangomesh.processors`` (setup.cfg); the scan's ``analysis.<pipeline>.processor``
+names it. Per scan the worker calls ``start_scan(scan, settings)`` once,
+``process(batch)`` for every unit of work, ``end_scan()`` at the end. ``process``
+gets a whole :class:`Batch` (``count`` consecutive acquisition indices, arrays
+with that leading axis) and returns a dict of arrays with the same leading
+axis: write it vectorised over the points. The worker owns sockets, credit,
+acknowledgement and error isolation (a point whose processing raises becomes
+a failed point with the message, the rest of the batch is kept).
+
+Adding a modality is one module here plus its test; docs/processors.md shows how.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib.metadata import entry_points
+from typing import Any
+
+import numpy as np
+
+from services.scan import ScanMeta
+from services.schema import validate_against
+
+ENTRY_POINT_GROUP = "tangomesh.processors"
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Consecutive events of one scan; ``arrays`` are named ``stream/array``."""
+
+    scan: ScanMeta
+    index: int
+    count: int
+    arrays: dict[str, np.ndarray]
+    missing: frozenset[str] = frozenset()
+
+    @property
+    def indices(self) -> np.ndarray:
+        return np.arange(self.index, self.index + self.count, dtype=np.int64)
+
+    def stream(self, name: str) -> dict[str, np.ndarray]:
+        """The arrays of one source stream, by array name; KeyError naming the
+        stream if it is absent from these events (an incomplete event)."""
+        if name in self.missing:
+            raise KeyError(f"stream {name!r} is missing from events [{self.index}, {self.index + self.count})")
+        prefix = name + "/"
+        arrays = {k[len(prefix):]: v for k, v in self.arrays.items() if k.startswith(prefix)}
+        if not arrays:
+            raise KeyError(f"no stream {name!r} in this batch (streams: {sorted(self.streams)})")
+        return arrays
+
+    @property
+    def streams(self) -> set[str]:
+        return {k.split("/", 1)[0] for k in self.arrays}
+
+    def point(self, j: int) -> "Batch":
+        """Event ``j`` of the batch alone (views), to isolate a failing point."""
+        return Batch(self.scan, self.index + j, 1, {k: v[j:j + 1] for k, v in self.arrays.items()}, self.missing)
+
+
+class Processor:
+    """Base class of modality plugins. Override :meth:`process`; declare
+    ``settings_schema`` (JSON schema) so that bad settings refuse the scan
+    with a message instead of failing every point."""
+
+    settings_schema: dict[str, Any] = {"type": "object"}
+
+    def __init__(self) -> None:
+        self.scan: ScanMeta | None = None
+        self.settings: dict[str, Any] = {}
+
+    def start_scan(self, scan: ScanMeta, settings: dict[str, Any]) -> None:
+        self.scan = scan
+        self.settings = validate_against(self.settings_schema, f"{type(self).__name__} settings", settings)
+
+    def process(self, batch: Batch) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def end_scan(self) -> None:
+        pass
+
+
+@lru_cache(maxsize=None)
+def _registered() -> dict[str, Any]:
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def available() -> list[str]:
+    """Names of the installed processors."""
+    return sorted(_registered())
+
+
+def load(name: str) -> type[Processor]:
+    """The processor class registered as ``name``; ValueError if there is none."""
+    ep = _registered().get(name)
+    if ep is None:
+        raise ValueError(f"processor {name!r} is not installed (available: {', '.join(available()) or 'none'})")
+    cls = ep.load()
+    if not (isinstance(cls, type) and issubclass(cls, Processor)):
+        raise ValueError(f"entry point {name!r} is {cls!r}, not a Processor subclass")
+    return cls
+
+
+def check_results(results: Any, count: int) -> dict[str, np.ndarray]:
+    """What a processor returned, as numeric arrays with leading axis ``count``;
+    ValueError saying what is wrong otherwise (a processor bug)."""
+    if not isinstance(results, dict):
+        raise ValueError(f"process() returned {type(results).__name__}, not a dict of arrays")
+    out = {}
+    for name, value in results.items():
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"result name {name!r} is not a non-empty string")
+        arr = np.asarray(value)
+        if arr.dtype.kind not in "biufc":
+            raise ValueError(f"result {name!r} has non-numeric dtype {arr.dtype}")
+        if arr.ndim == 0 or arr.shape[0] != count:
+            raise ValueError(f"result {name!r} has shape {arr.shape}, leading axis must be the {count} points")
+        out[name] = arr
+    return out

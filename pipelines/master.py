@@ -1,0 +1,632 @@
+"""PipelineMaster: scan control, event formation, burst queue, credit fan-out.
+
+One loop thread owns every socket and all scan state; Tango commands hand it
+work through :meth:`MasterComponent.call` and wait for the answer, so there are
+no locks on the data path and no Tango calls in it. See pipelines/protocol.py
+for who talks to whom.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import json
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import zmq
+from tango import DevState
+from tango.server import attribute, command, device_property
+from tango.utils import PyTangoThread
+
+from pipelines import processors, protocol
+from pipelines.dispatch import Affinity, Dispatcher
+from pipelines.formation import EventFormer
+from services import codec
+from services.component import Component
+from services.dataplane import bind
+from services.device import MeshDevice, console_script, throw_invalid
+from services.registration import ManagerLink, ManagerUnavailable
+from services.scan import ScanError, ScanMeta, parse_scan
+
+log = logging.getLogger("tangomesh.master")
+
+SOURCE_HWM = 16  # messages buffered per source connection: the rest waits at the source
+LOOP_POLL_MS = 10
+FINISHED_KEPT = 64
+
+
+@dataclass(frozen=True)
+class MasterConfig:
+    max_queue_bytes: int = 256 * 2**20
+    max_unit_points: int = 1000
+    max_unit_bytes: int = 8 * 2**20
+    incomplete_timeout: float = 5.0
+    worker_timeout: float = 2.0
+    affinity: Affinity = Affinity()
+
+    def __post_init__(self) -> None:
+        if self.max_queue_bytes < 1 or self.max_unit_points < 1 or self.max_unit_bytes < 1:
+            raise ValueError("MaxQueueBytes, MaxUnitPoints and MaxUnitBytes must be positive")
+        if self.incomplete_timeout <= 0 or self.worker_timeout <= 0:
+            raise ValueError("IncompleteTimeoutSeconds and WorkerTimeoutSeconds must be positive")
+
+
+@dataclass
+class ScanPlan:
+    """What StartScan resolved outside the loop (validation, lookups)."""
+
+    meta: ScanMeta
+    streams: list[str]
+    sources: dict[str, str]  # endpoint -> stream
+    sorter: str  # results_in endpoint
+    affinity: Affinity
+
+
+@dataclass
+class ScanRun:
+    plan: ScanPlan
+    former: EventFormer
+    started: float
+    pending: codec.Message | None = None  # cut but waiting for credit
+    end_sent: bool = False
+    aborted: bool = False
+    acked_points: int = 0
+    gap_points: int = 0
+    points: int | None = None  # known once the end is sent
+
+    @property
+    def scan_id(self) -> str:
+        return self.plan.meta.scan_id
+
+    def summary(self) -> dict[str, Any]:
+        out = self.former.summary()
+        out.update(acked=self.acked_points, gaps=self.gap_points, ended=self.end_sent, aborted=self.aborted)
+        if self.points is not None:
+            out["points"] = self.points
+        return out
+
+
+@dataclass
+class SourceLink:
+    socket: zmq.Socket
+    stream: str
+
+
+class MasterComponent(Component):
+    kind = protocol.KIND_MASTER
+
+    def __init__(
+        self,
+        name: str,
+        pipeline: str,
+        bind_host: str,
+        advertised_host: str,
+        config: MasterConfig,
+        link: ManagerLink,
+        thread_factory: Callable[..., threading.Thread] = threading.Thread,
+    ) -> None:
+        super().__init__(name, pipeline, log)
+        if not pipeline:
+            raise ValueError("the Pipeline property must name the pipeline this master serves")
+        self.config = config
+        self.link = link
+        self.context = zmq.Context.instance()
+        self.router = self.context.socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.router.linger = 0
+        self.acks = self.context.socket(zmq.PULL)
+        self.acks.linger = 0
+        self.endpoints = {
+            protocol.WORK: bind(self.router, bind_host, advertised_host),
+            protocol.ACKS: bind(self.acks, bind_host, advertised_host),
+        }
+        self.capabilities = {"max_queue_bytes": config.max_queue_bytes}
+        self.dispatcher = Dispatcher(config.worker_timeout)
+        self.sources: dict[str, SourceLink] = {}
+        self.sorters: dict[str, zmq.Socket] = {}
+        self.runs: dict[str, ScanRun] = {}  # active, in start order
+        self.finished: collections.OrderedDict[str, ScanRun] = collections.OrderedDict()
+        self.current_scan = ""
+        self.sources_held = False
+        self.held_seconds = 0.0
+        self.incomplete_warnings = 0
+        self.events_per_second = 0.0
+        self._rate_mark = (time.monotonic(), 0)
+        self._dispatched_points = 0
+        self._calls: queue.Queue[tuple[Callable[[], Any], concurrent.futures.Future]] = queue.Queue()
+        self._thread = thread_factory(target=self._run, name="master-loop", daemon=True)
+
+    # ------------------------------------------------------------ life cycle
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        super().stop()
+        if self._thread.is_alive():
+            self._thread.join(5)
+        for sock in [self.router, self.acks, *self.sorters.values(), *(s.socket for s in self.sources.values())]:
+            sock.close(0)
+
+    def call(self, fn: Callable[[], Any], timeout: float = 10.0) -> Any:
+        """Run ``fn`` on the loop thread and return its result (or raise its exception)."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._calls.put((fn, future))
+        return future.result(timeout)
+
+    # ------------------------------------------------------------ scan control (Tango threads)
+    def plan_scan(self, document: str) -> ScanPlan:
+        """Validate a StartScan document and find the scan's sources and sorter.
+        ValueError (ScanError) for bad input, ManagerUnavailable if the topology
+        manager does not answer."""
+        meta = parse_scan(document)
+        processor, _ = meta.analysis_for(self.pipeline)
+        if processor not in processors.available():
+            raise ScanError(f"processor {processor!r} of pipeline {self.pipeline} is not installed "
+                            f"(available: {', '.join(processors.available())})")
+        entry = meta.raw["analysis"][self.pipeline]
+        affinity = Affinity.from_json(entry["affinity"]) if "affinity" in entry else self.config.affinity
+        services = self.link.lookup({"pipeline": self.pipeline})
+        sources: dict[str, str] = {}
+        for s in services:
+            stream = s.get("capabilities", {}).get("stream")
+            endpoint = s.get("endpoints", {}).get(protocol.SOURCE_OUT)
+            if s["kind"] == protocol.KIND_SOURCE and isinstance(stream, str) and endpoint:
+                sources[endpoint] = stream
+        wanted = entry.get("streams")
+        streams = list(wanted) if wanted else sorted(set(sources.values()))
+        lacking = sorted(set(streams) - set(sources.values()))
+        if not streams or lacking:
+            raise ScanError(f"scan {meta.scan_id}: no registered source for stream(s) {lacking or 'any'} "
+                            f"of pipeline {self.pipeline}")
+        sources = {e: s for e, s in sources.items() if s in streams}
+        sorters = [s["endpoints"].get(protocol.RESULTS_IN) for s in services if s["kind"] == protocol.KIND_SORTER]
+        sorters = [e for e in sorters if e]
+        if len(sorters) != 1:
+            raise ScanError(f"pipeline {self.pipeline} needs exactly one registered sorter, found {len(sorters)}")
+        return ScanPlan(meta, streams, sources, sorters[0], affinity)
+
+    def start_scan(self, plan: ScanPlan) -> None:
+        self.call(lambda: self._start(plan))
+
+    def end_scan(self, scan_id: str) -> None:
+        self.call(lambda: self._end(scan_id))
+
+    def abort_scan(self, scan_id: str) -> None:
+        self.call(lambda: self._abort(scan_id))
+
+    # ------------------------------------------------------------ scan control (loop thread)
+    def _start(self, plan: ScanPlan) -> None:
+        scan_id = plan.meta.scan_id
+        if scan_id in self.runs or scan_id in self.finished:
+            raise ScanError(f"scan {scan_id} was already started on this master; scan ids must be unique")
+        now = time.monotonic()
+        for run in self.runs.values():
+            if run.former.end_requested_at is None:
+                log.warning("scan %s started while %s had no EndScan: ending %s", scan_id, run.scan_id, run.scan_id)
+                run.former.request_end(now)
+        self._connect_sources(plan.sources)
+        sorter = self.sorters.get(plan.sorter)
+        if sorter is None:
+            sorter = self.sorters[plan.sorter] = self.context.socket(zmq.PUSH)
+            sorter.linger = 0
+            sorter.sndtimeo = 2000
+            sorter.connect(plan.sorter)
+        run = ScanRun(plan, EventFormer(plan.meta, plan.streams, self.config.incomplete_timeout, now), now)
+        self.runs[scan_id] = run
+        self.current_scan = scan_id
+        start = self._scan_start_message(run)
+        self._to_sorter(run, codec.Message(codec.SCAN_START, scan=scan_id, meta={
+            **start.meta, protocol.META_ACKS: self.endpoints[protocol.ACKS]}))
+        for identity in list(self.dispatcher.workers):
+            self._to_worker(identity, start)
+        log.info("scan %s started: %d points, streams %s, %d workers", scan_id, plan.meta.points,
+                 plan.streams, len(self.dispatcher.workers))
+
+    def _end(self, scan_id: str) -> None:
+        run = self.runs.get(scan_id)
+        if run is None:
+            if scan_id in self.finished:
+                return  # already complete: EndScan after the last point is normal
+            raise ScanError(f"no scan {scan_id!r} on this master (current: {self.current_scan or 'none'})")
+        run.former.request_end()
+
+    def _abort(self, scan_id: str) -> None:
+        run = self.runs.pop(scan_id, None)
+        if run is None:
+            if scan_id in self.finished:
+                return
+            raise ScanError(f"no scan {scan_id!r} on this master (current: {self.current_scan or 'none'})")
+        run.aborted = True
+        dropped = self.dispatcher.drop_scan(scan_id)
+        abort = codec.Message(codec.SCAN_ABORT, scan=scan_id)
+        self._to_sorter(run, abort)
+        for identity in list(self.dispatcher.workers):
+            self._to_worker(identity, abort)
+        self._finish(run)
+        log.warning("scan %s aborted (%d units in flight abandoned)", scan_id, dropped)
+
+    def _connect_sources(self, wanted: dict[str, str]) -> None:
+        for endpoint in [e for e in self.sources if e not in wanted]:
+            if not any(e == endpoint for r in self.runs.values() for e in r.plan.sources):
+                self.sources.pop(endpoint).socket.close(0)
+        for endpoint, stream in wanted.items():
+            if endpoint not in self.sources:
+                sock = self.context.socket(zmq.PULL)
+                sock.rcvhwm = SOURCE_HWM
+                sock.linger = 0
+                sock.connect(endpoint)
+                self.sources[endpoint] = SourceLink(sock, stream)
+
+    def _scan_start_message(self, run: ScanRun) -> codec.Message:
+        return codec.Message(codec.SCAN_START, scan=run.scan_id, meta={protocol.META_SCAN: run.plan.meta.raw})
+
+    def _finish(self, run: ScanRun) -> None:
+        self.runs.pop(run.scan_id, None)
+        self.dispatcher.end_scan(run.scan_id)
+        self.finished[run.scan_id] = run
+        while len(self.finished) > FINISHED_KEPT:
+            self.finished.popitem(last=False)
+
+    # ------------------------------------------------------------ the loop
+    def _run(self) -> None:
+        poller_key: tuple = ()
+        poller = zmq.Poller()
+        last_tick = 0.0
+        while not self._stopping.is_set():
+            self._serve_calls()
+            readable = self._readable_sources()
+            key = tuple(id(s) for s in readable)
+            if key != poller_key:
+                poller = zmq.Poller()
+                for sock in (self.router, self.acks, *readable):
+                    poller.register(sock, zmq.POLLIN)
+                poller_key = key
+            try:
+                ready = dict(poller.poll(LOOP_POLL_MS))
+            except zmq.ZMQError as exc:
+                if self._stopping.is_set():
+                    return
+                raise exc
+            now = time.monotonic()
+            try:
+                if self.router in ready:
+                    self._drain_workers(now)
+                if self.acks in ready:
+                    self._drain_acks()
+                for link in self.sources.values():
+                    if link.socket in ready:
+                        self._drain_source(link, now)
+                if now - last_tick >= 0.05:
+                    self._tick(now, now - last_tick if last_tick else 0.0)
+                    last_tick = now
+                self._dispatch(now)
+            except Exception as exc:  # a bug must not stop the data path: count, log, go on
+                log.exception("master loop step failed")
+                self.counters.error(f"internal error: {exc!r}")
+
+    def _serve_calls(self) -> None:
+        while True:
+            try:
+                fn, future = self._calls.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                future.set_result(fn())
+            except Exception as exc:
+                future.set_exception(exc)
+
+    @property
+    def queue_bytes(self) -> int:
+        return sum(r.former.nbytes for r in list(self.runs.values())) + self.dispatcher.in_flight_bytes
+
+    def _readable_sources(self) -> list[zmq.Socket]:
+        """All sources while the burst queue has room; when it is full, only the
+        streams the oldest formations wait for, and none while the workers'
+        in-flight work alone fills it. What is not read waits at the source."""
+        links = list(self.sources.values())
+        if self.queue_bytes < self.config.max_queue_bytes:
+            self.sources_held = False
+            return [l.socket for l in links]
+        if self.dispatcher.in_flight_bytes >= self.config.max_queue_bytes:
+            needed: set[str] = set()
+        else:
+            needed = {s for r in self.runs.values() for s in r.former.lagging()}
+        readable = [l.socket for l in links if l.stream in needed]
+        self.sources_held = len(readable) < len(links)
+        return readable
+
+    def _drain_source(self, link: SourceLink, now: float) -> None:
+        for _ in range(64):  # then let the other sockets have a turn
+            if self.queue_bytes >= self.config.max_queue_bytes and link.socket not in self._readable_sources():
+                return
+            try:
+                msg = codec.recv(link.socket, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except codec.CodecError as exc:
+                self.counters.error(f"refused message from {link.stream} source: {exc}")
+                continue
+            self.counters.events_in += 1
+            try:
+                self._accept_source(link, msg, now)
+            except ValueError as exc:
+                self.counters.error(f"refused {msg.type} scan={msg.scan!r} stream={msg.stream!r} "
+                                    f"index={msg.index} count={msg.count}: {exc}")
+
+    def _accept_source(self, link: SourceLink, msg: codec.Message, now: float) -> None:
+        if msg.stream != link.stream:
+            raise ValueError(f"source registered for stream {link.stream!r} sent stream {msg.stream!r}")
+        run = self.runs.get(msg.scan)
+        if run is None:
+            raise ValueError(f"no active scan {msg.scan!r} (current: {self.current_scan or 'none'})")
+        if msg.type == codec.DATA:
+            run.former.add_block(msg, now)
+        elif msg.type == codec.SCAN_END:
+            run.former.stream_end(msg.stream, msg.count)
+        else:
+            raise ValueError(f"sources send data and scan_end, not {msg.type}")
+
+    def _drain_workers(self, now: float) -> None:
+        for _ in range(256):
+            try:
+                identity, msg = codec.recv_routed(self.router, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except codec.CodecError as exc:
+                self.counters.error(f"refused message on the work socket: {exc}")
+                continue
+            worker, role = msg.meta.get("worker"), msg.meta.get("role", "")
+            if msg.type != codec.CREDIT or not isinstance(worker, str) or not isinstance(role, str) \
+                    or not 0 <= msg.count <= 10_000:
+                self.counters.error(f"refused {msg.type} on the work socket: workers send credit "
+                                    f"with a worker name and 0..10000 units")
+                continue
+            if self.dispatcher.seen(identity, worker, role, msg.count, now):
+                log.info("worker %s joined (role %r)", worker, role)
+                for run in self.runs.values():
+                    self._to_worker(identity, self._scan_start_message(run))
+
+    def _drain_acks(self) -> None:
+        for _ in range(256):
+            try:
+                msg = codec.recv(self.acks, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except codec.CodecError as exc:
+                self.counters.error(f"refused message on the ack socket: {exc}")
+                continue
+            try:
+                if msg.type != codec.ACK:
+                    raise ValueError(f"the ack socket takes ack messages, not {msg.type}")
+                ranges = protocol.ack_ranges(msg)
+            except ValueError as exc:
+                self.counters.error(f"refused ack for scan {msg.scan!r}: {exc}")
+                continue
+            run = self.runs.get(msg.scan)
+            if run is None:
+                if msg.scan not in self.finished:
+                    self.counters.error(f"refused ack for unknown scan {msg.scan!r}")
+                continue
+            self.dispatcher.ack(msg.scan, ranges)
+            points = sum(b - a for a, b in ranges)
+            run.acked_points += points
+            if msg.meta.get("gap"):
+                run.gap_points += points
+
+    def _tick(self, now: float, elapsed: float) -> None:
+        for w in self.dispatcher.expire(now):
+            log.warning("worker %s silent for %.1f s: its %d units go to other workers",
+                        w.name, self.config.worker_timeout, len(w.in_flight))
+        for run in self.runs.values():
+            for warning in run.former.check_timeouts(now):
+                self.incomplete_warnings += 1
+                log.warning(warning)
+        if self.sources_held:
+            self.held_seconds += elapsed
+        mark_t, mark_n = self._rate_mark
+        if now - mark_t >= 1.0:
+            self.events_per_second = (self._dispatched_points - mark_n) / (now - mark_t)
+            self._rate_mark = (now, self._dispatched_points)
+        for run in list(self.runs.values()):
+            if run.end_sent and self.dispatcher.outstanding(run.scan_id) == 0 and run.pending is None:
+                self._finish(run)
+                log.info("scan %s done: %s", run.scan_id, run.summary())
+        self.counters.queue_depth = len(self.dispatcher.in_flight)
+
+    # ------------------------------------------------------------ fan-out
+    def _dispatch(self, now: float) -> None:
+        d = self.dispatcher
+        while (entry := d.next_retry()) is not None:
+            run = self.runs.get(entry.unit.scan)
+            if run is None:
+                d.pop_retry()
+                continue
+            targets = d.choose(entry.unit, run.plan.affinity)
+            if targets is None or not self._send_unit(entry.unit, targets, run, now):
+                return
+            d.pop_retry()
+        for run in list(self.runs.values()):
+            while True:
+                if run.pending is None:
+                    if not any(w.credit > 0 for w in d.workers.values()):
+                        return
+                    run.pending = run.former.take_unit(
+                        self.config.max_unit_points, self.config.max_unit_bytes, run.plan.affinity.group)
+                    if run.pending is None:
+                        break
+                targets = d.choose(run.pending, run.plan.affinity)
+                if targets is None or not self._send_unit(run.pending, targets, run, now):
+                    return  # head of line waits for credit (order and affinity)
+                self._dispatched_points += run.pending.count
+                run.pending = None
+            if not run.end_sent and run.former.is_complete(now):
+                run.end_sent = True
+                run.points = run.former.taken
+                end = codec.Message(codec.SCAN_END, scan=run.scan_id, meta={
+                    protocol.META_POINTS: run.points, "incomplete": run.former.incomplete_points})
+                self._to_sorter(run, end)
+                for identity in list(d.workers):
+                    self._to_worker(identity, end)
+                log.info("scan %s: all %d events dispatched", run.scan_id, run.points)
+
+    def _send_unit(self, unit: codec.Message, targets: list[bytes], run: ScanRun, now: float) -> bool:
+        """Send to the worker that owns the unit, then the copies; False if the owner is gone."""
+        owner, copies = targets[0], targets[1:]
+        if not self._to_worker(owner, unit):
+            return False
+        copy = codec.Message(unit.type, unit.scan, unit.stream, unit.index, unit.count, unit.arrays,
+                             {**unit.meta, "copy": True})
+        sent = [owner, *(c for c in copies if self._to_worker(c, copy))]
+        self.dispatcher.sent(unit, sent, run.plan.affinity, now)
+        self.counters.events_out += 1
+        return True
+
+    def _to_worker(self, identity: bytes, msg: codec.Message) -> bool:
+        """False (and the worker forgotten, its units queued again) if the
+        ROUTER can no longer reach it."""
+        try:
+            codec.send(self.router, msg, zmq.NOBLOCK, prefix=[identity])
+            return True
+        except zmq.ZMQError as exc:
+            w = self.dispatcher.remove(identity)
+            if w is not None:
+                log.warning("worker %s unreachable (%s): its %d units go to other workers",
+                            w.name, exc.strerror, len(w.in_flight))
+            return False
+
+    def _to_sorter(self, run: ScanRun, msg: codec.Message) -> None:
+        try:
+            codec.send(self.sorters[run.plan.sorter], msg)
+        except zmq.Again:
+            self.counters.error(f"sorter {run.plan.sorter} did not take {msg.type} of scan {run.scan_id} within 2 s")
+
+    # ------------------------------------------------------------ views
+    def progress(self) -> float:
+        run = self.runs.get(self.current_scan) or self.finished.get(self.current_scan)
+        if run is None:
+            return 0.0
+        if run.scan_id in self.finished and not run.aborted:
+            return 1.0
+        total = run.points if run.points is not None else run.plan.meta.points
+        return min(1.0, run.acked_points / total) if total else 0.0
+
+    def scan_summary(self) -> dict[str, Any]:
+        run = self.runs.get(self.current_scan) or self.finished.get(self.current_scan)
+        return run.summary() if run else {}
+
+    def status(self) -> str:
+        workers = len(self.dispatcher.workers)
+        held = " Sources held back: burst queue full." if self.sources_held else ""
+        return (f"Scan {self.current_scan or '-'}: {self.progress():.0%} acknowledged; {workers} worker(s); "
+                f"queue {self.queue_bytes / 2**20:.1f} of {self.config.max_queue_bytes / 2**20:.0f} MiB.{held}")
+
+
+class PipelineMaster(MeshDevice):
+    """Scan control, event formation and credit-based fan-out for one pipeline."""
+
+    MaxQueueBytes = device_property(dtype=int, default_value=256 * 2**20,
+                                    doc="Burst queue bound: bytes of source data and unacknowledged work held")
+    MaxUnitPoints = device_property(dtype=int, default_value=1000, doc="Most events in one unit of work")
+    MaxUnitBytes = device_property(dtype=int, default_value=8 * 2**20, doc="Most source bytes in one unit of work")
+    IncompleteTimeoutSeconds = device_property(
+        dtype=float, default_value=5.0, doc="How long a stream may lag before its events go on marked incomplete")
+    WorkerTimeoutSeconds = device_property(
+        dtype=float, default_value=2.0, doc="A worker silent this long is gone: its work goes to others")
+    Affinity = device_property(dtype=str, default_value="",
+                               doc='Default affinity, e.g. {"group": 100} or {"copy_to": "debug"}')
+
+    component: MasterComponent
+
+    def create_component(self) -> MasterComponent:
+        config = MasterConfig(
+            self.MaxQueueBytes, self.MaxUnitPoints, self.MaxUnitBytes, self.IncompleteTimeoutSeconds,
+            self.WorkerTimeoutSeconds, Affinity.from_json(json.loads(self.Affinity) if self.Affinity else None))
+        return MasterComponent(self.get_name(), self.Pipeline, self.bind_host, self.advertised_host, config,
+                               self.create_link(), PyTangoThread)
+
+    def _refuse(self, origin: str, exc: Exception) -> None:
+        self.component.counters.error(f"{origin}: {exc}")
+        throw_invalid(str(exc), f"PipelineMaster.{origin}")
+
+    def _running(self) -> None:
+        if self.get_state() == DevState.FAULT:
+            throw_invalid(f"the master is in FAULT: {self.get_status()}", "PipelineMaster")
+
+    @command(dtype_in=str, doc_in="scan metadata JSON (services/schemas/scan.json)", dtype_out=str,
+             doc_out="the scan id")
+    def StartScan(self, document: str) -> str:
+        self._running()
+        try:
+            plan = self.component.plan_scan(document)
+            self.component.start_scan(plan)
+        except ManagerUnavailable as exc:
+            self._refuse("StartScan", ValueError(f"topology manager unavailable: {exc}"))
+        except ValueError as exc:
+            self._refuse("StartScan", exc)
+        return plan.meta.scan_id
+
+    @command(dtype_in=str, doc_in="scan id")
+    def EndScan(self, scan_id: str) -> None:
+        self._running()
+        try:
+            self.component.end_scan(scan_id)
+        except ValueError as exc:
+            self._refuse("EndScan", exc)
+
+    @command(dtype_in=str, doc_in="scan id")
+    def AbortScan(self, scan_id: str) -> None:
+        self._running()
+        try:
+            self.component.abort_scan(scan_id)
+        except ValueError as exc:
+            self._refuse("AbortScan", exc)
+
+    @attribute(dtype=str, doc="Id of the latest scan started")
+    def CurrentScan(self) -> str:
+        return self.component.current_scan
+
+    @attribute(dtype=float, doc="Fraction of the current scan's points delivered downstream", min_value=0, max_value=1)
+    def Progress(self) -> float:
+        return self.component.progress()
+
+    @attribute(dtype=int, doc="Bytes held: source data not yet dispatched plus unacknowledged work", unit="B")
+    def QueueBytes(self) -> int:
+        return self.component.queue_bytes
+
+    @attribute(dtype=float, doc="Events dispatched per second (last second)", unit="1/s")
+    def EventsPerSecond(self) -> float:
+        return self.component.events_per_second
+
+    @attribute(dtype=bool, doc="True while the burst queue is full and sources wait")
+    def SourcesHeld(self) -> bool:
+        return self.component.sources_held
+
+    @attribute(dtype=float, doc="Total time sources were held back", unit="s")
+    def HeldSeconds(self) -> float:
+        return self.component.held_seconds
+
+    @attribute(dtype=int, doc="Workers currently known (by credit and heartbeat)")
+    def Workers(self) -> int:
+        return len(self.component.dispatcher.workers)
+
+    @attribute(dtype=int, doc="Units sent again because their worker disappeared")
+    def Redispatched(self) -> int:
+        return self.component.dispatcher.redispatched
+
+    @attribute(dtype=str, doc="Current scan: points formed, incomplete, acknowledged, gaps (JSON)")
+    def ScanSummary(self) -> str:
+        return json.dumps(self.component.scan_summary())
+
+    @attribute(dtype=str, doc="Known workers: name, role, credit, units and points dispatched (JSON)")
+    def WorkerTable(self) -> str:
+        return json.dumps([{"name": w.name, "role": w.role, "credit": w.credit, "units": w.units,
+                            "points": w.points, "in_flight": len(w.in_flight)}
+                           for w in list(self.component.dispatcher.workers.values())])
+
+
+main = console_script(PipelineMaster)

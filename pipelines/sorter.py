@@ -1,0 +1,363 @@
+"""Sorter: fan-in of a pipeline's results, in order, exactly once, to every consumer.
+
+One loop thread reads ``results_in`` (workers' results and the master's scan
+control), keeps a :class:`ScanOrder` and a :class:`Chunker` per scan, and
+delivers to the scan's consumers, found through the topology manager when the
+scan starts. Delivery blocks while a consumer is not reading (backpressure up
+to the sources); only a consumer that has left the mesh is given up. A chunk
+is acknowledged to the master once every consumer has it: until then the
+master keeps the events and can send them again.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import zmq
+from tango.server import attribute, device_property
+from tango.utils import PyTangoThread
+
+from pipelines import protocol
+from pipelines.reorder import Chunker, ScanOrder
+from services import codec
+from services.component import Component
+from services.dataplane import bind
+from services.device import MeshDevice, console_script
+from services.registration import ManagerLink, ManagerUnavailable
+from services.scan import parse_scan
+
+log = logging.getLogger("tangomesh.sorter")
+
+ORPHAN_SECONDS = 5.0  # results may overtake their scan_start by this much
+ORPHAN_MAX = 10_000
+FINISHED_KEPT = 64
+CONSUMER_CHECK_SECONDS = 2.0
+
+
+@dataclass(frozen=True)
+class SorterConfig:
+    chunk_points: int = 1000
+    chunk_seconds: float = 0.005
+    gap_timeout: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.chunk_points < 1 or self.chunk_seconds < 0 or self.gap_timeout <= 0:
+            raise ValueError("ChunkPoints >= 1, ChunkSeconds >= 0 and GapTimeoutSeconds > 0 required")
+
+
+@dataclass
+class Consumer:
+    name: str
+    endpoint: str
+    socket: zmq.Socket
+
+
+@dataclass
+class SortRun:
+    scan_id: str
+    order: ScanOrder
+    chunker: Chunker
+    consumers: list[Consumer]
+    acks: zmq.Socket | None
+    start_msg: codec.Message
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def check_result_meta(meta: dict[str, Any]) -> None:
+    """The meta a worker may attach to a result; ValueError otherwise."""
+    errors = meta.get(protocol.META_ERRORS, {})
+    if not isinstance(errors, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in errors.items()):
+        raise ValueError("result errors must map index text to a message")
+    incomplete = meta.get(protocol.META_INCOMPLETE, {})
+    if not isinstance(incomplete, dict) or not all(
+            isinstance(ranges, list) and all(isinstance(r, list) and len(r) == 2 and all(type(x) is int for x in r)
+                                             for r in ranges)
+            for ranges in incomplete.values()):
+        raise ValueError("result incomplete must map a stream to [[start, stop], ...]")
+
+
+class SorterComponent(Component):
+    kind = protocol.KIND_SORTER
+
+    def __init__(
+        self,
+        name: str,
+        pipeline: str,
+        bind_host: str,
+        advertised_host: str,
+        config: SorterConfig,
+        link: ManagerLink,
+        thread_factory: Callable[..., threading.Thread] = threading.Thread,
+    ) -> None:
+        super().__init__(name, pipeline, log)
+        if not pipeline:
+            raise ValueError("the Pipeline property must name the pipeline this sorter serves")
+        self.config = config
+        self.link = link
+        self.context = zmq.Context.instance()
+        self.inlet = self.context.socket(zmq.PULL)
+        self.inlet.linger = 0
+        self.endpoints = {protocol.RESULTS_IN: bind(self.inlet, bind_host, advertised_host)}
+        self.runs: dict[str, SortRun] = {}
+        self.finished: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
+        self.orphans: dict[str, list[tuple[float, codec.Message]]] = {}
+        self.sockets: dict[str, zmq.Socket] = {}  # endpoint -> PUSH, reused across scans
+        self.current_scan = ""
+        self.chunks_out = 0
+        self.duplicates = 0
+        self.late = 0
+        self.gap_points = 0
+        self._thread = thread_factory(target=self._run, name="sorter-loop", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        super().stop()
+        if self._thread.is_alive():
+            self._thread.join(5)
+        for sock in [self.inlet, *self.sockets.values()]:
+            sock.close(0)
+
+    # ------------------------------------------------------------ loop
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.inlet, zmq.POLLIN)
+        while not self._stopping.is_set():
+            busy = any(r.chunker.parts for r in self.runs.values())
+            ready = dict(poller.poll(1 if busy else 20))
+            now = time.monotonic()
+            try:
+                if self.inlet in ready:
+                    for _ in range(256):
+                        try:
+                            msg = codec.recv(self.inlet, zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        except codec.CodecError as exc:
+                            self.counters.error(f"refused message on {protocol.RESULTS_IN}: {exc}")
+                            continue
+                        self.counters.events_in += 1
+                        try:
+                            self._accept(msg, now)
+                        except ValueError as exc:
+                            self.counters.error(f"refused {msg.type} scan={msg.scan!r} index={msg.index} "
+                                                f"count={msg.count}: {exc}")
+                self._timers(now)
+            except Exception as exc:  # a bug must not stop the data path
+                log.exception("sorter loop step failed")
+                self.counters.error(f"internal error: {exc!r}")
+
+    def _accept(self, msg: codec.Message, now: float) -> None:
+        if msg.type == codec.SCAN_START:
+            self._start(msg, now)
+            return
+        run = self.runs.get(msg.scan)
+        if run is None:
+            if msg.scan in self.finished:
+                self.late += max(msg.count, 1) if msg.type == codec.RESULT else 0
+                if msg.type != codec.RESULT:
+                    raise ValueError(f"scan {msg.scan} is already finished")
+                return
+            if msg.type != codec.RESULT:
+                raise ValueError(f"no scan {msg.scan!r} here")
+            if sum(len(v) for v in self.orphans.values()) >= ORPHAN_MAX:
+                raise ValueError(f"result for unknown scan {msg.scan!r}")
+            self.orphans.setdefault(msg.scan, []).append((now, msg))  # may overtake its scan_start
+            return
+        if msg.type == codec.RESULT:
+            check_result_meta(msg.meta)
+            before = run.order.duplicates
+            for ready in run.order.add(msg, now):
+                self._chunk(run, ready, now)
+            self.duplicates += run.order.duplicates - before
+        elif msg.type == codec.SCAN_END:
+            points = msg.meta.get(protocol.META_POINTS)
+            if type(points) is not int:
+                raise ValueError("scan_end without an integer 'points'")
+            run.summary["incomplete"] = msg.meta.get("incomplete", 0)
+            for ready in run.order.set_end(points, now):
+                self._chunk(run, ready, now)
+        elif msg.type == codec.SCAN_ABORT:
+            self._flush(run)
+            self._deliver(run, msg)
+            self._close(run, aborted=True)
+        else:
+            raise ValueError(f"{protocol.RESULTS_IN} takes results and scan control, not {msg.type}")
+
+    def _start(self, msg: codec.Message, now: float) -> None:
+        meta = parse_scan(msg.meta.get(protocol.META_SCAN, {}))
+        if meta.scan_id != msg.scan:
+            raise ValueError(f"scan_start for {msg.scan!r} carries the document of {meta.scan_id!r}")
+        if msg.scan in self.runs or msg.scan in self.finished:
+            raise ValueError(f"scan {msg.scan} already started")
+        acks_endpoint = msg.meta.get(protocol.META_ACKS)
+        if not isinstance(acks_endpoint, str) or "://" not in acks_endpoint:
+            raise ValueError("scan_start without the master's ack endpoint")
+        acks = self._socket(acks_endpoint)
+        consumers = self._find_consumers()
+        if not consumers:
+            self.counters.error(f"scan {msg.scan}: no consumer registered for pipeline {self.pipeline}; "
+                                "results are acknowledged but kept nowhere")
+        forwarded = codec.Message(codec.SCAN_START, scan=msg.scan, stream=self.pipeline,
+                                  meta={protocol.META_SCAN: meta.raw})
+        run = SortRun(msg.scan, ScanOrder(msg.scan, meta.points, self.config.gap_timeout, now),
+                      Chunker(self.config.chunk_points, self.config.chunk_seconds), consumers, acks, forwarded)
+        self.runs[msg.scan] = run
+        self.current_scan = msg.scan
+        self._deliver(run, forwarded)
+        log.info("scan %s: delivering to %s", msg.scan, [c.name for c in consumers])
+        for _, orphan in self.orphans.pop(msg.scan, []):
+            self._accept(orphan, now)
+
+    def _find_consumers(self) -> list[Consumer]:
+        try:
+            services = self.link.lookup({})
+        except ManagerUnavailable as exc:
+            self.counters.error(f"cannot look up consumers: {exc}")
+            return []
+        consumers = []
+        for s in services:
+            endpoint = s.get("endpoints", {}).get(protocol.DATA_IN)
+            if s["kind"] in protocol.CONSUMER_KINDS and s.get("pipeline", "") in ("", self.pipeline) and endpoint:
+                consumers.append(Consumer(s["name"], endpoint, self._socket(endpoint)))
+        return consumers
+
+    def _socket(self, endpoint: str) -> zmq.Socket:
+        sock = self.sockets.get(endpoint)
+        if sock is None:
+            sock = self.sockets[endpoint] = self.context.socket(zmq.PUSH)
+            sock.linger = 0
+            sock.connect(endpoint)
+        return sock
+
+    # ------------------------------------------------------------ output
+    def _chunk(self, run: SortRun, msg: codec.Message, now: float) -> None:
+        for chunk in run.chunker.add(msg, now):
+            self._emit(run, chunk)
+
+    def _flush(self, run: SortRun) -> None:
+        if run.chunker.parts:
+            self._emit(run, run.chunker.flush())
+
+    def _emit(self, run: SortRun, msg: codec.Message) -> None:
+        self._deliver(run, msg)
+        self.chunks_out += 1
+        if run.acks is not None:
+            try:
+                codec.send(run.acks, protocol.ack(run.scan_id, [(msg.index, msg.stop)], gap=msg.type == codec.GAP),
+                           zmq.NOBLOCK)
+            except zmq.Again:  # the master is gone; it re-sends nothing then, and nothing is lost here
+                self.counters.error(f"ack for [{msg.index}, {msg.stop}) of {run.scan_id} not taken by the master")
+
+    def _timers(self, now: float) -> None:
+        for run in list(self.runs.values()):
+            if run.chunker.due(now):
+                self._flush(run)
+            gap, ready = run.order.check_gap(now)
+            if gap is not None:
+                self._flush(run)
+                log.warning("scan %s: indices [%d, %d) never came back: gap record sent",
+                            run.scan_id, gap.index, gap.stop)
+                self.gap_points += gap.count
+                self._emit(run, gap)
+                for msg in ready:
+                    self._chunk(run, msg, now)
+            if run.order.finished:
+                self._flush(run)
+                summary = {**run.order.summary(), **run.summary}
+                self._deliver(run, codec.Message(codec.SCAN_END, scan=run.scan_id, stream=self.pipeline,
+                                                 count=0, meta=summary))
+                self._close(run)
+                log.info("scan %s delivered: %s", run.scan_id, summary)
+        for scan, items in list(self.orphans.items()):
+            while items and now - items[0][0] > ORPHAN_SECONDS:
+                _, msg = items.pop(0)
+                self.counters.error(f"refused result [{msg.index}, {msg.stop}) for unknown scan {scan!r}")
+            if not items:
+                del self.orphans[scan]
+        self.counters.queue_depth = sum(len(r.order.pending) for r in self.runs.values())
+
+    def _close(self, run: SortRun, aborted: bool = False) -> None:
+        self.runs.pop(run.scan_id, None)
+        self.finished[run.scan_id] = {**run.order.summary(), **run.summary, "aborted": aborted}
+        while len(self.finished) > FINISHED_KEPT:
+            self.finished.popitem(last=False)
+
+    def _deliver(self, run: SortRun, msg: codec.Message) -> None:
+        """Send to every consumer of the scan, waiting while one is slow; a
+        consumer that has left the mesh is given up (counted and logged)."""
+        frames = codec.encode(msg)
+        for consumer in list(run.consumers):
+            waited_since = time.monotonic()
+            while not self._stopping.is_set():
+                try:
+                    consumer.socket.send_multipart(frames, zmq.NOBLOCK, copy=False)
+                    self.counters.events_out += 1
+                    break
+                except zmq.Again:
+                    consumer.socket.poll(100, zmq.POLLOUT)
+                if time.monotonic() - waited_since > CONSUMER_CHECK_SECONDS:
+                    waited_since = time.monotonic()
+                    if not self._still_registered(consumer):
+                        run.consumers.remove(consumer)
+                        self.counters.error(f"consumer {consumer.name} left the mesh during scan {run.scan_id}: "
+                                            "it no longer receives this scan")
+                        break
+
+    def _still_registered(self, consumer: Consumer) -> bool:
+        try:
+            return any(s.get("endpoints", {}).get(protocol.DATA_IN) == consumer.endpoint
+                       for s in self.link.lookup({"name": consumer.name}))
+        except ManagerUnavailable:
+            return True  # cannot tell: keep waiting rather than give up a live consumer
+
+    def status(self) -> str:
+        return (f"Scan {self.current_scan or '-'}; {len(self.runs)} open; {self.chunks_out} chunks out, "
+                f"{self.duplicates} duplicate and {self.late} late points dropped, {self.gap_points} gap points.")
+
+
+class Sorter(MeshDevice):
+    """Restores acquisition order and delivers a pipeline's results to its consumers."""
+
+    ChunkPoints = device_property(dtype=int, default_value=1000, doc="Most points merged into one chunk")
+    ChunkSeconds = device_property(dtype=float, default_value=0.005,
+                                   doc="A chunk leaves at most this long after its first result")
+    GapTimeoutSeconds = device_property(dtype=float, default_value=30.0,
+                                        doc="How long a missing index is awaited before a gap record replaces it")
+
+    component: SorterComponent
+
+    def create_component(self) -> SorterComponent:
+        config = SorterConfig(self.ChunkPoints, self.ChunkSeconds, self.GapTimeoutSeconds)
+        return SorterComponent(self.get_name(), self.Pipeline, self.bind_host, self.advertised_host, config,
+                               self.create_link(), PyTangoThread)
+
+    @attribute(dtype=str, doc="Latest scan started")
+    def CurrentScan(self) -> str:
+        return self.component.current_scan
+
+    @attribute(dtype=int, doc="Chunks and gap records delivered")
+    def ChunksOut(self) -> int:
+        return self.component.chunks_out
+
+    @attribute(dtype=int, doc="Points delivered as gap records (no result within the timeout)")
+    def GapPoints(self) -> int:
+        return self.component.gap_points
+
+    @attribute(dtype=int, doc="Duplicate points dropped (re-dispatch races)")
+    def DuplicatePoints(self) -> int:
+        return self.component.duplicates
+
+    @attribute(dtype=str, doc="Summaries of recently finished scans (JSON)")
+    def FinishedScans(self) -> str:
+        return json.dumps(dict(self.component.finished))
+
+
+main = console_script(Sorter)
