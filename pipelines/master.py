@@ -274,7 +274,7 @@ class MasterComponent(Component):
 
     # ------------------------------------------------------------ the loop
     def _run(self) -> None:
-        poller_key: tuple = ()
+        poller_key: tuple | None = None
         poller = zmq.Poller()
         last_tick = 0.0
         while not self._stopping.is_set():
@@ -325,18 +325,22 @@ class MasterComponent(Component):
         return sum(r.former.nbytes for r in list(self.runs.values())) + self.dispatcher.in_flight_bytes
 
     def _readable_sources(self) -> list[zmq.Socket]:
-        """All sources while the burst queue has room; when it is full, only the
-        streams the oldest formations wait for, and none while the workers'
-        in-flight work alone fills it. What is not read waits at the source."""
+        """All sources while the burst queue has room. When it is full, none,
+        unless nothing else can ever free it: no unit in flight (whose ack
+        would) and no formed event waiting (whose dispatch would). Then the
+        queue is full of streams waiting for a lagging one, and only the
+        lagging streams are read, a block at a time. So the queue stays below
+        MaxQueueBytes plus one block per stream. What is not read waits at the
+        source: its high-water mark fills, then its send blocks."""
         links = list(self.sources.values())
         if self.queue_bytes < self.config.max_queue_bytes:
             self.sources_held = False
-            return [l.socket for l in links]
-        if self.dispatcher.in_flight_bytes >= self.config.max_queue_bytes:
-            needed: set[str] = set()
-        else:
-            needed = {s for r in self.runs.values() for s in r.former.lagging()}
-        readable = [l.socket for l in links if l.stream in needed]
+            return [link.socket for link in links]
+        needed: set[str] = set()
+        if not self.dispatcher.in_flight:
+            needed = {s for r in self.runs.values() if r.pending is None and r.former.frontier == r.former.taken
+                      for s in r.former.lagging()}
+        readable = [link.socket for link in links if link.stream in needed]
         self.sources_held = len(readable) < len(links)
         return readable
 

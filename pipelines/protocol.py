@@ -1,4 +1,4 @@
-"""How the stages of a pipeline talk on the data plane (on top of services.codec).
+r"""How the stages of a pipeline talk on the data plane (on top of services.codec).
 
 ::
 

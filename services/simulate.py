@@ -178,6 +178,7 @@ class Tally:
     incomplete_points: int = 0
     messages: int = 0
     chunks: list[tuple[int, dict[str, np.ndarray]]] = field(default_factory=list)
+    errors: dict[int, str] = field(default_factory=dict)  # index -> why it failed (kept with keep=True)
     started: bool = False
     end: dict[str, Any] | None = None
     aborted: bool = False
@@ -192,8 +193,8 @@ class Tally:
         return {n: np.concatenate([c[n] for _, c in self.chunks if n in c]) for n in names}
 
     def delivered_indices(self) -> np.ndarray:
-        return np.concatenate([np.arange(i, i + len(next(iter(c.values())))) for i, c in self.chunks if c]) \
-            if self.chunks else np.zeros(0, np.int64)
+        with_values = [np.arange(i, i + len(next(iter(c.values())))) for i, c in self.chunks if c]
+        return np.concatenate(with_values) if with_values else np.zeros(0, np.int64)
 
 
 class Probe:
@@ -250,6 +251,7 @@ class Probe:
                     tally.incomplete_points += sum(
                         b - a for ranges in msg.meta.get(protocol.META_INCOMPLETE, {}).values() for a, b in ranges)
                     if self.keep:
+                        tally.errors.update((int(i), why) for i, why in msg.meta.get(protocol.META_ERRORS, {}).items())
                         tally.chunks.append((msg.index, {n: np.array(a) for n, a in msg.arrays.items()}))
             elif msg.type == codec.SCAN_END:
                 tally.end = dict(msg.meta)
@@ -287,32 +289,40 @@ def wait_registered(*clients: RegistrationClient, timeout: float = 10.0) -> None
 
 @dataclass
 class ScanDriver:
-    """Sends a profile's streams for one scan, paced, block by block."""
+    """Sends a profile's streams for one scan, paced, block by block.
+
+    ``block`` is the points per message, one size for all streams or one per
+    stream (detectors rarely agree on block sizes; the master joins them).
+    Blocks go out in index order across streams, as fast as the mesh takes
+    them or at ``rate`` points per second.
+    """
 
     profile: Profile
     sources: dict[str, SimSource]
-    block: int = 100
-    rate: float = 0.0  # points per second; 0: as fast as the mesh takes them
+    block: int | dict[str, int] = 100
+    rate: float = 0.0
     skip: dict[str, set[int]] = field(default_factory=dict)  # stream -> block starts never sent
     sent_at: np.ndarray | None = None
 
-    def send(self, scan: str, points: int, stop_event: threading.Event | None = None) -> int:
+    def _plan(self, points: int) -> list[tuple[int, int, str]]:
+        sizes = self.block if isinstance(self.block, dict) else {s: self.block for s in self.sources}
+        blocks = [(start, min(points, start + sizes[stream]), stream)
+                  for stream in self.sources for start in range(0, points, sizes[stream])
+                  if start not in self.skip.get(stream, ())]
+        # a block leaves once its last point is acquired: order by stop, as a detector would
+        return sorted(blocks, key=lambda b: (b[1], b[0]))
+
+    def send(self, scan: str, points: int) -> int:
         """Send every block of every stream, then each stream's scan_end; the points sent."""
         self.sent_at = np.full(points, np.nan)
         t0 = time.monotonic()
-        for start in range(0, points, self.block):
-            if stop_event is not None and stop_event.is_set():
-                return start
+        for start, stop, stream in self._plan(points):
             if self.rate > 0:
-                delay = t0 + start / self.rate - time.monotonic()
+                delay = t0 + stop / self.rate - time.monotonic()
                 if delay > 0:
                     time.sleep(delay)
-            idx = np.arange(start, min(points, start + self.block))
-            for stream, source in self.sources.items():
-                if start in self.skip.get(stream, ()):
-                    continue
-                source.block(scan, start, self.profile.values(stream, idx))
-            self.sent_at[start:start + len(idx)] = time.monotonic()
+            self.sources[stream].block(scan, start, self.profile.values(stream, np.arange(start, stop)))
+            self.sent_at[start:stop] = time.monotonic()
         for source in self.sources.values():
             source.end(scan, points)
         return points
@@ -367,12 +377,14 @@ class SimBeamline:
         proxy.set_timeout_millis(15000)
         return proxy
 
-    def scan(self, points: int, rate: float = 0.0, block: int = 100, scan_id: str | None = None,
+    def scan(self, points: int, rate: float = 0.0, block: int | dict[str, int] = 100, scan_id: str | None = None,
              skip: dict[str, set[int]] | None = None, analysis: dict[str, Any] | None = None,
-             timeout: float = 120.0, during: Callable[[], None] | None = None) -> tuple[dict[str, Any], Tally]:
+             timeout: float = 120.0, during: Callable[[], None] | None = None,
+             before: Callable[[str], None] | None = None) -> tuple[dict[str, Any], Tally]:
         """StartScan, send every block, EndScan, wait for the probe to see the
-        scan's end; the JSON-able summary and the probe's tally. ``during`` runs
-        in a thread while the points are sent (tests kill workers from it)."""
+        scan's end; the JSON-able summary and the probe's tally. ``before(scan_id)``
+        runs after StartScan on this thread (it may use the sources' sockets);
+        ``during`` runs in another thread while the points are sent."""
         scan_id = scan_id or f"sim-{self.pipeline}-{time.time_ns() // 1000}"
         doc = scan_document(scan_id, int(time.time()) % 1_000_000, points, self.pipeline, self.profile,
                             list(self.sources), analysis)
@@ -382,6 +394,8 @@ class SimBeamline:
 
         t0 = time.monotonic()
         master.StartScan(json.dumps(doc))
+        if before:
+            before(scan_id)
         helper = threading.Thread(target=during, daemon=True) if during else None
         if helper:
             helper.start()

@@ -68,15 +68,17 @@ class ServerHandle:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
 
-@pytest.fixture
-def tango_server(tango_db, tmp_path) -> Iterator[Callable[..., ServerHandle]]:
-    """start(server, {class: {device: {property: value}}}) declares a server in
-    the database and runs its console script; every server is stopped at teardown."""
-    import tango
+class ServerPool:
+    """Declares servers in the database and runs their console scripts; stops them all at the end."""
 
-    started: list[ServerHandle] = []
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.started: list[ServerHandle] = []
 
-    def start(server: str, classes: dict[str, dict[str, dict[str, object]]], wait_devices: bool = True) -> ServerHandle:
+    def start(self, server: str, classes: dict[str, dict[str, dict[str, object]]],
+              wait_devices: bool = True) -> ServerHandle:
+        import tango
+
         db = tango.Database()
         for cls, devices in classes.items():
             for device, props in devices.items():
@@ -86,19 +88,30 @@ def tango_server(tango_db, tmp_path) -> Iterator[Callable[..., ServerHandle]]:
                 if props:
                     db.put_device_property(device, {k: [str(v)] for k, v in props.items()})
         script, instance = server.split("/")
-        log = tmp_path / f"{server.replace('/', '_')}.log"
+        log = self.log_dir / f"{server.replace('/', '_')}.log"
         handle = ServerHandle(server, spawn([executable(script), instance], log), log)
-        started.append(handle)
+        self.started.append(handle)
         if wait_devices:
             for devices in classes.values():
                 for device in devices:
-                    wait_for(lambda d=device: tango.DeviceProxy(d).ping() >= 0, 30, f"{device} to answer\n{handle.log_text()}")
+                    wait_for(lambda d=device: tango.DeviceProxy(d).ping() >= 0, 30,
+                             f"{device} to answer\n{handle.log_text()}")
         return handle
 
-    yield start
-    for handle in started:
-        if pid_alive(handle.pid):
-            terminate(handle.pid, timeout=5)
+    def stop_all(self) -> None:
+        for handle in self.started:
+            if pid_alive(handle.pid):
+                terminate(handle.pid, timeout=5)
+        self.started.clear()
+
+
+@pytest.fixture
+def tango_server(tango_db, tmp_path) -> Iterator[Callable[..., ServerHandle]]:
+    """start(server, {class: {device: {property: value}}}) declares a server in
+    the database and runs its console script; every server is stopped at teardown."""
+    pool = ServerPool(tmp_path)
+    yield pool.start
+    pool.stop_all()
 
 
 def topology_props(heartbeat: float = 0.5, lease: float = 2.0) -> dict[str, object]:

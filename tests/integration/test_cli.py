@@ -11,7 +11,14 @@ import pytest
 
 from services.home import bin_dir, pid_alive
 
-EXPECTED = {"tangomesh/topology/manager": "topology", "tangomesh/recorder/tap": "recorder"}
+EXPECTED = {
+    "tangomesh/topology/manager": "topology",
+    "tangomesh/recorder/tap": "recorder",
+    "tangomesh/counters/sorter": "sorter",
+    "tangomesh/counters-worker/01": "worker",
+    "tangomesh/counters-worker/02": "worker",
+    "tangomesh/counters/master": "master",
+}
 STATUS_KEYS = {"name", "kind", "pipeline", "server", "host", "pid", "state", "endpoints", "counters"}
 
 
@@ -58,8 +65,27 @@ def test_up_status_down_round_trip(home) -> None:
     assert recorder["endpoints"]["data_in"].startswith("tcp://127.0.0.1:")
 
     again = tangomesh(home, "up")  # idempotent: nothing restarted
-    assert again.stdout.count("running") == 2 and "started" not in again.stdout
+    assert again.stdout.count("running") == len(EXPECTED) and "started" not in again.stdout
     assert {r["name"]: r["pid"] for r in status(home)} == {r["name"]: r["pid"] for r in rows}
+
+    # a simulated scan through the demo pipeline, as a user runs it
+    summary = json.loads(tangomesh(home, "scan", "--sim", "counters", "--points", "5000", "--json").stdout)
+    assert summary["points_sent"] == summary["points_delivered"] == 5000
+    assert summary["missing"] == summary["duplicates"] == summary["out_of_order"] == 0
+    assert summary["events_per_s"] > 0 and set(summary["latency_ms"]) == {"p50", "p90", "p99", "max"}
+    tap = next(r for r in status(home) if r["kind"] == "recorder")
+    assert tap["counters"]["events_in"] >= 3  # the tap (pipeline "") is a consumer of every pipeline
+
+    # scaling declares and starts a third worker, then stops the extra ones
+    assert "3 worker(s)" in tangomesh(home, "scale", "counters", "3").stdout
+    workers = [r for r in status(home) if r["kind"] == "worker"]
+    assert len(workers) == 3 and all(r["state"] == "ON" for r in workers)
+    third_pid = next(r["pid"] for r in workers if r["name"] == "tangomesh/counters-worker/03")
+    assert "1 worker(s)" in tangomesh(home, "scale", "counters", "1").stdout
+    running = [r for r in status(home) if r["kind"] == "worker"]
+    assert [r["name"] for r in running] == ["tangomesh/counters-worker/01"]
+    assert not pid_alive(third_pid)
+    tangomesh(home, "scale", "counters", "2")
 
     db_pid = int((home / "run" / "databaseds.pid").read_text())
     tangomesh(home, "down")
