@@ -53,7 +53,7 @@ class StreamState:
     end: int | None = None  # announced by the source's scan_end
     nbytes: int = 0
     highest: int = 0  # one past the highest index received
-    warned: bool = False
+    behind_since: float | None = None  # when another stream first got ahead of this one
 
     @property
     def point_bytes(self) -> int:
@@ -107,6 +107,9 @@ class EventFormer:
             self._append(state, msg, now)
         else:
             state.early[msg.index] = msg
+        for other in self.streams.values():  # streams this block got ahead of start waiting now
+            if other.frontier < msg.stop and other.behind_since is None:
+                other.behind_since = now
 
     def stream_end(self, stream: str, count: int) -> None:
         """The source says its stream of this scan has ``count`` points."""
@@ -139,12 +142,17 @@ class EventFormer:
 
     def _append(self, state: StreamState, msg: codec.Message, now: float) -> None:
         state.blocks.append(msg)
-        state.frontier = msg.stop
-        state.advanced_at = now
-        while state.frontier in state.early:
-            nxt = state.early.pop(state.frontier)
-            state.blocks.append(nxt)
-            state.frontier = nxt.stop
+        self._advance(state, msg.stop, now)
+
+    def _advance(self, s: StreamState, frontier: int, now: float) -> None:
+        s.frontier = frontier
+        s.advanced_at = now
+        while s.frontier in s.early:
+            nxt = s.early.pop(s.frontier)
+            s.blocks.append(nxt)
+            s.frontier = nxt.stop
+        ahead = max(o.highest for o in self.streams.values())
+        s.behind_since = now if s.frontier < ahead else None
 
     # ------------------------------------------------------------ progress
     @property
@@ -168,16 +176,23 @@ class EventFormer:
         return [s.name for s in self.streams.values() if s.frontier == f]
 
     def check_timeouts(self, now: float | None = None) -> list[str]:
-        """Declare missing what a stream has failed to deliver for too long;
-        returns the warnings (the caller logs and counts them)."""
+        """Declare missing what a stream has failed to deliver for too long:
+        ``incomplete_timeout`` after another stream got ahead of it and after
+        its own last block, so a slow start or a pause of every stream is not
+        a loss. Returns the warnings (the caller logs and counts them)."""
         now = time.monotonic() if now is None else now
         target = self._target()
         warnings = []
         for s in self.streams.values():
-            if s.end is not None and s.frontier >= s.end and s.frontier < target:
+            if s.frontier >= target:
+                s.behind_since = None  # caught up
+                continue
+            if s.end is not None and s.frontier >= s.end:
                 self._declare(s, s.frontier, target, now)  # the source said it is done
                 continue
-            if s.frontier >= target or now - s.advanced_at < self.timeout:
+            if s.behind_since is None:
+                s.behind_since = now
+            if now - max(s.advanced_at, s.behind_since) < self.timeout:
                 continue
             hole_end = min([target, *(i for i in s.early if i > s.frontier)])
             warnings.append(
@@ -191,12 +206,7 @@ class EventFormer:
             s.missing[-1][1] = stop
         else:
             s.missing.append([start, stop])
-        s.frontier = stop
-        s.advanced_at = now
-        while s.frontier in s.early:
-            nxt = s.early.pop(s.frontier)
-            s.blocks.append(nxt)
-            s.frontier = nxt.stop
+        self._advance(s, stop, now)
 
     def is_complete(self, now: float | None = None) -> bool:
         """Every event of the scan has been cut into units: all planned points,

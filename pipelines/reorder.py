@@ -17,8 +17,9 @@ class ScanOrder:
 
     ``add`` returns what became deliverable; a result whose indices were
     already delivered (a re-dispatch race) is a duplicate, counted and dropped.
-    When the next index has been awaited ``gap_timeout`` seconds while later
-    results wait (or the scan's end is known), :meth:`check_gap` gives it up:
+    When the next index has been awaited ``gap_timeout`` seconds since a later
+    result started waiting for it (or since the scan's end became known),
+    :meth:`check_gap` gives it up:
     a ``gap`` record goes downstream instead and a late result is dropped.
     """
 
@@ -29,7 +30,7 @@ class ScanOrder:
         self.next = 0
         self.pending: dict[int, codec.Message] = {}
         self.end: int | None = None
-        self.waiting_since = time.monotonic() if now is None else now
+        self.waiting_since: float | None = None  # when something started waiting for `next`
         self.pending_bytes = 0
         self.delivered = 0
         self.gap_points = 0
@@ -54,6 +55,9 @@ class ScanOrder:
         self.pending_bytes += msg.nbytes
         return self._drain(now)
 
+    def _now(self, now: float | None) -> float:
+        return time.monotonic() if now is None else now
+
     def _drain(self, now: float | None) -> list[codec.Message]:
         out = []
         while self.next in self.pending:
@@ -63,8 +67,10 @@ class ScanOrder:
             self.delivered += msg.count
             self.failed_points += len(msg.meta.get(protocol.META_ERRORS, {}))
             out.append(msg)
-        if out:
-            self.waiting_since = time.monotonic() if now is None else now
+        if not self.pending and (self.end is None or self.next >= self.end):
+            self.waiting_since = None  # nothing waits
+        elif out or self.waiting_since is None:
+            self.waiting_since = self._now(now)  # what is left now waits for the new `next`
         return out
 
     def set_end(self, points: int, now: float | None = None) -> list[codec.Message]:
@@ -76,9 +82,8 @@ class ScanOrder:
 
     def check_gap(self, now: float | None = None) -> tuple[codec.Message | None, list[codec.Message]]:
         """A gap record if the awaited index has timed out, and what it unblocks."""
-        now = time.monotonic() if now is None else now
-        waiting_for_more = bool(self.pending) or (self.end is not None and self.next < self.end)
-        if not waiting_for_more or now - self.waiting_since < self.gap_timeout:
+        now = self._now(now)
+        if self.waiting_since is None or now - self.waiting_since < self.gap_timeout:
             return None, []
         stop = min(self.pending) if self.pending else self.end
         assert stop is not None and stop > self.next
@@ -86,7 +91,7 @@ class ScanOrder:
             "reason": f"no result within {self.gap_timeout:g} s"})
         self.gap_points += gap.count
         self.next = stop
-        self.waiting_since = now
+        self.waiting_since = None
         return gap, self._drain(now)
 
     @property

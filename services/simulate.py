@@ -71,6 +71,8 @@ def _noise_values(streams: dict[str, dict[str, tuple[str, tuple[int, ...]]]]):
     return values
 
 
+COUNTER_SET = {"counters": {n: ("<f8", ()) for n in
+                             ("i0", "i1", "it", "diode", "samx_enc", "samy_enc", "samz_enc", "energy", "t")}}
 COUNTER_STREAMS = {
     "pandabox": {"samx_enc": ("<f8", ()), "samy_enc": ("<f8", ()), "t": ("<f8", ())},
     "scaler": {"i0": ("<f8", ()), "i1": ("<f8", ())},
@@ -82,6 +84,7 @@ FRAME_STREAMS = {"eiger": {"image": ("<u2", (1024, 2048))}, "scaler": {"i0": ("<
 PROFILES: dict[str, Profile] = {
     "counters": Profile(COUNTER_STREAMS, "counters",
                         {"counters": ["i1", "diode"], "normalise_by": "i0"}, counter_values),
+    "counterset": Profile(COUNTER_SET, "passthrough", {"arrays": ["counters/t"]}, _noise_values(COUNTER_SET)),
     "spectra": Profile(SPECTRUM_STREAMS, "passthrough", {"arrays": ["scaler/i0"]}, _noise_values(SPECTRUM_STREAMS)),
     "frames": Profile(FRAME_STREAMS, "passthrough", {"arrays": ["scaler/i0"]}, _noise_values(FRAME_STREAMS)),
 }

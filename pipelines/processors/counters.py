@@ -37,6 +37,11 @@ class Counters(Processor):
         names = list(self.settings["counters"])
         if monitor is not None and _base(monitor) not in map(_base, names):
             names.append(monitor)
+        bases = [_base(n) for n in names]
+        clashes = sorted({b for b in bases if bases.count(b) > 1})
+        if clashes:
+            raise ValueError(f"counters {clashes} named twice (from different streams?): "
+                             "results are named by the bare counter name, so each must be unique")
         self.monitor = None if monitor is None else _base(monitor)
         self.names = names
         self.channels = [_base(n) for n in names if _base(n) != self.monitor]

@@ -1,0 +1,241 @@
+#!/usr/bin/env python
+"""End-to-end benchmark of the pipeline core: sources -> master -> workers -> sorter -> consumer.
+
+The whole mesh runs on this host as real device servers (embedded Tango DB,
+``tangomesh up`` machinery, one process per server); the simulated sources and
+the consumer that checks every index (services/simulate.py) run in this
+process. Every case is paired with its baseline, measured in the same run: a
+raw pyzmq PUSH/PULL hop between two processes carrying messages of the same
+size as the case's source messages. The ratio compares events per second
+end to end with the events per second that one bare hop carries.
+
+Cases: small events (a counter set of 9 float64, ~330 bytes on the wire),
+XRF-sized events (a 4096-channel uint32 spectrum plus i0 and time, 16 KB),
+large frames (1024x2048 uint16, 4 MB); each with 1 and 2 workers and with
+one point per message as well as blocks. Latency: source send to consumer
+receipt at a fixed rate of 1 kHz, one point per message.
+
+    python benchmarks/bench_pipeline.py            # ~3 min, rich table
+    python benchmarks/bench_pipeline.py --quick --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+import zmq  # noqa: E402
+
+from services import codec, mesh, simulate  # noqa: E402
+from services.home import EmbeddedDatabase  # noqa: E402
+from services.registration import TangoManagerLink  # noqa: E402
+
+PIPELINE = "bench"
+LOOP = "127.0.0.1"
+
+# (case, profile, points per message, points per run (full / quick))
+CASES = [
+    ("small, 1 point/msg", "counterset", 1, 30_000, 10_000),
+    ("small, 100 points/msg", "counterset", 100, 300_000, 100_000),
+    ("XRF 16 KB, 1 point/msg", "spectra", 1, 10_000, 4_000),
+    ("XRF 16 KB, 20 points/msg", "spectra", 20, 40_000, 10_000),
+    ("frame 4 MB, 1 point/msg", "frames", 1, 600, 200),
+]
+
+
+def mesh_file(root: Path) -> Path:
+    """The benchmark mesh: manager, sorter, master, one worker (scaled later)."""
+    host = {"DataHost": [LOOP]}
+    config = {
+        "_tangomesh": {"servers": {"TopologyManager/bench": {"level": 1}, "Sorter/bench": {"level": 3},
+                                   "PipelineWorker/bench-01": {"level": 4}, "PipelineMaster/bench": {"level": 5}}},
+        "servers": {
+            "TopologyManager": {"bench": {"TopologyManager": {"tangomesh/topology/manager": {"properties": {}}}}},
+            "Sorter": {"bench": {"Sorter": {"bench/pipeline/sorter": {"properties": {
+                **host, "Pipeline": [PIPELINE]}}}}},
+            "PipelineWorker": {"bench-01": {"PipelineWorker": {"tangomesh/bench-worker/01": {"properties": {
+                "Pipeline": [PIPELINE]}}}}},
+            "PipelineMaster": {"bench": {"PipelineMaster": {"bench/pipeline/master": {"properties": {
+                **host, "Pipeline": [PIPELINE], "MaxQueueBytes": [str(512 * 2**20)]}}}}},
+        },
+    }
+    path = root / "bench-mesh.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+# --------------------------------------------------------------------------- raw baseline
+
+
+def _raw_sender(endpoint: str, sizes: list[int], stop) -> None:
+    ctx = zmq.Context()
+    push = ctx.socket(zmq.PUSH)
+    push.linger = 5000
+    push.sndtimeo = 50
+    push.connect(endpoint)
+    frames = [np.random.default_rng(0).bytes(n) for n in sizes]
+    while not stop.is_set():
+        try:
+            push.send_multipart(frames, copy=False)
+        except zmq.Again:
+            pass
+    push.close()
+    ctx.term()
+
+
+def raw_hop(sizes: list[int], seconds: float) -> float:
+    """Messages per second of one PUSH/PULL tcp loopback hop between two
+    processes, for multipart messages with these frame sizes."""
+    ctx = zmq.Context.instance()
+    pull = ctx.socket(zmq.PULL)
+    pull.linger = 0
+    pull.rcvtimeo = 5000
+    port = pull.bind_to_random_port(f"tcp://{LOOP}")
+    spawn = mp.get_context("spawn")
+    stop = spawn.Event()
+    proc = spawn.Process(target=_raw_sender, args=(f"tcp://{LOOP}:{port}", sizes, stop), daemon=True)
+    proc.start()
+    try:
+        t_warm = time.perf_counter() + min(0.5, seconds / 4)
+        while time.perf_counter() < t_warm:
+            pull.recv_multipart(copy=False)
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            pull.recv_multipart(copy=False)
+            n += 1
+        rate = n / (time.perf_counter() - t0)
+    finally:
+        stop.set()
+        pull.rcvtimeo = 20
+        try:
+            while True:
+                pull.recv_multipart(copy=False)
+        except zmq.Again:
+            pass
+        proc.join(10)
+        pull.close(0)
+    return rate
+
+
+def wire_sizes(profile: simulate.Profile, block: int) -> list[list[int]]:
+    """Frame sizes of one source message per stream, as the codec sends them."""
+    out = []
+    for stream in profile.streams:
+        msg = codec.Message(codec.DATA, scan="sim-bench-0000000000000000", stream=stream, index=123456,
+                            count=block, arrays=profile.values(stream, np.arange(block)))
+        out.append([memoryview(f).nbytes for f in codec.encode(msg)])
+    return out
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    root = Path(tempfile.mkdtemp(prefix="tangomesh-bench-"))
+    os.environ["TANGOMESH_HOME"] = str(root)
+    os.environ.pop("TANGO_HOST", None)
+    db = EmbeddedDatabase(root)
+    os.environ["TANGO_HOST"] = db.start()
+    spec = mesh.MeshSpec.load(mesh_file(root))
+    launcher = mesh.LocalLauncher(root)
+    results: dict[str, Any] = {"config": {
+        "python": platform.python_version(), "pyzmq": zmq.__version__, "libzmq": zmq.zmq_version(),
+        "cpus": os.cpu_count(), "quick": args.quick}, "throughput": [], "latency": {}}
+    beamlines: dict[str, simulate.SimBeamline] = {}
+    try:
+        mesh.up(spec, launcher, root)
+        link = TangoManagerLink(spec.topology_device)
+        for workers in (1, 2):
+            mesh.scale_workers(spec, PIPELINE, workers, launcher, root)
+            time.sleep(1.0)  # the new worker finds the master (lookup period)
+            for name, profile_name, block, points_full, points_quick in CASES:
+                if profile_name not in beamlines:
+                    for other in beamlines.values():
+                        other.close()
+                    beamlines.clear()
+                    beamlines[profile_name] = simulate.SimBeamline(PIPELINE, profile_name, link)
+                beamline = beamlines[profile_name]
+                points = points_quick if args.quick else points_full
+                summary, _ = beamline.scan(points, block=block, timeout=600)
+                lossless = summary["missing"] == 0 and summary["duplicates"] == 0 and summary["out_of_order"] == 0
+                row = {"case": name, "workers": workers, "block": block, "points": points,
+                       "events_per_s": summary["events_per_s"], "wall_s": summary["wall_s"],
+                       "lossless": lossless, "sources_blocked_s": summary["sources_blocked_s"]}
+                results["throughput"].append(row)
+                print(f"  {name:26s} workers={workers} {summary['events_per_s']:>10,.0f} events/s"
+                      f" lossless={lossless}", file=sys.stderr)
+        # latency at a fixed 1 kHz, one counter set per message, 2 workers
+        beamline = beamlines.get("counterset") or simulate.SimBeamline(PIPELINE, "counterset", link)
+        beamlines["counterset"] = beamline
+        points = 3000 if args.quick else 10_000
+        summary, _ = beamline.scan(points, rate=1000.0, block=1, timeout=600)
+        results["latency"] = {"rate_hz": 1000.0, "points": points, "workers": 2, **summary["latency_ms"],
+                              "lossless": summary["missing"] == 0 and summary["duplicates"] == 0}
+        print(f"  latency at 1 kHz: {summary['latency_ms']}", file=sys.stderr)
+    finally:
+        for beamline in beamlines.values():
+            beamline.close()
+        mesh.down(spec, [launcher])
+        db.stop()
+
+    # baselines, in the same run, once the mesh is down (the same CPUs, quiet)
+    seconds = 1.0 if args.quick else 2.0
+    baseline: dict[tuple[str, int], float] = {}
+    for name, profile_name, block, *_ in CASES:
+        sizes = wire_sizes(simulate.PROFILES[profile_name], block)
+        # one hop per stream message; the slowest stream bounds the events a bare hop carries
+        per_stream = [raw_hop(s, seconds) for s in sizes]
+        baseline[(name, block)] = min(per_stream) * block
+        print(f"  raw pyzmq hop for {name}: {baseline[(name, block)]:,.0f} events/s "
+              f"({[sum(s) for s in sizes]} bytes per message)", file=sys.stderr)
+    for row in results["throughput"]:
+        raw = baseline[(row["case"], row["block"])]
+        row["raw_events_per_s"] = round(raw, 1)
+        row["ratio"] = round(row["events_per_s"] / raw, 3)
+    return results
+
+
+def print_table(results: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="tangomesh pipeline, end to end (sources -> master -> workers -> sorter -> consumer)")
+    for col in ("case", "workers", "events/s", "raw pyzmq hop events/s", "ratio", "lossless", "sources held s"):
+        table.add_column(col, justify="left" if col == "case" else "right")
+    for r in results["throughput"]:
+        table.add_row(r["case"], str(r["workers"]), f"{r['events_per_s']:,.0f}", f"{r['raw_events_per_s']:,.0f}",
+                      f"{r['ratio']:.3f}", str(r["lossless"]), f"{r['sources_blocked_s']:.2f}")
+    console = Console()
+    console.print(table)
+    lat = results["latency"]
+    console.print(f"latency source -> consumer at {lat['rate_hz']:.0f} Hz, 1 point/msg, {lat['workers']} workers, "
+                  f"{lat['points']} points: p50 {lat['p50']} ms, p90 {lat['p90']} ms, p99 {lat['p99']} ms, "
+                  f"max {lat['max']} ms, lossless {lat['lossless']}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer points per case (~1 min)")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    args = parser.parse_args()
+    results = run(args)
+    if args.json:
+        print(json.dumps(results, indent=1))
+    else:
+        print_table(results)
+    return 0 if all(r["lossless"] for r in results["throughput"]) and results["latency"]["lossless"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
