@@ -26,7 +26,7 @@ from tango.utils import PyTangoThread
 from pipelines import processors, protocol
 from pipelines.dispatch import Affinity, Dispatcher
 from pipelines.formation import EventFormer
-from services import codec
+from services import codec, schema
 from services.component import Component
 from services.dataplane import bind
 from services.device import MeshDevice, console_script, throw_invalid
@@ -113,6 +113,7 @@ class MasterComponent(Component):
         super().__init__(name, pipeline, log)
         if not pipeline:
             raise ValueError("the Pipeline property must name the pipeline this master serves")
+        schema.preload("scan")
         self.config = config
         self.link = link
         self.context = zmq.Context.instance()

@@ -25,7 +25,7 @@ from tango.utils import PyTangoThread
 
 from pipelines import protocol
 from pipelines.reorder import Chunker, ScanOrder
-from services import codec
+from services import codec, schema
 from services.component import Component
 from services.dataplane import bind
 from services.device import MeshDevice, console_script
@@ -98,6 +98,7 @@ class SorterComponent(Component):
         super().__init__(name, pipeline, log)
         if not pipeline:
             raise ValueError("the Pipeline property must name the pipeline this sorter serves")
+        schema.preload("scan")
         self.config = config
         self.link = link
         self.context = zmq.Context.instance()
@@ -298,7 +299,7 @@ class SorterComponent(Component):
             waited_since = time.monotonic()
             while not self._stopping.is_set():
                 try:
-                    consumer.socket.send_multipart(frames, zmq.NOBLOCK, copy=False)
+                    codec.send_frames(consumer.socket, frames, zmq.NOBLOCK)
                     self.counters.events_out += 1
                     break
                 except zmq.Again:

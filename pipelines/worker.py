@@ -26,7 +26,7 @@ from tango.server import attribute, device_property
 from tango.utils import PyTangoThread
 
 from pipelines import processors, protocol
-from services import codec
+from services import codec, schema
 from services.component import Component
 from services.device import MeshDevice, console_script
 from services.registration import ManagerLink, ManagerUnavailable
@@ -70,6 +70,7 @@ class WorkerComponent(Component):
         self.config = config
         self.link = link
         self.context = zmq.Context.instance()
+        schema.preload("scan")
         self.capabilities = {"processors": processors.available(), "role": config.role, "prefetch": config.prefetch}
         self.scans: collections.OrderedDict[str, ScanMeta] = collections.OrderedDict()
         self.todo: queue.Queue[codec.Message] = queue.Queue()
@@ -112,7 +113,9 @@ class WorkerComponent(Component):
         while not self._stopping.is_set():
             now = time.monotonic()
             if now >= next_lookup:
-                next_lookup = now + self.config.lookup_period
+                # look again soon while there is no master or sorter yet, then at the slow pace
+                found = self.master_endpoint and self.sorter_endpoint
+                next_lookup = now + (self.config.lookup_period if found else min(0.25, self.config.lookup_period))
                 try:
                     master = self._lookup(protocol.KIND_MASTER, protocol.WORK)
                     self.sorter_endpoint = self._lookup(protocol.KIND_SORTER, protocol.RESULTS_IN) or self.sorter_endpoint

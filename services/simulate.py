@@ -149,10 +149,10 @@ class SimSource:
         """Blocks while the master holds this stream back (its high-water mark is full)."""
         frames = codec.encode(msg)
         try:
-            self.socket.send_multipart(frames, zmq.NOBLOCK, copy=False)
+            codec.send_frames(self.socket, frames, zmq.NOBLOCK)
         except zmq.Again:
             t0 = time.monotonic()
-            self.socket.send_multipart(frames, copy=False)
+            codec.send_frames(self.socket, frames)
             self.blocked_seconds += time.monotonic() - t0
 
     def block(self, scan: str, index: int, arrays: dict[str, np.ndarray]) -> None:

@@ -375,12 +375,19 @@ def test_recv_on_malformed_push_pull_message_consumes_it(tcp_push_pull) -> None:
 
 
 def test_recv_routed_without_identity() -> None:
-    class FakeRouter:
-        def recv_multipart(self, flags=0, copy=True):
-            return [zmq.Frame(_pack(_header()))]
-
-    with pytest.raises(CodecError, match="without identity"):
-        codec.recv_routed(FakeRouter())
+    """A one-frame message read as if routed (e.g. recv_routed on the wrong socket type)."""
+    ctx = zmq.Context.instance()
+    pull, push = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
+    try:
+        port = pull.bind_to_random_port("tcp://127.0.0.1")
+        push.connect(f"tcp://127.0.0.1:{port}")
+        push.send(_pack(_header()))
+        pull.rcvtimeo = 5000
+        with pytest.raises(CodecError, match="without identity"):
+            codec.recv_routed(pull)
+    finally:
+        push.close(0)
+        pull.close(0)
 
 
 # --------------------------------------------------------------------------- encode refusals
