@@ -15,7 +15,7 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import zmq
@@ -135,7 +135,6 @@ class MasterComponent(Component):
         self.current_scan = ""
         self.sources_held = False
         self.held_seconds = 0.0
-        self.incomplete_warnings = 0
         self.events_per_second = 0.0
         self._rate_mark = (time.monotonic(), 0)
         self._dispatched_points = 0
@@ -429,7 +428,6 @@ class MasterComponent(Component):
                         w.name, self.config.worker_timeout, len(w.in_flight))
         for run in self.runs.values():
             for warning in run.former.check_timeouts(now):
-                self.incomplete_warnings += 1
                 log.warning(warning)
         if self.sources_held:
             self.held_seconds += elapsed

@@ -339,12 +339,15 @@ def up(spec: MeshSpec, launcher: Launcher, root: Path, timeout: float = 60.0) ->
 
 
 def down(spec: MeshSpec, launchers: list[Launcher]) -> list[str]:
-    """Stop every server of the mesh, highest level first; returns those stopped."""
+    """Stop every server of the mesh, highest level first, including workers
+    that ``tangomesh scale`` added to its pipelines; returns those stopped."""
     stopped = []
     db = tango.Database()
     here = short_hostname()
-    for level in reversed(spec.levels):
-        for server in spec.at_level(level):
+    declared = {s.name for s in spec.servers}
+    scaled = [s for p in sorted(worker_pipelines(spec)) for s in worker_servers(db, p) if s.name not in declared]
+    for level in sorted({*spec.levels, *(s.level for s in scaled)}, reverse=True):
+        for server in [*spec.at_level(level), *(s for s in scaled if s.level == level)]:
             if server.host != here:
                 continue
             was_running = admin_answers(server, 500) or exported_pid(db, server) is not None
@@ -418,6 +421,15 @@ def worker_servers(db: tango.Database, pipeline: str) -> list[ServerSpec]:
         if any(list(db.get_device_property(d, "Pipeline")["Pipeline"]) == [pipeline] for d in devices):
             found.append(ServerSpec(name, WORKER_LEVEL, short_hostname(), devices))
     return sorted(found, key=lambda s: s.name)
+
+
+def worker_pipelines(spec: MeshSpec) -> set[str]:
+    """Pipelines served by the mesh file's PipelineWorker devices."""
+    pipelines = set()
+    for instance in spec.config.get("servers", {}).get(WORKER_CLASS, {}).values():
+        for device in instance.get(WORKER_CLASS, {}).values():
+            pipelines.update(device.get("properties", {}).get("Pipeline", []))
+    return pipelines
 
 
 def scale_workers(spec: MeshSpec, pipeline: str, workers: int, launcher: Launcher, root: Path,

@@ -85,11 +85,13 @@ def test_up_status_down_round_trip(home) -> None:
     running = [r for r in status(home) if r["kind"] == "worker"]
     assert [r["name"] for r in running] == ["tangomesh/counters-worker/01"]
     assert not pid_alive(third_pid)
-    tangomesh(home, "scale", "counters", "2")
+    tangomesh(home, "scale", "counters", "3")
+    scaled_pids = [r["pid"] for r in status(home) if r["kind"] == "worker"]
+    assert len(scaled_pids) == 3
 
     db_pid = int((home / "run" / "databaseds.pid").read_text())
     tangomesh(home, "down")
-    assert_all_gone([r["pid"] for r in rows] + [db_pid])
+    assert_all_gone([r["pid"] for r in rows] + scaled_pids + [db_pid])  # scaled workers too
     assert status(home) == []
     assert "mesh is down" in tangomesh(home, "down").stdout  # down twice is harmless
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 
 import msgpack
 import numpy as np
