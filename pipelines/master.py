@@ -24,10 +24,10 @@ from tango.server import attribute, command, device_property
 from tango.utils import PyTangoThread
 
 from pipelines import processors, protocol
+from pipelines.component import PipelineComponent
 from pipelines.dispatch import Affinity, Dispatcher
 from pipelines.formation import EventFormer
-from services import codec, schema
-from services.component import Component
+from services import codec
 from services.dataplane import bind
 from services.device import MeshDevice, console_script, throw_invalid
 from services.registration import ManagerLink, ManagerUnavailable
@@ -97,7 +97,7 @@ class SourceLink:
     stream: str
 
 
-class MasterComponent(Component):
+class MasterComponent(PipelineComponent):
     kind = protocol.KIND_MASTER
 
     def __init__(
@@ -110,13 +110,8 @@ class MasterComponent(Component):
         link: ManagerLink,
         thread_factory: Callable[..., threading.Thread] = threading.Thread,
     ) -> None:
-        super().__init__(name, pipeline, log)
-        if not pipeline:
-            raise ValueError("the Pipeline property must name the pipeline this master serves")
-        schema.preload("scan")
+        super().__init__(name, pipeline, link, log)
         self.config = config
-        self.link = link
-        self.context = zmq.Context.instance()
         self.router = self.context.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.router.linger = 0
@@ -139,16 +134,11 @@ class MasterComponent(Component):
         self._rate_mark = (time.monotonic(), 0)
         self._dispatched_points = 0
         self._calls: queue.Queue[tuple[Callable[[], Any], concurrent.futures.Future]] = queue.Queue()
-        self._thread = thread_factory(target=self._run, name="master-loop", daemon=True)
+        self.threads = [thread_factory(target=self._run, name="master-loop", daemon=True)]
 
     # ------------------------------------------------------------ life cycle
-    def start(self) -> None:
-        self._thread.start()
-
     def stop(self) -> None:
         super().stop()
-        if self._thread.is_alive():
-            self._thread.join(5)
         for sock in [self.router, self.acks, *self.sorters.values(), *(s.socket for s in self.sources.values())]:
             sock.close(0)
 

@@ -24,9 +24,9 @@ from tango.server import attribute, device_property
 from tango.utils import PyTangoThread
 
 from pipelines import protocol
+from pipelines.component import PipelineComponent
 from pipelines.reorder import Chunker, ScanOrder
-from services import codec, schema
-from services.component import Component
+from services import codec
 from services.dataplane import bind
 from services.device import MeshDevice, console_script
 from services.registration import ManagerLink, ManagerUnavailable
@@ -82,7 +82,7 @@ def check_result_meta(meta: dict[str, Any]) -> None:
         raise ValueError("result incomplete must map a stream to [[start, stop], ...]")
 
 
-class SorterComponent(Component):
+class SorterComponent(PipelineComponent):
     kind = protocol.KIND_SORTER
 
     def __init__(
@@ -95,13 +95,8 @@ class SorterComponent(Component):
         link: ManagerLink,
         thread_factory: Callable[..., threading.Thread] = threading.Thread,
     ) -> None:
-        super().__init__(name, pipeline, log)
-        if not pipeline:
-            raise ValueError("the Pipeline property must name the pipeline this sorter serves")
-        schema.preload("scan")
+        super().__init__(name, pipeline, link, log)
         self.config = config
-        self.link = link
-        self.context = zmq.Context.instance()
         self.inlet = self.context.socket(zmq.PULL)
         self.inlet.linger = 0
         self.endpoints = {protocol.RESULTS_IN: bind(self.inlet, bind_host, advertised_host)}
@@ -114,15 +109,10 @@ class SorterComponent(Component):
         self.duplicates = 0
         self.late = 0
         self.gap_points = 0
-        self._thread = thread_factory(target=self._run, name="sorter-loop", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
+        self.threads = [thread_factory(target=self._run, name="sorter-loop", daemon=True)]
 
     def stop(self) -> None:
         super().stop()
-        if self._thread.is_alive():
-            self._thread.join(5)
         for sock in [self.inlet, *self.sockets.values()]:
             sock.close(0)
 

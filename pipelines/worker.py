@@ -26,8 +26,8 @@ from tango.server import attribute, device_property
 from tango.utils import PyTangoThread
 
 from pipelines import processors, protocol
-from services import codec, schema
-from services.component import Component
+from pipelines.component import PipelineComponent
+from services import codec
 from services.device import MeshDevice, console_script
 from services.registration import ManagerLink, ManagerUnavailable
 from services.scan import ScanMeta, parse_scan
@@ -53,7 +53,7 @@ class WorkerConfig:
             raise ValueError("HeartbeatSeconds and the lookup period must be positive, ProcessingDelaySeconds >= 0")
 
 
-class WorkerComponent(Component):
+class WorkerComponent(PipelineComponent):
     kind = protocol.KIND_WORKER
 
     def __init__(
@@ -64,13 +64,8 @@ class WorkerComponent(Component):
         link: ManagerLink,
         thread_factory: Callable[..., threading.Thread] = threading.Thread,
     ) -> None:
-        super().__init__(name, pipeline, log)
-        if not pipeline:
-            raise ValueError("the Pipeline property must name the pipeline this worker serves")
+        super().__init__(name, pipeline, link, log)
         self.config = config
-        self.link = link
-        self.context = zmq.Context.instance()
-        schema.preload("scan")
         self.capabilities = {"processors": processors.available(), "role": config.role, "prefetch": config.prefetch}
         self.scans: collections.OrderedDict[str, ScanMeta] = collections.OrderedDict()
         self.todo: queue.Queue[codec.Message] = queue.Queue()
@@ -84,18 +79,11 @@ class WorkerComponent(Component):
         self._done = self.context.socket(zmq.PULL)  # processing -> link: "a unit is finished"
         self._done_endpoint = f"inproc://worker-done-{id(self)}"
         self._done.bind(self._done_endpoint)
-        self._link_thread = thread_factory(target=self._link_loop, name="worker-link", daemon=True)
-        self._work_thread = thread_factory(target=self._work_loop, name="worker-processing", daemon=True)
-
-    def start(self) -> None:
-        self._link_thread.start()
-        self._work_thread.start()
+        self.threads = [thread_factory(target=self._link_loop, name="worker-link", daemon=True),
+                        thread_factory(target=self._work_loop, name="worker-processing", daemon=True)]
 
     def stop(self) -> None:
         super().stop()
-        for t in (self._link_thread, self._work_thread):
-            if t.is_alive():
-                t.join(5)
         self._done.close(0)
 
     # ------------------------------------------------------------ link thread
