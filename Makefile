@@ -34,12 +34,13 @@ test: $(STAMP) system-deps
 demo: $(STAMP)
 	@export TANGOMESH_HOME=$(DEMO_HOME); \
 	$(BIN)/tangomesh up && $(BIN)/tangomesh status && \
-	$(BIN)/tangomesh scan --sim counters --points 10000; rc=$$?; \
+	$(BIN)/tangomesh scan --sim counters --points 10000 && $(BIN)/tangomesh query; rc=$$?; \
 	$(BIN)/tangomesh down; exit $$rc
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_codec.py
 	$(BIN)/python benchmarks/bench_pipeline.py
+	$(BIN)/python benchmarks/bench_sink.py
 
 clean:
 	-$(BIN)/tangomesh down 2>/dev/null

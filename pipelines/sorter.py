@@ -257,6 +257,7 @@ class SorterComponent(PipelineComponent):
                 log.warning("scan %s: indices [%d, %d) never came back: gap record sent",
                             run.scan_id, gap.index, gap.stop)
                 self.gap_points += gap.count
+                gap.stream = self.pipeline  # consumers fed by several pipelines need to know whose gap
                 self._emit(run, gap)
                 for msg in ready:
                     self._chunk(run, msg, now)

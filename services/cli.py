@@ -7,6 +7,7 @@
     tangomesh down [--keep-db]
     tangomesh scan --sim PROFILE [--points N] [--rate HZ] [--block B] [--json]
     tangomesh scale PIPELINE N
+    tangomesh query [SCAN] [--product P] [--json]
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import tango
 from rich.console import Console
 from rich.table import Table
@@ -25,6 +27,7 @@ from rich.table import Table
 from services import mesh, simulate
 from services.home import EmbeddedDatabase, home, resolve_tango_host
 from services.registration import TangoManagerLink
+from sink.queries import QUERY, QueryError, SinkClient, find_sinks
 
 console = Console(stderr=False, width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True)
@@ -64,6 +67,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("workers", type=int)
     p.add_argument("--mesh", type=Path, default=mesh.DEFAULT_MESH, help="mesh file (for the topology device)")
     p.add_argument("--timeout", type=float, default=60.0)
+
+    p = sub.add_parser("query", help="what the sink holds: the scan list, or one scan's points and products")
+    p.add_argument("scan", nargs="?", help="scan id (default: list the scans held)")
+    p.add_argument("--product", help="also fetch this product (<pipeline>/<result>) and show its statistics")
+    p.add_argument("--sink", help="sink device name (default: the first registered sink)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p.add_argument("--mesh", type=Path, default=mesh.DEFAULT_MESH, help="mesh file (for the topology device)")
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
@@ -183,8 +193,72 @@ def cmd_scale(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sink_client(args: argparse.Namespace) -> SinkClient:
+    spec = mesh.MeshSpec.load(args.mesh)
+    resolve_tango_host(home(), start=False)
+    sinks = find_sinks(TangoManagerLink(spec.topology_device))
+    if args.sink:
+        sinks = [s for s in sinks if s["name"] == args.sink.lower()]
+    if not sinks:
+        raise RuntimeError(f"no sink {args.sink!r} registered" if args.sink else "no sink registered")
+    return SinkClient(sinks[0]["endpoints"][QUERY])
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    client = _sink_client(args)
+    try:
+        if not args.scan:
+            listing = client.list()
+            if args.json:
+                print(json.dumps(listing, indent=1))
+                return 0
+            table = Table(title=f"scans in the sink at {client.endpoint}")
+            for column in ("scan", "status", "geometry", "expected", "received", "missing", "products", "MiB"):
+                table.add_column(column, justify="left" if column in ("scan", "status", "geometry") else "right")
+            for s in listing["scans"]:
+                table.add_row(s["scan"], s["status"], "x".join(map(str, s["map_shape"])), str(s["expected"]),
+                              str(s["received"]), str(s["missing"]), str(s["products"]), f"{s['bytes'] / 2**20:.2f}")
+            console.print(table)
+            return 0
+        info = client.info(args.scan)
+        stats = None
+        if args.product:
+            data = client.get(args.scan, args.product)
+            finite = data[np.isfinite(data)] if data.dtype.kind in "fc" else data
+            stats = {"product": args.product, "shape": list(data.shape), "dtype": data.dtype.str,
+                     "finite": int(finite.size), "nan": int(data.size - finite.size),
+                     **({"min": float(finite.real.min()), "max": float(finite.real.max()),
+                         "mean": float(finite.real.mean())} if finite.size else {})}
+    except QueryError as exc:
+        raise RuntimeError(str(exc)) from None
+    finally:
+        client.close()
+    if args.json:
+        print(json.dumps({**info, **({"statistics": stats} if stats else {})}, indent=1))
+        return 0
+    table = Table(title=f"scan {info['scan']} ({info['status']}, {info['geometry']} {info['map_shape']})")
+    table.add_column("")
+    table.add_column("", justify="right")
+    for key in ("expected", "received", "missing", "failed", "gaps", "duplicates"):
+        table.add_row(f"points {key}", str(info[key]))
+    table.add_row("pipelines", ", ".join(info["pipelines"]))
+    console.print(table)
+    products = Table(title="products")
+    for column in ("product", "shape", "dtype", "MiB"):
+        products.add_column(column)
+    for name, p in info["products"].items():
+        products.add_row(name, "x".join(map(str, p["shape"])), f"{p['dtype']} (from {p['source_dtype']})",
+                         f"{p['bytes'] / 2**20:.2f}")
+    for name, why in info["refused"].items():
+        products.add_row(name, "refused", why, "")
+    console.print(products)
+    if stats:
+        console.print(" ".join(f"{k}={v}" for k, v in stats.items()))
+    return 0
+
+
 COMMANDS = {"db": cmd_db, "env": cmd_env, "up": cmd_up, "down": cmd_down, "status": cmd_status,
-            "scan": cmd_scan, "scale": cmd_scale}
+            "scan": cmd_scan, "scale": cmd_scale, "query": cmd_query}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -36,7 +36,9 @@ RESULT = "result"
 GAP = "gap"
 CREDIT = "credit"
 ACK = "ack"
-MESSAGE_TYPES = frozenset({SCAN_START, SCAN_END, SCAN_ABORT, DATA, RESULT, GAP, CREDIT, ACK})
+QUERY = "query"  # a question to a store (the sink): meta is the query document
+REPLY = "reply"  # its answer: meta says ok or why not, arrays carry the data
+MESSAGE_TYPES = frozenset({SCAN_START, SCAN_END, SCAN_ABORT, DATA, RESULT, GAP, CREDIT, ACK, QUERY, REPLY})
 BLOCK_TYPES = frozenset({DATA, RESULT, GAP})
 
 MAX_HEADER_BYTES = 16 * 1024 * 1024

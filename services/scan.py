@@ -22,6 +22,7 @@ import copy
 import json
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from datetime import datetime
 from pathlib import PurePosixPath
 from typing import Any, Mapping
@@ -48,7 +49,9 @@ def _fail(where: str, why: str) -> ScanError:
 @dataclass(frozen=True, eq=False)
 class ScanMeta:
     """A validated scan document (``raw``, stored whole with every product) and
-    the few derived facts every stage needs. Build it with :func:`parse_scan`."""
+    the few derived facts every stage needs. Build it with :func:`parse_scan`.
+    ``raw`` is never changed after validation, so the facts stages read per
+    data message (shape, points) are computed once."""
 
     raw: dict[str, Any]
 
@@ -64,7 +67,7 @@ class ScanMeta:
     def geometry(self) -> dict[str, Any]:
         return self.raw["scan"]["geometry"]
 
-    @property
+    @cached_property
     def geometry_type(self) -> str:
         """``"raster"``, ``"line"`` or ``"points"``."""
         return self.geometry["type"]
@@ -74,12 +77,12 @@ class ScanMeta:
         """Pipelines with analysis settings, in document order."""
         return tuple(self.raw["analysis"])
 
-    @property
+    @cached_property
     def snake(self) -> bool:
         """True only for a raster whose odd rows run the fast axis backwards."""
         return self.geometry_type == "raster" and bool(self.geometry.get("snake", False))
 
-    @property
+    @cached_property
     def map_shape(self) -> tuple[int, ...]:
         """(rows, cols) = (slow points, fast points) for a raster, (n,) otherwise."""
         g = self.geometry
@@ -90,7 +93,7 @@ class ScanMeta:
             return (g["axes"][0]["points"],)
         return (g["points"],)
 
-    @property
+    @cached_property
     def points(self) -> int:
         """Total number of acquisition indices the scan is expected to produce."""
         return math.prod(self.map_shape)

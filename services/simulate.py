@@ -10,6 +10,7 @@ and the pipeline benchmarks: real processes, real sockets, no shortcuts.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -99,12 +100,15 @@ def expected_counters(idx: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def scan_document(scan_id: str, number: int, points: int, pipeline: str, profile: Profile,
-                  streams: list[str] | None = None, analysis: dict[str, Any] | None = None) -> dict[str, Any]:
-    """A complete, valid scan document: a raster when ``points`` factors
-    nicely (100 x 100 for 10,000), a line otherwise."""
+                  streams: list[str] | None = None, analysis: dict[str, Any] | None = None,
+                  geometry: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A complete, valid scan document: ``geometry`` if given, else a raster
+    when ``points`` factors nicely (100 x 100 for 10,000), a line otherwise."""
     cols = next((c for c in range(int(math.isqrt(points)), 0, -1) if points % c == 0), 1)
     rows = points // cols
-    if cols > 1 and rows > 1:
+    if geometry is not None:
+        geometry = copy.deepcopy(geometry)
+    elif cols > 1 and rows > 1:
         geometry = {"type": "raster", "snake": False, "axes": [
             {"name": "samx", "units": "um", "start": 0.0, "stop": 0.05 * (rows - 1), "points": rows},
             {"name": "samy", "units": "um", "start": 0.0, "stop": 0.05 * (cols - 1), "points": cols}]}
@@ -383,14 +387,16 @@ class SimBeamline:
     def scan(self, points: int, rate: float = 0.0, block: int | dict[str, int] = 100, scan_id: str | None = None,
              skip: dict[str, set[int]] | None = None, analysis: dict[str, Any] | None = None,
              timeout: float = 120.0, during: Callable[[], None] | None = None,
-             before: Callable[[str], None] | None = None) -> tuple[dict[str, Any], Tally]:
+             before: Callable[[str], None] | None = None,
+             geometry: dict[str, Any] | None = None) -> tuple[dict[str, Any], Tally]:
         """StartScan, send every block, EndScan, wait for the probe to see the
         scan's end; the JSON-able summary and the probe's tally. ``before(scan_id)``
         runs after StartScan on this thread (it may use the sources' sockets);
-        ``during`` runs in another thread while the points are sent."""
+        ``during`` runs in another thread while the points are sent;
+        ``geometry`` replaces the default one (its points must be ``points``)."""
         scan_id = scan_id or f"sim-{self.pipeline}-{time.time_ns() // 1000}"
         doc = scan_document(scan_id, int(time.time()) % 1_000_000, points, self.pipeline, self.profile,
-                            list(self.sources), analysis)
+                            list(self.sources), analysis, geometry)
         master = self.master()
         driver = ScanDriver(self.profile, self.sources, block, rate, skip or {})
         blocked0 = sum(s.blocked_seconds for s in self.sources.values())

@@ -9,10 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from conftest import wait_for
 from services.home import bin_dir, pid_alive
 
 EXPECTED = {
     "tangomesh/topology/manager": "topology",
+    "tangomesh/sink/beamline": "sink",
     "tangomesh/recorder/tap": "recorder",
     "tangomesh/counters/sorter": "sorter",
     "tangomesh/counters-worker/01": "worker",
@@ -33,6 +35,12 @@ def tangomesh(home: Path, *args: str, timeout: float = 120) -> subprocess.Comple
 
 def status(home: Path) -> list[dict]:
     return json.loads(tangomesh(home, "status", "--json").stdout)
+
+
+def sink_holds(home: Path, scan: str) -> dict | None:
+    """``tangomesh query SCAN --json`` once the sink has the scan's end."""
+    info = json.loads(tangomesh(home, "query", scan, "--json").stdout)
+    return info if info["status"] == "complete" else None
 
 
 def assert_all_gone(pids: list[int]) -> None:
@@ -73,6 +81,8 @@ def test_up_status_down_round_trip(home) -> None:
     assert summary["points_sent"] == summary["points_delivered"] == 5000
     assert summary["missing"] == summary["duplicates"] == summary["out_of_order"] == 0
     assert summary["events_per_s"] > 0 and set(summary["latency_ms"]) == {"p50", "p90", "p99", "max"}
+    held = wait_for(lambda: sink_holds(home, summary["scan"]), 10, "the sink to hold the whole scan")
+    assert held["received"] == 5000 and held["missing"] == 0 and len(held["products"]) == 7
     tap = next(r for r in status(home) if r["kind"] == "recorder")
     assert tap["counters"]["events_in"] >= 3  # the tap (pipeline "") is a consumer of every pipeline
 

@@ -1,0 +1,488 @@
+"""The sink's memory: the latest scans, assembled into maps, under a byte budget.
+
+No sockets and no Tango here, so that assembly, accounting and eviction are
+unit-tested directly. One lock guards the structure; the inlet thread writes,
+the query, viewer and Tango threads read.
+
+Products
+    Every result array a pipeline delivers becomes a product named
+    ``<pipeline>/<result>`` (``counters/i0``, ``xrf/Fe-K``), shaped
+    ``map_shape + point_shape``: a 2-D map of a scalar for a raster (snake rows
+    unfolded), a 1-D trace for a line, a stack of 1-D patterns for a line of
+    spectra. Points not received (yet) are NaN, so products are stored as
+    floating point: float and complex results keep their dtype; integers and
+    bools become float32 up to 16 bits (exact) and float64 above (exact to
+    2**53). Failed points stay NaN.
+
+Memory
+    Budget accounting counts the real bytes of every product array and of the
+    per-point state arrays. A product is allocated whole (NaN-filled) when its
+    first values arrive; if that would exceed the budget, the scans least
+    recently touched (read or written) are evicted first. Scans still being
+    written are never evicted (unless idle for ``stale_seconds``: a pipeline
+    that died mid-scan must not pin memory forever); if the product still
+    does not fit it is refused, counted and logged, and the scan's info says so.
+    Large arrays live in anonymous memory maps, so an eviction returns the
+    memory to the operating system at once (the process RSS follows the
+    accounting instead of growing with heap fragmentation).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import mmap
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from pipelines import protocol
+from services.scan import ScanMeta, grid_position
+
+log = logging.getLogger("tangomesh.sink")
+
+PENDING, RECEIVED, FAILED, GAP = 0, 1, 2, 3
+STATE_NAMES = {PENDING: "pending", RECEIVED: "received", FAILED: "failed", GAP: "gap"}
+MMAP_MIN_BYTES = 256 * 1024
+EVICTED_KEPT = 10_000
+
+
+class StoreError(ValueError):
+    """A question the store cannot answer, or data it refuses; the message says why."""
+
+
+class EvictedError(StoreError):
+    """The scan was here and has been evicted to stay within the budget."""
+
+
+def storage_dtype(dtype: np.dtype) -> np.dtype:
+    """A dtype that holds ``dtype`` exactly and has NaN for "not measured"."""
+    dtype = np.dtype(dtype)
+    if dtype.kind in "fc":
+        return dtype.newbyteorder("=")
+    if dtype.kind in "biu":
+        return np.dtype(np.float32) if dtype.itemsize <= 2 else np.dtype(np.float64)
+    raise StoreError(f"dtype {dtype} cannot be stored")
+
+
+def allocate(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """A NaN-filled array; big ones in their own anonymous mmap (see module doc)."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes < MMAP_MIN_BYTES:
+        return np.full(shape, np.nan, dtype=dtype)
+    buf = mmap.mmap(-1, nbytes)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        buf.madvise(mmap.MADV_HUGEPAGE)  # the NaN fill faults in 2 MB pages, not 4 KB: about twice as fast
+    arr = np.frombuffer(buf, dtype=dtype).reshape(shape)
+    arr.fill(np.nan)
+    return arr
+
+
+def segments(meta: ScanMeta, index: int, stop: int) -> list[tuple[slice, slice]]:
+    """(flat cells, chunk rows) pairs covering indices [index, stop): one slice
+    for a plain raster or a line, one per map row for a snake raster (odd rows
+    as reversed slices). Slice copies are several times cheaper than fancy
+    indexing for spectra and frames."""
+    if not meta.snake:
+        return [(slice(index, stop), slice(0, stop - index))]
+    cols = meta.map_shape[1]
+    out = []
+    start = index
+    while start < stop:
+        row, col = divmod(start, cols)
+        end = min(stop, (row + 1) * cols)
+        rows = slice(start - index, end - index)
+        if row % 2 == 0:
+            out.append((slice(start, end), rows))
+        else:  # cells run right to left: the chunk's first point lands in the row's last cell
+            first = row * cols + (cols - 1 - col)
+            last = first - (end - start)
+            out.append((slice(first, last if last >= 0 else None, -1), rows))
+        start = end
+    return out
+
+
+def map_cells(meta: ScanMeta, indices: np.ndarray) -> np.ndarray:
+    """Flat map cells of acquisition indices (snake rows unfolded)."""
+    position = grid_position(meta, indices)
+    return position[0] if len(position) == 1 else position[0] * meta.map_shape[1] + position[1]
+
+
+@dataclass
+class Product:
+    name: str  # <pipeline>/<result>
+    pipeline: str
+    result: str
+    data: np.ndarray  # map_shape + point_shape, C-contiguous
+    point_shape: tuple[int, ...]
+    source_dtype: str
+    version: int = 0  # bumped on every write, for the viewers
+
+    @property
+    def flat(self) -> np.ndarray:
+        """A view with one row per map cell: ``(points, *point_shape)``."""
+        return self.data.reshape(-1, *self.point_shape)
+
+    def describe(self) -> dict[str, Any]:
+        return {"shape": list(self.data.shape), "dtype": self.data.dtype.str, "source_dtype": self.source_dtype,
+                "point_shape": list(self.point_shape), "bytes": self.data.nbytes}
+
+
+@dataclass
+class PipelineRun:
+    """One pipeline's part of a scan: the state of every acquisition index."""
+
+    state: np.ndarray  # uint8 per point, PENDING/RECEIVED/FAILED/GAP
+    open: bool = True
+    aborted: bool = False
+    received: int = 0
+    failed: int = 0
+    gaps: int = 0
+    duplicates: int = 0
+    incomplete: int = 0
+    last_index: int = -1  # highest acquisition index received
+    summary: dict[str, Any] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)  # latest failure messages, bounded
+
+    def describe(self) -> dict[str, Any]:
+        return {"open": self.open, "aborted": self.aborted, "received": self.received, "failed": self.failed,
+                "gaps": self.gaps, "duplicates": self.duplicates, "incomplete": self.incomplete,
+                "summary": self.summary, "errors": dict(list(self.errors.items())[:20])}
+
+
+@dataclass
+class ScanEntry:
+    meta: ScanMeta
+    started: float  # wall clock, for people
+    updated: float
+    touched: float  # monotonic, for staleness
+    runs: dict[str, PipelineRun] = field(default_factory=dict)
+    products: dict[str, Product] = field(default_factory=dict)
+    refused: dict[str, str] = field(default_factory=dict)
+    version: int = 0
+
+    @property
+    def scan_id(self) -> str:
+        return self.meta.scan_id
+
+    @property
+    def open(self) -> bool:
+        """Still being written (a scan whose first pipeline is being set up counts)."""
+        return not self.runs or any(r.open for r in self.runs.values())
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.data.nbytes for p in self.products.values()) + sum(r.state.nbytes for r in self.runs.values())
+
+    @property
+    def status(self) -> str:
+        if self.open:
+            return "running"
+        if any(r.aborted for r in self.runs.values()):
+            return "aborted"
+        return "complete"
+
+    def counts(self) -> dict[str, int]:
+        """Points over the pipelines that reported: a point counts as received
+        when every such pipeline has it (so a map is whole only then)."""
+        points = self.meta.points
+        if not self.runs:
+            return {"expected": points, "received": 0, "failed": 0, "missing": points, "gaps": 0, "duplicates": 0}
+        received = np.ones(points, bool)
+        for run in self.runs.values():
+            received &= run.state != PENDING
+            received &= run.state != GAP
+        n = int(received.sum())
+        return {"expected": points, "received": n,
+                "failed": max(r.failed for r in self.runs.values()),
+                "missing": points - n,
+                "gaps": max(r.gaps for r in self.runs.values()),
+                "duplicates": sum(r.duplicates for r in self.runs.values())}
+
+    def summary(self) -> dict[str, Any]:
+        return {"scan": self.scan_id, "number": self.meta.number, "status": self.status,
+                "geometry": self.meta.geometry_type, "map_shape": list(self.meta.map_shape),
+                "pipelines": sorted(self.runs), "products": len(self.products), "bytes": self.nbytes,
+                "started": self.started, "updated": self.updated, **self.counts()}
+
+
+class ScanStore:
+    """Scans by id in least-recently-touched order, within ``budget`` bytes."""
+
+    def __init__(self, budget: int, stale_seconds: float = 600.0,
+                 on_error: Callable[[str], None] | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        if budget < 1:
+            raise ValueError("the memory budget must be at least 1 byte")
+        self.budget = budget
+        self.stale_seconds = stale_seconds
+        self.scans: collections.OrderedDict[str, ScanEntry] = collections.OrderedDict()
+        self.evicted: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
+        self.resident = 0
+        self.peak = 0
+        self.evictions = 0
+        self.refused_products = 0
+        self.current: dict[str, str] = {}  # pipeline -> latest scan started
+        self.latest_scan = ""
+        self.lock = threading.RLock()
+        self._on_error = on_error or (lambda message: log.error(message))
+        self._clock = clock
+
+    # ------------------------------------------------------------ writing
+    def start(self, meta: ScanMeta, pipeline: str) -> ScanEntry:
+        """A pipeline's scan_start. The same scan from another pipeline joins
+        the existing entry (its document must be the same scan)."""
+        with self.lock:
+            entry = self.scans.get(meta.scan_id)
+            now = self._clock()
+            if entry is None:
+                self.evicted.pop(meta.scan_id, None)
+                entry = ScanEntry(meta, time.time(), time.time(), now)
+                self.scans[meta.scan_id] = entry
+                self.latest_scan = meta.scan_id
+            elif pipeline in entry.runs:
+                raise StoreError(f"scan {meta.scan_id} already started for pipeline {pipeline!r}")
+            elif entry.meta.points != meta.points or entry.meta.map_shape != meta.map_shape:
+                raise StoreError(f"scan {meta.scan_id} from pipeline {pipeline!r} has geometry "
+                                 f"{meta.map_shape}, not the {entry.meta.map_shape} already stored")
+            state = np.zeros(meta.points, np.uint8)
+            try:
+                self._reserve(state.nbytes, entry, f"the point states of {meta.scan_id}/{pipeline}")
+            except StoreError:
+                if not entry.runs:
+                    del self.scans[meta.scan_id]
+                raise
+            entry.runs[pipeline] = PipelineRun(state)
+            self.resident += state.nbytes
+            self.peak = max(self.peak, self.resident)
+            self.current[pipeline] = meta.scan_id
+            self._touch(entry)
+            return entry
+
+    def add_result(self, scan_id: str, pipeline: str, index: int, count: int, arrays: dict[str, np.ndarray],
+                   meta: dict[str, Any] | None = None) -> None:
+        """Place a result chunk: ``count`` points from ``index``, arrays with
+        that leading axis. ``meta`` may carry the failed points and the
+        incomplete ranges (pipelines.protocol)."""
+        meta = meta or {}
+        with self.lock:
+            entry, run = self._open_run(scan_id, pipeline)
+            stop = self._check_range(entry, index, count)
+            failed = self._failed_indices(meta, index, stop)
+            self._check_arrays(entry, pipeline, count, arrays)  # before anything changes
+            window = run.state[index:stop]
+            again = int(np.count_nonzero(window))
+            if again:
+                run.duplicates += again
+                self._on_error(f"scan {scan_id}/{pipeline}: {again} points of [{index}, {stop}) delivered again")
+            window[:] = RECEIVED
+            if failed.size:
+                run.state[failed] = FAILED
+                run.failed += int(failed.size)
+                for k, why in list(meta.get(protocol.META_ERRORS, {}).items())[:max(0, 20 - len(run.errors))]:
+                    run.errors[k] = why
+            run.received += count - again
+            run.last_index = max(run.last_index, stop - 1)
+            run.incomplete += sum(min(b, stop) - max(a, index)
+                                  for ranges in meta.get(protocol.META_INCOMPLETE, {}).values()
+                                  for a, b in ranges if a < stop and b > index)
+            parts = segments(entry.meta, index, stop)
+            failed_cells = map_cells(entry.meta, failed) if entry.meta.snake and failed.size else failed
+            for result, arr in arrays.items():
+                product = self._product(entry, pipeline, result, arr)
+                if product is None:
+                    continue
+                flat = product.flat
+                for cells, rows in parts:
+                    flat[cells] = arr[rows]
+                if failed.size:
+                    flat[failed_cells] = np.nan
+                product.version += 1
+            entry.version += 1
+            entry.updated = time.time()
+            self._touch(entry)
+
+    @staticmethod
+    def _check_arrays(entry: ScanEntry, pipeline: str, count: int, arrays: dict[str, np.ndarray]) -> None:
+        for result, arr in arrays.items():
+            if arr.ndim < 1 or arr.shape[0] != count:
+                raise StoreError(f"result {result!r} has {arr.shape[:1]} points, the chunk {count}")
+            product = entry.products.get(f"{pipeline}/{result}")
+            if product is None:
+                storage_dtype(arr.dtype)
+            elif arr.shape[1:] != product.point_shape:
+                raise StoreError(f"{product.name}: per-point shape {arr.shape[1:]} differs from the "
+                                 f"{product.point_shape} of this scan's earlier points")
+
+    def add_gap(self, scan_id: str, pipeline: str, index: int, count: int) -> None:
+        """Points the pipeline gave up on: they stay NaN and count as missing."""
+        with self.lock:
+            entry, run = self._open_run(scan_id, pipeline)
+            stop = self._check_range(entry, index, count)
+            window = run.state[index:stop]
+            fresh = window == PENDING
+            window[fresh] = GAP
+            run.gaps += int(fresh.sum())
+            entry.version += 1
+            self._touch(entry)
+
+    def end(self, scan_id: str, pipeline: str, summary: dict[str, Any] | None = None, aborted: bool = False) -> None:
+        with self.lock:
+            entry, run = self._open_run(scan_id, pipeline)
+            run.open = False
+            run.aborted = aborted
+            run.summary = dict(summary or {})
+            entry.version += 1
+            entry.updated = time.time()
+            self._touch(entry)
+
+    def _open_run(self, scan_id: str, pipeline: str) -> tuple[ScanEntry, PipelineRun]:
+        entry = self._entry(scan_id)
+        run = entry.runs.get(pipeline)
+        if run is None:
+            raise StoreError(f"scan {scan_id} was not started for pipeline {pipeline!r}")
+        if not run.open:
+            raise StoreError(f"scan {scan_id} already ended for pipeline {pipeline!r}")
+        return entry, run
+
+    @staticmethod
+    def _check_range(entry: ScanEntry, index: int, count: int) -> int:
+        stop = index + count
+        if index < 0 or count < 1 or stop > entry.meta.points:
+            raise StoreError(f"points [{index}, {stop}) outside scan {entry.scan_id}'s {entry.meta.points}")
+        return stop
+
+    @staticmethod
+    def _failed_indices(meta: dict[str, Any], index: int, stop: int) -> np.ndarray:
+        errors = meta.get(protocol.META_ERRORS, {})
+        try:
+            failed = np.array(sorted(int(k) for k in errors), dtype=np.int64)
+        except ValueError:
+            raise StoreError("failed point indices must be integers") from None
+        if failed.size and (failed[0] < index or failed[-1] >= stop):
+            raise StoreError(f"failed points {failed.tolist()[:5]} outside the chunk [{index}, {stop})")
+        return failed
+
+    def _product(self, entry: ScanEntry, pipeline: str, result: str, arr: np.ndarray) -> Product | None:
+        name = f"{pipeline}/{result}"
+        product = entry.products.get(name)
+        if product is not None:
+            return product
+        if name in entry.refused:
+            return None
+        dtype = storage_dtype(arr.dtype)
+        shape = (*entry.meta.map_shape, *arr.shape[1:])
+        nbytes = math.prod(shape) * dtype.itemsize
+        try:
+            self._reserve(nbytes, entry, f"product {name} of {entry.scan_id}")
+        except StoreError as exc:
+            entry.refused[name] = str(exc)
+            self.refused_products += 1
+            self._on_error(str(exc))
+            return None
+        product = Product(name, pipeline, result, allocate(shape, dtype), tuple(arr.shape[1:]), arr.dtype.str)
+        entry.products[name] = product
+        self.resident += nbytes
+        self.peak = max(self.peak, self.resident)
+        return product
+
+    # ------------------------------------------------------------ budget
+    def _protected(self, entry: ScanEntry) -> bool:
+        return entry.open and self._clock() - entry.touched < self.stale_seconds
+
+    def _reserve(self, nbytes: int, for_entry: ScanEntry, what: str) -> None:
+        """Evict least recently touched scans until ``nbytes`` more fit."""
+        if self.resident + nbytes <= self.budget:
+            return
+        for entry in list(self.scans.values()):
+            if self.resident + nbytes <= self.budget:
+                return
+            if entry is for_entry or self._protected(entry):
+                continue
+            self._evict(entry, f"to make room for {what}")
+        if self.resident + nbytes > self.budget:
+            raise StoreError(f"{what} needs {nbytes} bytes: it does not fit in the sink's budget of "
+                             f"{self.budget} bytes beside the {self.resident} bytes of scans still being written")
+
+    def _evict(self, entry: ScanEntry, why: str) -> None:
+        nbytes = entry.nbytes
+        del self.scans[entry.scan_id]
+        self.resident -= nbytes
+        self.evictions += 1
+        for pipeline, scan_id in list(self.current.items()):
+            if scan_id == entry.scan_id:
+                del self.current[pipeline]
+        self.evicted[entry.scan_id] = {"scan": entry.scan_id, "evicted": time.time(), "bytes": nbytes,
+                                       "status": entry.status}
+        while len(self.evicted) > EVICTED_KEPT:
+            self.evicted.popitem(last=False)
+        log.warning("evicted scan %s (%d bytes, %s) %s", entry.scan_id, nbytes, entry.status, why)
+        entry.products.clear()
+
+    def _touch(self, entry: ScanEntry) -> None:
+        entry.touched = self._clock()
+        self.scans.move_to_end(entry.scan_id)
+
+    # ------------------------------------------------------------ reading
+    def _entry(self, scan_id: str) -> ScanEntry:
+        entry = self.scans.get(scan_id)
+        if entry is not None:
+            return entry
+        gone = self.evicted.get(scan_id)
+        if gone is not None:
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(gone["evicted"]))
+            raise EvictedError(f"scan {scan_id} was evicted from the sink's memory at {stamp} to stay within "
+                               f"its budget of {self.budget} bytes; read it from the files")
+        raise StoreError(f"no scan {scan_id!r} in the sink")
+
+    def entry(self, scan_id: str, touch: bool = True) -> ScanEntry:
+        """The scan, refreshed in the LRU order when ``touch`` (a read counts)."""
+        with self.lock:
+            entry = self._entry(scan_id)
+            if touch:
+                self._touch(entry)
+            return entry
+
+    def product(self, scan_id: str, name: str) -> tuple[ScanEntry, Product]:
+        with self.lock:
+            entry = self.entry(scan_id)
+            product = entry.products.get(name)
+            if product is None:
+                why = entry.refused.get(name)
+                if why:
+                    raise StoreError(f"product {name} of scan {scan_id} was refused: {why}")
+                raise StoreError(f"scan {scan_id} has no product {name!r} "
+                                 f"(products: {', '.join(entry.products) or 'none yet'})")
+            return entry, product
+
+    def list_scans(self) -> list[dict[str, Any]]:
+        """Resident scans, oldest started first (no LRU refresh)."""
+        with self.lock:
+            return sorted((e.summary() for e in self.scans.values()), key=lambda s: s["started"])
+
+    def info(self, scan_id: str) -> dict[str, Any]:
+        with self.lock:
+            entry = self.entry(scan_id)
+            return {**entry.summary(), "metadata": entry.meta.raw,
+                    "products": {n: p.describe() for n, p in entry.products.items()},
+                    "refused": dict(entry.refused),
+                    "runs": {p: r.describe() for p, r in entry.runs.items()}}
+
+    def latest(self, scan_id: str, name: str, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The ``n`` highest acquisition indices received by the product's
+        pipeline and their values (copies, in index order)."""
+        with self.lock:
+            entry, product = self.product(scan_id, name)
+            state = entry.runs[product.pipeline].state
+            indices = np.flatnonzero(state == RECEIVED)[-n:] if n > 0 else np.zeros(0, np.int64)
+            flat = product.flat
+            cells = indices if not entry.meta.snake else map_cells(entry.meta, indices)
+            return indices.astype(np.int64), flat[cells]
+
+    def stats(self) -> dict[str, Any]:
+        with self.lock:
+            return {"budget": self.budget, "resident": self.resident, "peak": self.peak, "scans": len(self.scans),
+                    "evictions": self.evictions, "refused_products": self.refused_products}
