@@ -205,6 +205,8 @@ def _sink_client(args: argparse.Namespace) -> SinkClient:
 
 
 def cmd_query(args: argparse.Namespace) -> int:
+    if args.product and not args.scan:
+        raise ValueError("--product needs a SCAN")
     client = _sink_client(args)
     try:
         if not args.scan:
