@@ -22,7 +22,32 @@ def bind(socket: zmq.Socket, bind_host: str, advertised_host: str) -> str:
     return f"tcp://{advertised_host}:{port}"
 
 
-class PullInlet:
+class BoundSocketThread:
+    """A socket bound to a free port and the one thread that serves it;
+    subclasses implement ``_run`` (looping until ``_stop`` is set)."""
+
+    def __init__(self, context: zmq.Context, socket_type: int, bind_host: str, advertised_host: str,
+                 thread_factory: Callable[..., threading.Thread], name: str) -> None:
+        self.socket = context.socket(socket_type)
+        self.socket.linger = 0
+        self.endpoint = bind(self.socket, bind_host, advertised_host)
+        self._stop = threading.Event()
+        self._thread = thread_factory(target=self._run, name=name, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(5)
+        self.socket.close(0)
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+
+class PullInlet(BoundSocketThread):
     """A bound PULL socket drained by one thread.
 
     Each valid message goes to ``handler`` on that thread. While the handler is
@@ -43,23 +68,10 @@ class PullInlet:
         hwm: int = 1000,
         name: str = "inlet",
     ) -> None:
-        self.socket = context.socket(zmq.PULL)
-        self.socket.set_hwm(hwm)
-        self.socket.linger = 0
-        self.endpoint = bind(self.socket, bind_host, advertised_host)
         self.handler = handler
         self.counters = counters
-        self._stop = threading.Event()
-        self._thread = thread_factory(target=self._run, name=name, daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(5)
-        self.socket.close(0)
+        super().__init__(context, zmq.PULL, bind_host, advertised_host, thread_factory, name)
+        self.socket.set_hwm(hwm)  # applies to the peers, which all connect later
 
     def _run(self) -> None:
         poller = zmq.Poller()

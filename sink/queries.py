@@ -19,7 +19,7 @@ import zmq
 
 from services import codec
 from services.component import Counters
-from services.dataplane import bind
+from services.dataplane import BoundSocketThread
 from services.registration import ManagerLink
 from services.schema import SchemaError, validate
 from sink.store import EvictedError, ScanStore, StoreError
@@ -71,29 +71,16 @@ def answer(store: ScanStore, query: Any) -> tuple[dict[str, Any], dict[str, np.n
             "shape": list(data.shape), "rows": query.get("rows"), "cols": query.get("cols")}, {"data": view}
 
 
-class QueryServer:
+class QueryServer(BoundSocketThread):
     """Answers queries on one thread; a bad query gets an error reply, is
     counted and logged, and the loop goes on."""
 
     def __init__(self, context: zmq.Context, bind_host: str, advertised_host: str, store: ScanStore,
                  counters: Counters, thread_factory: Callable[..., threading.Thread] = threading.Thread) -> None:
-        self.socket = context.socket(zmq.ROUTER)
-        self.socket.linger = 0
-        self.endpoint = bind(self.socket, bind_host, advertised_host)
         self.store = store
         self.counters = counters
         self.answered = 0
-        self._stop = threading.Event()
-        self._thread = thread_factory(target=self._run, name="sink-query", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(5)
-        self.socket.close(0)
+        super().__init__(context, zmq.ROUTER, bind_host, advertised_host, thread_factory, "sink-query")
 
     def _run(self) -> None:
         while not self._stop.is_set():

@@ -163,7 +163,8 @@ class ScanEntry:
     runs: dict[str, PipelineRun] = field(default_factory=dict)
     products: dict[str, Product] = field(default_factory=dict)
     refused: dict[str, str] = field(default_factory=dict)
-    version: int = 0
+    version: int = 0  # bumped on every change
+    _counts: tuple[int, dict[str, int]] | None = field(default=None, repr=False)
 
     @property
     def scan_id(self) -> str:
@@ -188,7 +189,17 @@ class ScanEntry:
 
     def counts(self) -> dict[str, int]:
         """Points over the pipelines that reported: a point counts as received
-        when every such pipeline has it (so a map is whole only then)."""
+        when every such pipeline has it (so a map is whole only then). Every
+        change bumps ``version``, so the viewers' and Tango's frequent reads
+        scan the point states once per change, not once per read."""
+        cached = self._counts
+        if cached is not None and cached[0] == self.version:
+            return cached[1]
+        counts = self._count()
+        self._counts = (self.version, counts)
+        return counts
+
+    def _count(self) -> dict[str, int]:
         points = self.meta.points
         if not self.runs:
             return {"expected": points, "received": 0, "failed": 0, "missing": points, "gaps": 0, "duplicates": 0}
@@ -256,6 +267,7 @@ class ScanStore:
                     del self.scans[meta.scan_id]
                 raise
             entry.runs[pipeline] = PipelineRun(state)
+            entry.version += 1
             self.resident += state.nbytes
             self.peak = max(self.peak, self.resident)
             self.current[pipeline] = meta.scan_id
