@@ -41,6 +41,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_codec.py
 	$(BIN)/python benchmarks/bench_pipeline.py
 	$(BIN)/python benchmarks/bench_sink.py
+	$(BIN)/python benchmarks/bench_writers.py
 
 clean:
 	-$(BIN)/tangomesh down 2>/dev/null

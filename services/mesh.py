@@ -110,12 +110,28 @@ class MeshSpec:
 # --------------------------------------------------------------------------- declaring
 
 
-def declare(spec: MeshSpec) -> bool:
+HOME_TOKEN = "${TANGOMESH_HOME}"
+
+
+def with_home(config: Any, root: Path) -> Any:
+    """The mesh file with ``${TANGOMESH_HOME}`` in property values replaced by
+    the state directory, so a laptop mesh keeps its files under it (servers
+    started by Starter do not inherit the CLI's environment)."""
+    if isinstance(config, dict):
+        return {k: with_home(v, root) for k, v in config.items()}
+    if isinstance(config, list):
+        return [with_home(v, root) for v in config]
+    if isinstance(config, str):
+        return config.replace(HOME_TOKEN, str(root))
+    return config
+
+
+def declare(spec: MeshSpec, root: Path) -> bool:
     """Write servers, devices and properties with dsconfig (update mode: add and
     change, never remove, so properties set by hand in Jive survive)."""
     from dsconfig.json2tango import apply_config, prepare_config
 
-    config = prepare_config(spec.config)
+    config = prepare_config(with_home(spec.config, root))
     _, _, calls, *_ = apply_config(config, tango.Database(), write=True, update=True, verbose=False)
     return bool(calls)
 
@@ -315,7 +331,7 @@ def up(spec: MeshSpec, launcher: Launcher, root: Path, timeout: float = 60.0) ->
 
     Returns what happened per server: "started" or "running" (idempotent).
     """
-    declare(spec)
+    declare(spec, root)
     db = tango.Database()
     outcome: dict[str, str] = {}
     here = short_hostname()

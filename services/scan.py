@@ -236,6 +236,12 @@ def grid_position(meta: ScanMeta, indices: Any) -> tuple[np.ndarray, ...]:
     return rows, cols
 
 
+def map_cells(meta: ScanMeta, indices: Any) -> np.ndarray:
+    """Flat map cells (row-major) of acquisition indices, snake rows unfolded."""
+    position = grid_position(meta, indices)
+    return position[0] if len(position) == 1 else position[0] * meta.map_shape[1] + position[1]
+
+
 def axis_values(meta: ScanMeta) -> tuple[np.ndarray | None, ...]:
     """Nominal motor positions per axis, in :attr:`ScanMeta.axis_names` order:
     ``(fast, slow)`` for a raster (lengths cols, rows), ``(values,)`` for a line,
@@ -251,3 +257,36 @@ def axis_values(meta: ScanMeta) -> tuple[np.ndarray | None, ...]:
         else:
             values.append(None)
     return tuple(values)
+
+
+def map_blocks(meta: ScanMeta, index: int, stop: int) -> list[tuple[tuple[slice, ...], slice, bool]]:
+    """Rectangular map regions covering acquisition indices [index, stop), for
+    writers that store maps in map shape (an HDF5 hyperslab per region).
+
+    Each entry is ``(region, chunk_rows, reverse)``: ``region`` indexes the map
+    (``(rows, cols)`` slices for a raster, one slice otherwise), ``chunk_rows``
+    selects the chunk's points that fill it, and ``reverse`` says they run
+    right to left (a snake's odd row). Those points, reshaped to the region's
+    shape and, if ``reverse``, flipped along the columns, are the region's
+    values. A plain raster needs at most three regions per chunk (head row,
+    whole rows, tail row); a snake one per row touched."""
+    if not 0 <= index < stop <= meta.points:
+        raise ScanError(f"scan {meta.scan_id}: points [{index}, {stop}) outside [0, {meta.points})")
+    if meta.geometry_type != "raster":
+        return [((slice(index, stop),), slice(0, stop - index), False)]
+    cols = meta.map_shape[1]
+    blocks: list[tuple[tuple[slice, ...], slice, bool]] = []
+    start = index
+    while start < stop:
+        row, col = divmod(start, cols)
+        if col == 0 and not meta.snake and stop - start >= cols:
+            rows = (stop - start) // cols  # whole rows at once
+            end = start + rows * cols
+            blocks.append(((slice(row, row + rows), slice(0, cols)), slice(start - index, end - index), False))
+        else:
+            end = min(stop, (row + 1) * cols)
+            backwards = meta.snake and row % 2 == 1
+            cells = slice(cols - (end - row * cols), cols - col) if backwards else slice(col, col + end - start)
+            blocks.append(((slice(row, row + 1), cells), slice(start - index, end - index), backwards))
+        start = end
+    return blocks

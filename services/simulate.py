@@ -119,7 +119,7 @@ def scan_document(scan_id: str, number: int, points: int, pipeline: str, profile
     entry = {"processor": profile.processor, "settings": profile.settings, "streams": chosen, **(analysis or {})}
     return {
         "schema_version": 1,
-        "beamtime": {"id": "sim", "beamline": "SIM", "paths": {"raw": "/tmp/sim/raw", "processed": f"sim/{scan_id}"}},
+        "beamtime": {"id": "sim", "beamline": "SIM", "paths": {"raw": "/tmp/sim/raw", "processed": "processed"}},
         "scan": {"id": scan_id, "number": number, "command": f"tangomesh scan --sim ({points} points)",
                  "geometry": geometry},
         "sample": {"name": "simulated"},

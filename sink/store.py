@@ -40,13 +40,11 @@ from typing import Any, Callable
 
 import numpy as np
 
-from pipelines import protocol
-from services.scan import ScanMeta, grid_position
+from services.ledger import GAP, PENDING, RECEIVED, PointLedger
+from services.scan import ScanMeta, map_cells
 
 log = logging.getLogger("tangomesh.sink")
 
-PENDING, RECEIVED, FAILED, GAP = 0, 1, 2, 3
-STATE_NAMES = {PENDING: "pending", RECEIVED: "received", FAILED: "failed", GAP: "gap"}
 MMAP_MIN_BYTES = 256 * 1024
 EVICTED_KEPT = 10_000
 
@@ -106,12 +104,6 @@ def segments(meta: ScanMeta, index: int, stop: int) -> list[tuple[slice, slice]]
     return out
 
 
-def map_cells(meta: ScanMeta, indices: np.ndarray) -> np.ndarray:
-    """Flat map cells of acquisition indices (snake rows unfolded)."""
-    position = grid_position(meta, indices)
-    return position[0] if len(position) == 1 else position[0] * meta.map_shape[1] + position[1]
-
-
 @dataclass
 class Product:
     name: str  # <pipeline>/<result>
@@ -133,25 +125,15 @@ class Product:
 
 
 @dataclass
-class PipelineRun:
-    """One pipeline's part of a scan: the state of every acquisition index."""
+class PipelineRun(PointLedger):
+    """One pipeline's part of a scan: the point ledger and whether it ended."""
 
-    state: np.ndarray  # uint8 per point, PENDING/RECEIVED/FAILED/GAP
     open: bool = True
     aborted: bool = False
-    received: int = 0
-    failed: int = 0
-    gaps: int = 0
-    duplicates: int = 0
-    incomplete: int = 0
-    last_index: int = -1  # highest acquisition index received
     summary: dict[str, Any] = field(default_factory=dict)
-    errors: dict[str, str] = field(default_factory=dict)  # latest failure messages, bounded
 
     def describe(self) -> dict[str, Any]:
-        return {"open": self.open, "aborted": self.aborted, "received": self.received, "failed": self.failed,
-                "gaps": self.gaps, "duplicates": self.duplicates, "incomplete": self.incomplete,
-                "summary": self.summary, "errors": dict(list(self.errors.items())[:20])}
+        return {"open": self.open, "aborted": self.aborted, **super().describe(), "summary": self.summary}
 
 
 @dataclass
@@ -282,25 +264,13 @@ class ScanStore:
         meta = meta or {}
         with self.lock:
             entry, run = self._open_run(scan_id, pipeline)
-            stop = self._check_range(entry, index, count)
-            failed = self._failed_indices(meta, index, stop)
+            try:
+                stop, failed = run.check(index, count, meta)
+            except ValueError as exc:
+                raise StoreError(f"scan {scan_id}/{pipeline}: {exc}") from None
             self._check_arrays(entry, pipeline, count, arrays)  # before anything changes
-            window = run.state[index:stop]
-            again = int(np.count_nonzero(window))
-            if again:
-                run.duplicates += again
-                self._on_error(f"scan {scan_id}/{pipeline}: {again} points of [{index}, {stop}) delivered again")
-            window[:] = RECEIVED
-            if failed.size:
-                run.state[failed] = FAILED
-                run.failed += int(failed.size)
-                for k, why in list(meta.get(protocol.META_ERRORS, {}).items())[:max(0, 20 - len(run.errors))]:
-                    run.errors[k] = why
-            run.received += count - again
-            run.last_index = max(run.last_index, stop - 1)
-            run.incomplete += sum(min(b, stop) - max(a, index)
-                                  for ranges in meta.get(protocol.META_INCOMPLETE, {}).values()
-                                  for a, b in ranges if a < stop and b > index)
+            run.mark_result(index, stop, failed, meta, on_duplicate=lambda again: self._on_error(
+                f"scan {scan_id}/{pipeline}: {again} points of [{index}, {stop}) delivered again"))
             parts = segments(entry.meta, index, stop)
             failed_cells = map_cells(entry.meta, failed) if entry.meta.snake and failed.size else failed
             for result, arr in arrays.items():
@@ -333,11 +303,10 @@ class ScanStore:
         """Points the pipeline gave up on: they stay NaN and count as missing."""
         with self.lock:
             entry, run = self._open_run(scan_id, pipeline)
-            stop = self._check_range(entry, index, count)
-            window = run.state[index:stop]
-            fresh = window == PENDING
-            window[fresh] = GAP
-            run.gaps += int(fresh.sum())
+            try:
+                run.mark_gap(index, count)
+            except ValueError as exc:
+                raise StoreError(f"scan {scan_id}/{pipeline}: {exc}") from None
             entry.version += 1
             self._touch(entry)
 
@@ -359,24 +328,6 @@ class ScanStore:
         if not run.open:
             raise StoreError(f"scan {scan_id} already ended for pipeline {pipeline!r}")
         return entry, run
-
-    @staticmethod
-    def _check_range(entry: ScanEntry, index: int, count: int) -> int:
-        stop = index + count
-        if index < 0 or count < 1 or stop > entry.meta.points:
-            raise StoreError(f"points [{index}, {stop}) outside scan {entry.scan_id}'s {entry.meta.points}")
-        return stop
-
-    @staticmethod
-    def _failed_indices(meta: dict[str, Any], index: int, stop: int) -> np.ndarray:
-        errors = meta.get(protocol.META_ERRORS, {})
-        try:
-            failed = np.array(sorted(int(k) for k in errors), dtype=np.int64)
-        except ValueError:
-            raise StoreError("failed point indices must be integers") from None
-        if failed.size and (failed[0] < index or failed[-1] >= stop):
-            raise StoreError(f"failed points {failed.tolist()[:5]} outside the chunk [{index}, {stop})")
-        return failed
 
     def _product(self, entry: ScanEntry, pipeline: str, result: str, arr: np.ndarray) -> Product | None:
         name = f"{pipeline}/{result}"

@@ -19,7 +19,9 @@ from typing import Any
 import numpy as np
 
 from services.scan import axis_values
-from sink.store import RECEIVED, Product, ScanEntry, map_cells
+from services.ledger import RECEIVED
+from services.scan import map_cells
+from sink.store import Product, ScanEntry
 
 
 @dataclass(frozen=True)

@@ -11,10 +11,14 @@ import pytest
 
 from conftest import wait_for
 from services.home import bin_dir, pid_alive
+from writers.layout import read_checksums
 
 EXPECTED = {
     "tangomesh/topology/manager": "topology",
     "tangomesh/sink/beamline": "sink",
+    "tangomesh/writer/nexus": "writer",
+    "tangomesh/writer/images": "writer",
+    "tangomesh/writer/fio": "writer",
     "tangomesh/recorder/tap": "recorder",
     "tangomesh/counters/sorter": "sorter",
     "tangomesh/counters-worker/01": "worker",
@@ -83,6 +87,10 @@ def test_up_status_down_round_trip(home) -> None:
     assert summary["events_per_s"] > 0 and set(summary["latency_ms"]) == {"p50", "p90", "p99", "max"}
     held = wait_for(lambda: sink_holds(home, summary["scan"]), 10, "the sink to hold the whole scan")
     assert held["received"] == 5000 and held["missing"] == 0 and len(held["products"]) == 7
+    scan_dir = home / "beamtime" / "processed" / summary["scan"]  # BeamtimeRoot ${TANGOMESH_HOME}/beamtime
+    stem = f"{summary['scan']}_counters"
+    expected_files = {f"{stem}.nxs", f"{stem}.fio", *(f"{stem}_{p.split('/')[1]}.png" for p in held["products"])}
+    wait_for(lambda: set(read_checksums(scan_dir)) == expected_files, 10, "the demo's NeXus, FIO and PNG files")
     tap = next(r for r in status(home) if r["kind"] == "recorder")
     assert tap["counters"]["events_in"] >= 3  # the tap (pipeline "") is a consumer of every pipeline
 

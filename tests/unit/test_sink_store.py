@@ -7,41 +7,19 @@ import numpy as np
 import pytest
 
 from services import simulate
-from services.scan import parse_scan
+from conftest import map_by_hand, scan_geometry
+from services.scan import map_cells, parse_scan
 from services.schema import SchemaError
 from sink.queries import answer
-from sink.store import EvictedError, ScanStore, StoreError, map_cells, segments, storage_dtype
+from sink.store import EvictedError, ScanStore, StoreError, segments, storage_dtype
 from sink.views import live_frame, preview_image
 
 PIPE = "counters"
 
 
-def geometry(kind: str, rows: int = 5, cols: int = 7) -> dict:
-    if kind == "line":
-        return {"type": "line", "axes": [{"name": "samx", "units": "mm", "start": 1.0, "stop": 2.0,
-                                          "points": rows * cols}]}
-    return {"type": "raster", "snake": kind == "snake", "axes": [
-        {"name": "samx", "units": "um", "start": -3.0, "stop": 3.0, "points": cols},
-        {"name": "samy", "units": "um", "start": 10.0, "stop": 12.0, "points": rows}]}
-
-
 def meta(scan_id: str, kind: str = "raster", rows: int = 5, cols: int = 7):
     return parse_scan(simulate.scan_document(scan_id, 1, rows * cols, PIPE, simulate.PROFILES["counters"],
-                                             geometry=geometry(kind, rows, cols)))
-
-
-def truth_map(kind: str, values: np.ndarray, rows: int, cols: int) -> np.ndarray:
-    """Where a beamline scientist expects each point: written out by hand, not
-    with the code under test."""
-    if kind == "line":
-        return values.copy()
-    out = np.empty((rows, cols))
-    for i, v in enumerate(values):
-        r, c = divmod(i, cols)
-        if kind == "snake" and r % 2:
-            c = cols - 1 - c
-        out[r, c] = v
-    return out
+                                             geometry=scan_geometry(kind, rows, cols)))
 
 
 def feed(store: ScanStore, scan_id: str, points: int, sizes: list[int], names=("i0", "i1_norm")) -> None:
@@ -64,7 +42,7 @@ def test_maps_follow_the_geometry_point_by_point(kind) -> None:
     truth = simulate.expected_counters(np.arange(rows * cols))
     for name in ("i0", "i1_norm"):
         _, product = store.product("a", f"{PIPE}/{name}")
-        want = truth_map(kind, truth[name], rows, cols)
+        want = map_by_hand(kind, truth[name], rows, cols)
         assert product.data.shape == want.shape
         np.testing.assert_array_equal(product.data, want)
     info = store.info("a")

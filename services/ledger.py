@@ -1,0 +1,105 @@
+"""What became of every acquisition index of one pipeline's part of a scan.
+
+Every consumer of sorted results (the sink, the writers) must tell a point
+received from one that failed in the processor, one the sorter gave up on
+(a gap) and one that never came; and each must refuse a chunk outside the
+scan or with failures outside the chunk before anything changes. This is the
+one place that bookkeeping lives.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from pipelines import protocol
+
+PENDING, RECEIVED, FAILED, GAP = 0, 1, 2, 3
+STATE_NAMES = {PENDING: "pending", RECEIVED: "received", FAILED: "failed", GAP: "gap"}
+ERRORS_KEPT = 20
+
+
+@dataclass
+class PointLedger:
+    state: np.ndarray  # uint8 per acquisition index: PENDING/RECEIVED/FAILED/GAP
+    received: int = 0
+    failed: int = 0
+    gaps: int = 0
+    duplicates: int = 0
+    incomplete: int = 0
+    last_index: int = -1  # highest acquisition index received
+    errors: dict[str, str] = field(default_factory=dict)  # the first failure messages, bounded
+
+    @classmethod
+    def for_points(cls, points: int) -> "PointLedger":
+        return cls(np.zeros(points, np.uint8))
+
+    @property
+    def points(self) -> int:
+        return int(self.state.size)
+
+    def check(self, index: int, count: int, meta: dict[str, Any] | None = None) -> tuple[int, np.ndarray]:
+        """(stop, failed indices) of a result chunk, or ValueError naming the
+        problem; call it before changing anything so that a refused chunk
+        leaves no trace."""
+        stop = self.check_range(index, count)
+        errors = (meta or {}).get(protocol.META_ERRORS, {})
+        if not isinstance(errors, dict):
+            raise ValueError("failed points must be a map of index to message")
+        try:
+            failed = np.array(sorted(int(k) for k in errors), dtype=np.int64)
+        except ValueError:
+            raise ValueError("failed point indices must be integers") from None
+        if failed.size and (failed[0] < index or failed[-1] >= stop):
+            raise ValueError(f"failed points {failed.tolist()[:5]} outside the chunk [{index}, {stop})")
+        return stop, failed
+
+    def check_range(self, index: int, count: int) -> int:
+        stop = index + count
+        if index < 0 or count < 1 or stop > self.points:
+            raise ValueError(f"points [{index}, {stop}) outside the scan's {self.points}")
+        return stop
+
+    def mark_result(self, index: int, stop: int, failed: np.ndarray, meta: dict[str, Any] | None = None,
+                    on_duplicate: Callable[[int], None] | None = None) -> None:
+        """Record a checked chunk; points delivered twice are counted (and
+        reported through ``on_duplicate``), never double-counted."""
+        meta = meta or {}
+        window = self.state[index:stop]
+        again = int(np.count_nonzero(window))
+        if again:
+            self.duplicates += again
+            if on_duplicate is not None:
+                on_duplicate(again)
+        window[:] = RECEIVED
+        if failed.size:
+            self.state[failed] = FAILED
+            self.failed += int(failed.size)
+            room = max(0, ERRORS_KEPT - len(self.errors))
+            for k, why in list(meta.get(protocol.META_ERRORS, {}).items())[:room]:
+                self.errors[str(k)] = str(why)
+        self.received += (stop - index) - again
+        self.last_index = max(self.last_index, stop - 1)
+        self.incomplete += sum(min(b, stop) - max(a, index)
+                               for ranges in meta.get(protocol.META_INCOMPLETE, {}).values()
+                               for a, b in ranges if a < stop and b > index)
+
+    def mark_gap(self, index: int, count: int) -> None:
+        """Points the pipeline gave up on; ones already received stay received."""
+        stop = self.check_range(index, count)
+        window = self.state[index:stop]
+        fresh = window == PENDING
+        window[fresh] = GAP
+        self.gaps += int(fresh.sum())
+
+    @property
+    def missing(self) -> int:
+        """Points with no value: never delivered, or given up as gaps."""
+        return self.points - self.received
+
+    def describe(self) -> dict[str, Any]:
+        return {"points": self.points, "received": self.received, "failed": self.failed, "gaps": self.gaps,
+                "missing": self.missing, "duplicates": self.duplicates, "incomplete": self.incomplete,
+                "errors": dict(list(self.errors.items())[:ERRORS_KEPT])}

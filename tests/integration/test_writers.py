@@ -1,0 +1,227 @@
+"""The writers end to end: real TopologyManager, pipeline, Sink and writer
+processes; files compared with the sink's arrays, a writer killed with
+SIGKILL mid-scan, a second writer aimed at the same files, and paths that try
+to leave the beamtime root."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from pathlib import Path
+
+import h5py
+import hdf5plugin  # noqa: F401  (readers need the Bitshuffle filter registered, as users do)
+import numpy as np
+import pytest
+import tango
+import zmq
+from matplotlib.image import imread
+
+from conftest import ServerPool, topology_props, wait_for
+from pipelines import protocol
+from services import codec, simulate
+from services.registration import TangoManagerLink
+from sink.queries import QUERY, SinkClient
+from writers.fio import read_fio
+from writers.layout import FileClaim, read_checksums
+
+MANAGER = "tangomesh/topology/manager"
+PIPE = "w1"
+LOOP = "127.0.0.1"
+NEXUS, FIO, IMAGES = "test/writer/nexus", "test/writer/fio", "test/writer/images"
+
+
+def raster(rows: int, cols: int, snake: bool = True) -> dict:
+    return {"type": "raster", "snake": snake, "axes": [
+        {"name": "samx", "units": "um", "start": 0.0, "stop": (cols - 1) * 0.5, "points": cols},
+        {"name": "samy", "units": "um", "start": 5.0, "stop": 5.0 + (rows - 1) * 0.25, "points": rows}]}
+
+
+def in_acquisition_order(grid: np.ndarray) -> np.ndarray:
+    """A snake map back into measurement order (odd rows ran backwards)."""
+    rows = grid.copy()
+    rows[1::2] = rows[1::2, ::-1]
+    return rows.reshape(-1)
+
+
+def writer_props(root: Path, **more) -> dict:
+    return {"DataHost": LOOP, "Pipeline": PIPE, "BeamtimeRoot": str(root), **more}
+
+
+def files_of(device: tango.DeviceProxy, scan: str) -> list[dict]:
+    return [f for f in json.loads(device.ListFiles(0)) if f["scan"] == scan]
+
+
+@pytest.fixture(scope="module")
+def mesh(tango_db, tmp_path_factory):
+    pool = ServerPool(tmp_path_factory.mktemp("writer-logs"))
+    root = tmp_path_factory.mktemp("beamtime")
+    try:
+        pool.start("TopologyManager/writers", {"TopologyManager": {MANAGER: topology_props(heartbeat=0.5, lease=3.0)}})
+        pool.start("Sink/writers", {"Sink": {"test/sink/writers": {"DataHost": LOOP, "Pipeline": PIPE}}})
+        pool.start("NexusWriter/main", {"NexusWriter": {NEXUS: writer_props(root, FlushSeconds=0.5)}})
+        pool.start("FioWriter/main", {"FioWriter": {FIO: writer_props(root)}})
+        pool.start("ImageWriter/main", {"ImageWriter": {IMAGES: writer_props(root)}})
+        pool.start("Sorter/w1", {"Sorter": {"test/w1/sorter": {"DataHost": LOOP, "Pipeline": PIPE}}})
+        pool.start("PipelineWorker/w1-0", {"PipelineWorker": {"test/w1-worker/0": {"Pipeline": PIPE}}})
+        pool.start("PipelineMaster/w1", {"PipelineMaster": {"test/w1/master": {"DataHost": LOOP, "Pipeline": PIPE}}})
+        link = TangoManagerLink(MANAGER)
+        master = tango.DeviceProxy("test/w1/master")
+        wait_for(lambda: len(json.loads(master.WorkerTable)) == 1, 20, "the worker to join the master")
+        wanted = {"test/w1/sorter", "test/sink/writers", NEXUS, FIO, IMAGES}
+        wait_for(lambda: wanted <= {s["name"] for s in link.lookup({})}, 20, "sorter, sink and writers")
+        beamline = simulate.SimBeamline(PIPE, "counters", link)
+        client = SinkClient(json.loads(tango.DeviceProxy("test/sink/writers").Endpoints)[QUERY])
+        yield pool, root, link, beamline, client
+        client.close()
+        beamline.close()
+    finally:
+        pool.stop_all()
+
+
+def test_files_equal_the_sinks_arrays_and_carry_the_metadata(mesh) -> None:
+    _, root, _, beamline, client = mesh
+    nexus, fio, images = (tango.DeviceProxy(d) for d in (NEXUS, FIO, IMAGES))
+    events: list[str] = []
+    subscription = nexus.subscribe_event("LastFile", tango.EventType.CHANGE_EVENT,
+                                         lambda e: e.err or events.append(e.attr_value.value))
+    try:
+        geometry = raster(20, 25)
+        settings = {"counters": ["i1", "diode"], "normalise_by": "i0"}
+        summary, _ = beamline.scan(500, block=25, geometry=geometry, analysis={"settings": settings})
+        scan = summary["scan"]
+        wait_for(lambda: files_of(nexus, scan) and files_of(fio, scan) and files_of(images, scan), 20,
+                 "the three writers to finish the scan")
+        wait_for(lambda: client.info(scan)["status"] == "complete", 10, "the sink to complete the scan")
+        [nx] = files_of(nexus, scan)
+        wait_for(lambda: nx["path"] in events, 5, "the LastFile change event")
+    finally:
+        nexus.unsubscribe_event(subscription)
+    path = Path(nx["path"])
+    assert path == root / "processed" / scan / f"{scan}_{PIPE}.nxs" and nexus.LastFile == str(path)
+    assert read_checksums(path.parent)[path.name] == nx["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+
+    info = client.info(scan)
+    sent = info["metadata"]  # what StartScan delivered, as the sink holds it
+    products = {name.split("/", 1)[1]: client.get(scan, name) for name in info["products"]}
+    assert len(products) >= 4
+    with h5py.File(path, "r") as f:
+        entry = f["entry"]
+        assert json.loads(entry["scan_document/data"][()]) == sent
+        assert sent["scan"]["geometry"] == geometry and sent["analysis"][PIPE]["settings"] == settings
+        assert entry["process/processor"][()].decode() == "counters"
+        assert json.loads(entry["process/settings/data"][()]) == settings
+        assert entry["process/points_received"][()] == 500 and entry["process/points_missing"][()] == 0
+        assert entry["sample/name"][()].decode() == sent["sample"]["name"]
+        assert entry.attrs["default"] in products
+        for name, grid in products.items():
+            data = entry[name]
+            assert data.attrs["NX_class"] == "NXdata" and data.attrs["signal"] == name
+            assert list(data.attrs["axes"]) == ["samy", "samx"]
+            ds = data[name]
+            assert "32008" in ds._filters  # Bitshuffle/LZ4 from hdf5plugin
+            np.testing.assert_array_equal(ds[()], grid, err_msg=name)
+
+    [fio_file] = files_of(fio, scan)
+    table = read_fio(fio_file["path"])
+    assert table.columns == ["samx", "samy", *products]
+    for k, name in enumerate(products, 2):
+        np.testing.assert_array_equal(table.data[:, k], in_acquisition_order(products[name]), err_msg=name)
+
+    pngs = files_of(images, scan)
+    assert sorted(Path(p["path"]).name for p in pngs) == sorted(f"{scan}_{PIPE}_{n}.png" for n in products)
+    for png in pngs:
+        assert imread(png["path"]).shape == (600, 800, 4)
+
+
+def test_a_killed_writer_leaves_earlier_files_whole(mesh, tmp_path) -> None:
+    pool, _, link, beamline, client = mesh
+    root = tmp_path / "crash-root"
+    root.mkdir()
+    server, classes = "NexusWriter/crash", {"NexusWriter": {"test/writer/crash": writer_props(root)}}
+    handle = pool.start(server, classes)
+    crash = tango.DeviceProxy("test/writer/crash")
+    wait_for(lambda: crash.Registered, 10, "the writer to register")
+
+    first, _ = beamline.scan(300, block=20, geometry=raster(12, 25))
+    wait_for(lambda: files_of(crash, first["scan"]), 10, "the first scan's file")
+    [done] = files_of(crash, first["scan"])
+
+    running: dict = {}
+    scan_thread = threading.Thread(target=lambda: running.update(beamline.scan(
+        3000, rate=1000, block=20, geometry=raster(60, 50), timeout=60)[0]), daemon=True)
+    scan_thread.start()
+    wait_for(lambda: crash.OpenScans == 1 and crash.EventsIn > 10, 10, "the second scan to be written")
+    partial = next(root.rglob("*.nxs.part"))
+    handle.kill(hard=True)
+    scan_thread.join(60)
+    second = running["scan"]
+
+    # the earlier scan's file is whole: the checksum recorded at close, its data
+    path = Path(done["path"])
+    assert read_checksums(path.parent)[path.name] == done["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    with h5py.File(path, "r") as f:
+        np.testing.assert_array_equal(f["entry/i0/i0"][()], client.get(first["scan"], f"{PIPE}/i0"))
+    # the scan in progress never appears under its final name; its part file stays for inspection
+    final = partial.with_name(partial.name.removesuffix(".part"))
+    assert second in final.name and not final.exists() and partial.exists()
+    assert client.info(second)["received"] == 3000  # the other consumers got everything
+
+    # a restarted writer writes the next scan; the dead writer's claim is gone with it
+    pool.start(server, classes)
+    wait_for(lambda: tango.DeviceProxy("test/writer/crash").Registered, 10, "the restarted writer")
+    third, _ = beamline.scan(200, block=20, geometry=raster(8, 25))
+    restarted = tango.DeviceProxy("test/writer/crash")
+    wait_for(lambda: files_of(restarted, third["scan"]), 10, "the file of the scan after the restart")
+    FileClaim(final, {"owner": "test"}).release()  # the lock died with the writer
+    assert len(read_checksums(path.parent.parent / third["scan"])) == 1
+
+
+def test_a_second_writer_on_the_same_files_is_refused(mesh) -> None:
+    pool, root, _, beamline, _ = mesh
+    twin_handle = pool.start("NexusWriter/twin", {"NexusWriter": {"test/writer/twin": writer_props(root)}})
+    try:
+        nexus, twin = tango.DeviceProxy(NEXUS), tango.DeviceProxy("test/writer/twin")
+        wait_for(lambda: twin.Registered, 10, "the twin to register")
+        errors = {NEXUS: nexus.Errors, "twin": twin.Errors}
+        summary, _ = beamline.scan(200, block=20, geometry=raster(8, 25))
+        scan = summary["scan"]
+        wait_for(lambda: len(files_of(nexus, scan)) + len(files_of(twin, scan)) == 1
+                 and nexus.Errors + twin.Errors == sum(errors.values()) + 1, 10, "one file and one refusal")
+        loser = twin if files_of(nexus, scan) else nexus
+        assert loser.SkippedMessages > 0 and loser.state() == tango.DevState.ON
+        status = loser.Status()
+        assert "being written by" in status or "exists already" in status, status
+    finally:
+        twin_handle.kill(hard=False)
+
+
+def test_paths_outside_the_beamtime_root_are_refused(mesh, tmp_path) -> None:
+    _, root, _, beamline, _ = mesh
+    doc = simulate.scan_document("evil-1", 1, 20, PIPE, simulate.PROFILES["counters"])
+    doc["beamtime"]["paths"]["processed"] = "../../etc"
+    with pytest.raises(tango.DevFailed, match="contains '..'"):
+        beamline.master().StartScan(json.dumps(doc))  # refused where it enters the mesh
+
+    nexus = tango.DeviceProxy(NEXUS)
+    errors, skipped = nexus.Errors, nexus.SkippedMessages
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (root / "escape").symlink_to(outside)
+    escape = simulate.scan_document("evil-2", 2, 20, PIPE, simulate.PROFILES["counters"])
+    escape["beamtime"]["paths"]["processed"] = "escape"
+    push = zmq.Context.instance().socket(zmq.PUSH)
+    push.linger = 2000
+    push.connect(json.loads(nexus.Endpoints)[protocol.DATA_IN])
+    # as if a bad document reached the writer without the master's check
+    codec.send(push, codec.Message(codec.SCAN_START, scan="evil-1", stream=PIPE, meta={protocol.META_SCAN: doc}))
+    codec.send(push, codec.Message(codec.SCAN_START, scan="evil-2", stream=PIPE, meta={protocol.META_SCAN: escape}))
+    for scan in ("evil-1", "evil-2"):
+        codec.send(push, codec.Message(codec.RESULT, scan=scan, stream=PIPE, index=0, count=2,
+                                       arrays={"i0": np.ones(2)}))
+    push.close()
+    wait_for(lambda: nexus.Errors == errors + 2 and nexus.SkippedMessages == skipped + 2, 5, "two refusals")
+    assert "outside the beamtime root" in nexus.Status()
+    assert not list(outside.iterdir()) and not (root.parent / "etc").exists()
+    assert nexus.state() == tango.DevState.ON

@@ -1,0 +1,148 @@
+"""The writer Tango devices: NexusWriter, ImageWriter and FioWriter.
+
+Each is a consumer of sorted results (kind ``writer``) over a
+:class:`~writers.component.WriterComponent`; they differ only in the format
+and its properties. ``LastFile`` pushes a change event whenever a file is
+made final (Lavue's ``tangofile`` source follows it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from tango.server import attribute, command, device_property
+from tango.utils import PyTangoThread
+
+from services.device import MeshDevice, console_script
+from writers.component import ScanFile, ScanRun, WriterComponent, WriterConfig
+from writers.fio import FioFile
+from writers.images import ImageFiles, ImageSettings
+from writers.layout import DEFAULT_TEMPLATE, OutputLayout
+from writers.nexus import NexusFile, NexusSettings
+
+
+class WriterDevice(MeshDevice):
+    """Base of the writers; subclasses say which files they make."""
+
+    BeamtimeRoot = device_property(
+        dtype=str, default_value="",
+        doc="Absolute directory every output path is inside (environment variables and ~ are expanded)")
+    CreateRoot = device_property(dtype=bool, default_value=False,
+                                 doc="Create BeamtimeRoot if it is missing (demo and test meshes)")
+    PathTemplate = device_property(
+        dtype=str, default_value=DEFAULT_TEMPLATE,
+        doc="File path below BeamtimeRoot without suffix; fields: processed, beamtime, beamline, scan, "
+            "scan_name, number, pipeline")
+    StaleScanSeconds = device_property(dtype=float, default_value=3600.0,
+                                       doc="A scan with no message for this long is finished as abandoned")
+    MaxOpenScans = device_property(dtype=int, default_value=64, doc="Scans written at the same time, at most")
+
+    file_format = ""
+    component: WriterComponent
+
+    def init_device(self) -> None:
+        super().init_device()
+        self.set_change_event("LastFile", True, False)
+
+    def create_component(self) -> WriterComponent:
+        root = Path(os.path.expanduser(os.path.expandvars(self.BeamtimeRoot))) if self.BeamtimeRoot else None
+        if root is None:
+            raise ValueError("BeamtimeRoot is not set")
+        if self.CreateRoot and root.is_absolute():
+            root.mkdir(parents=True, exist_ok=True)
+        layout = OutputLayout(root, self.PathTemplate)
+        return WriterComponent(self.get_name(), self.Pipeline, self.bind_host, self.advertised_host, layout,
+                               self.file_format, self.open_file, WriterConfig(self.StaleScanSeconds, self.MaxOpenScans),
+                               PyTangoThread, on_file=self._file_written)
+
+    def open_file(self, run: ScanRun) -> ScanFile:
+        raise NotImplementedError
+
+    def _file_written(self, path: str) -> None:
+        self.push_change_event("LastFile", path)
+
+    @attribute(dtype=str, doc="Path of the last file made final (change events)")
+    def LastFile(self) -> str:
+        return self.component.last_file if isinstance(self.component, WriterComponent) else ""
+
+    @attribute(dtype=int, doc="Files made final since start")
+    def FilesWritten(self) -> int:
+        return getattr(self.component, "files_written", 0)
+
+    @attribute(dtype=int, doc="Bytes of the files made final since start", unit="B")
+    def BytesWritten(self) -> int:
+        return getattr(self.component, "bytes_written", 0)
+
+    @attribute(dtype=int, doc="Scans being written now")
+    def OpenScans(self) -> int:
+        return len(getattr(self.component, "runs", ()))
+
+    @attribute(dtype=int, doc="Messages skipped because their scan was refused (see Errors for why)")
+    def SkippedMessages(self) -> int:
+        return getattr(self.component, "skipped", 0)
+
+    @attribute(dtype=str, doc="BeamtimeRoot in force")
+    def Root(self) -> str:
+        return str(self.component.layout.root) if isinstance(self.component, WriterComponent) else ""
+
+    @command(dtype_in=int, doc_in="how many of the latest files (0: all kept)", dtype_out=str,
+             doc_out="JSON list: path, sha256, bytes, scan, pipeline, status, written")
+    def ListFiles(self, n: int) -> str:
+        return json.dumps(self.component.list_files(n) if isinstance(self.component, WriterComponent) else [])
+
+
+class NexusWriter(WriterDevice):
+    """One NeXus/HDF5 file per scan and pipeline, with the full metadata tree."""
+
+    Compression = device_property(dtype=str, default_value="bitshuffle-lz4",
+                                  doc="bitshuffle-lz4 (hdf5plugin), gzip or none")
+    ChunkBytes = device_property(dtype=int, default_value=1 << 20, doc="Target HDF5 chunk size in bytes")
+    FlushSeconds = device_property(dtype=float, default_value=5.0,
+                                   doc="Flush the file being written this often")
+
+    file_format = "nexus"
+
+    def create_component(self) -> WriterComponent:
+        self.settings = NexusSettings(self.Compression, self.ChunkBytes, self.FlushSeconds)
+        return super().create_component()
+
+    def open_file(self, run: ScanRun) -> ScanFile:
+        return NexusFile(run, self.settings)
+
+
+class ImageWriter(WriterDevice):
+    """PNG maps and plots of every product at scan end (and every IntervalSeconds)."""
+
+    WidthPixels = device_property(dtype=int, default_value=800, doc="Image width")
+    HeightPixels = device_property(dtype=int, default_value=600, doc="Image height")
+    Colormap = device_property(dtype=str, default_value="viridis", doc="matplotlib colour map of maps")
+    IntervalSeconds = device_property(dtype=float, default_value=0.0,
+                                      doc="Refresh the images during a scan this often (0: at scan end only)")
+    MaxBytes = device_property(dtype=int, default_value=256 << 20,
+                               doc="Memory for one scan's maps and sums; products beyond it get no image")
+
+    file_format = "images"
+
+    def create_component(self) -> WriterComponent:
+        self.settings = ImageSettings(self.WidthPixels, self.HeightPixels, 100, self.Colormap,
+                                      self.IntervalSeconds, self.MaxBytes)
+        return super().create_component()
+
+    def open_file(self, run: ScanRun) -> ScanFile:
+        return ImageFiles(run, self.settings)
+
+
+class FioWriter(WriterDevice):
+    """DESY FIO ascii files of the counter-type (scalar) products."""
+
+    file_format = "fio"
+
+    def open_file(self, run: ScanRun) -> ScanFile:
+        return FioFile(run)
+
+
+nexus_main = console_script(NexusWriter)
+image_main = console_script(ImageWriter)
+fio_main = console_script(FioWriter)
