@@ -224,9 +224,10 @@ class NexusFile(ScanFile):
         ds = self.datasets.get(name)
         point_shape = arr.shape[1:]
         if ds is not None:
-            if ds.shape[ds.ndim - len(point_shape):] != point_shape or ds.ndim != len(self.run.meta.map_shape) + len(point_shape):
+            earlier = ds.shape[len(self.run.meta.map_shape):]
+            if earlier != point_shape:
                 raise ValueError(f"result {result!r}: per-point shape {point_shape} differs from the "
-                                 f"{ds.shape[len(self.run.meta.map_shape):]} of this scan's earlier points")
+                                 f"{earlier} of this scan's earlier points")
             return ds
         return self._create(name, result, arr)
 
