@@ -31,11 +31,11 @@ system-deps:
 test: $(STAMP) system-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# Starts the embedded Tango DB and the mesh, runs a simulated raster with live
+# progress, prints the summary, takes everything down (DEMO_ARGS=--keep keeps it).
+DEMO_ARGS ?=
 demo: $(STAMP)
-	@export TANGOMESH_HOME=$(DEMO_HOME); \
-	$(BIN)/tangomesh up && $(BIN)/tangomesh status && \
-	$(BIN)/tangomesh scan --sim counters --points 10000 && $(BIN)/tangomesh query; rc=$$?; \
-	$(BIN)/tangomesh down; exit $$rc
+	TANGOMESH_HOME=$(DEMO_HOME) $(BIN)/tangomesh demo $(DEMO_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_codec.py

@@ -177,7 +177,8 @@ class SorterComponent(PipelineComponent):
                 self._chunk(run, ready, now)
         elif msg.type == codec.SCAN_ABORT:
             self._flush(run)
-            self._deliver(run, msg)
+            # consumers (sink, writers) tell a scan's pipelines apart by this message's stream
+            self._deliver(run, codec.Message(codec.SCAN_ABORT, scan=run.scan_id, stream=self.pipeline, meta=msg.meta))
             self._close(run, aborted=True)
         else:
             raise ValueError(f"{protocol.RESULTS_IN} takes results and scan control, not {msg.type}")

@@ -5,7 +5,8 @@
     tangomesh up [--mesh F] [--via-starter]
     tangomesh status [--json]
     tangomesh down [--keep-db]
-    tangomesh scan --sim PROFILE [--points N] [--rate HZ] [--block B] [--json]
+    tangomesh scan --sim NAME [--shape NXxNY] [--snake] [--rate HZ] [--json]
+    tangomesh demo [--keep] [--sim NAME] [--shape NXxNY] [--rate HZ]
     tangomesh scale PIPELINE N
     tangomesh query [SCAN] [--product P] [--json]
 """
@@ -16,6 +17,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,10 @@ import tango
 from rich.console import Console
 from rich.table import Table
 
-from services import mesh, simulate
+from services import mesh
+from services.beamline.run import ScanRunner
+from services.beamline.sims import SIM_NAMES, Simulation, make_simulation, parse_shape
+from services.demo import demo
 from services.home import EmbeddedDatabase, home, resolve_tango_host
 from services.registration import TangoManagerLink
 from sink.queries import QUERY, QueryError, SinkClient, find_sinks
@@ -52,15 +57,24 @@ def main(argv: list[str] | None = None) -> int:
     sub.choices["down"].add_argument("--keep-db", action="store_true", help="leave the embedded database running")
     sub.choices["status"].add_argument("--json", action="store_true", help="a JSON list instead of a table")
 
-    p = sub.add_parser("scan", help="drive a simulated scan through the running mesh and check what arrives")
-    p.add_argument("--sim", choices=sorted(simulate.PROFILES), required=True, help="simulated sources")
-    p.add_argument("--pipeline", help="pipeline to drive (default: the profile's name)")
-    p.add_argument("--points", type=int, default=10_000)
-    p.add_argument("--rate", type=float, default=0.0, help="points per second (default: as fast as the mesh takes them)")
-    p.add_argument("--block", type=int, default=100, help="points per source message")
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the scan's end")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    p.add_argument("--mesh", type=Path, default=mesh.DEFAULT_MESH, help="mesh file (for the topology device)")
+    for name, text in (("scan", "drive a simulated scan through the running mesh and check what arrives"),
+                       ("demo", "start the mesh, run a simulated scan with live progress, summarise, take it down")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--sim", choices=SIM_NAMES, default="counters" if name == "demo" else None,
+                       required=name == "scan", help="simulated beamline: detectors and pipelines")
+        p.add_argument("--shape", type=parse_shape, default=parse_shape("60x40" if name == "demo" else "50x40"),
+                       help="NXxNY raster (fast x slow points) or N for a line scan")
+        p.add_argument("--snake", action="store_true", default=name == "demo", help="odd rows run backwards")
+        p.add_argument("--rate", type=float, default=100.0 if name == "demo" else 0.0,
+                       help="points per second (0: as fast as the mesh takes them)")
+        p.add_argument("--dwell", type=float, default=0.01, help="exposure per point, seconds (the physics)")
+        p.add_argument("--seed", type=int, default=0, help="phantom and noise seed")
+        p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the scan's end")
+        p.add_argument("--json", action="store_true", help="print the summary as JSON")
+        p.add_argument("--mesh", type=Path, default=mesh.DEFAULT_MESH, help="mesh file (dsconfig JSON)")
+    sub.choices["scan"].add_argument("--block", type=int, default=1, help="points per source message")
+    sub.choices["scan"].add_argument("--pipelines", help="comma-separated subset of the simulation's pipelines")
+    sub.choices["demo"].add_argument("--keep", action="store_true", help="leave the mesh running (for Lavue)")
 
     p = sub.add_parser("scale", help="start or stop worker servers of a pipeline until N run")
     p.add_argument("pipeline")
@@ -160,28 +174,43 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _simulation(args: argparse.Namespace) -> Simulation:
+    if args.rate < 0 or args.dwell <= 0:
+        raise ValueError("--rate must be >= 0 and --dwell > 0")
+    return make_simulation(args.sim, args.shape, args.snake, args.dwell, args.seed)
+
+
 def cmd_scan(args: argparse.Namespace) -> int:
-    if args.points < 1 or args.block < 1 or args.rate < 0:
-        raise ValueError("--points and --block must be >= 1, --rate >= 0")
+    sim = _simulation(args)
     spec = mesh.MeshSpec.load(args.mesh)
     resolve_tango_host(home(), start=False)
     link = TangoManagerLink(spec.topology_device)
-    beamline = simulate.SimBeamline(args.pipeline or args.sim, args.sim, link)
+    pipelines = args.pipelines.split(",") if args.pipelines else None
+    runner = ScanRunner(sim, link, pipelines=pipelines)
     try:
-        summary, _ = beamline.scan(args.points, args.rate, args.block, timeout=args.timeout)
+        scan_id = f"sim-{args.sim}-{time.time_ns() // 1000}"
+        outcome = runner.run(scan_id, int(time.time()) % 100_000, args.rate, args.block, args.timeout,
+                             command=" ".join(["tangomesh scan", *sys.argv[2:]]))
     finally:
-        beamline.close()
+        runner.close()
     if args.json:
-        print(json.dumps(summary, indent=1))
+        print(json.dumps(outcome.to_json(), indent=1))
     else:
-        table = Table(title=f"scan {summary['scan']} through pipeline {summary['pipeline']}")
-        table.add_column("")
-        table.add_column("", justify="right")
-        for key, value in summary.items():
-            table.add_row(key, json.dumps(value) if isinstance(value, dict) else str(value))
+        table = Table(title=f"scan {outcome.scan}: {outcome.points} points, {outcome.wall_s:.2f} s, "
+                            f"{outcome.sent_bytes / 2**20:.1f} MiB sent")
+        keys = ("points_delivered", "missing", "duplicates", "out_of_order", "failed_points", "events_per_s")
+        table.add_column("pipeline")
+        for key in (*keys, "latency p50/p99 ms"):
+            table.add_column(key, justify="right")
+        for pipeline, s in outcome.per_pipeline.items():
+            latency = s.get("latency_ms", {})
+            table.add_row(pipeline, *(str(s[k]) for k in keys), f"{latency.get('p50', '-')}/{latency.get('p99', '-')}")
         console.print(table)
-    lossless = summary["missing"] == 0 and summary["duplicates"] == 0 and summary["out_of_order"] == 0
-    return 0 if lossless else 2
+    return 0 if outcome.lossless else 2
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    return demo(_simulation(args), args.mesh, home(), console, args.rate, args.keep, args.json, args.timeout)
 
 
 def cmd_scale(args: argparse.Namespace) -> int:
@@ -260,7 +289,7 @@ def cmd_query(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"db": cmd_db, "env": cmd_env, "up": cmd_up, "down": cmd_down, "status": cmd_status,
-            "scan": cmd_scan, "scale": cmd_scale, "query": cmd_query}
+            "scan": cmd_scan, "demo": cmd_demo, "scale": cmd_scale, "query": cmd_query}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -80,6 +80,20 @@ class TangoManagerLink:
         return json.loads(self._call("Lookup", json.dumps(query)))
 
 
+def master_proxy(link: ManagerLink, pipeline: str, timeout_ms: int = 15000) -> Any:
+    """A DeviceProxy to the one registered master of ``pipeline``: where the
+    control system sends StartScan / EndScan / AbortScan."""
+    import tango
+
+    names = [s["name"] for s in link.lookup({"kind": "master", "pipeline": pipeline})]
+    if len(names) != 1:
+        raise RuntimeError(f"pipeline {pipeline} has {len(names)} registered masters, expected 1 "
+                           "(is it declared in the mesh file and running?)")
+    proxy = tango.DeviceProxy(names[0])
+    proxy.set_timeout_millis(timeout_ms)
+    return proxy
+
+
 class RegistrationClient:
     """Registers ``info``, renews the lease, re-registers when the manager has
     forgotten the service, and deregisters on stop.

@@ -25,7 +25,7 @@ import zmq
 from pipelines import protocol
 from services import codec
 from services.dataplane import bind
-from services.registration import ManagerLink, RegistrationClient
+from services.registration import ManagerLink, RegistrationClient, master_proxy
 
 
 # --------------------------------------------------------------------------- profiles
@@ -136,7 +136,8 @@ def scan_document(scan_id: str, number: int, points: int, pipeline: str, profile
 class SimSource:
     """One detector stream: a bound PUSH socket, registered as a source."""
 
-    def __init__(self, stream: str, pipeline: str, link: ManagerLink, host: str = "127.0.0.1", hwm: int = 16) -> None:
+    def __init__(self, stream: str, pipeline: str, link: ManagerLink, host: str = "127.0.0.1", hwm: int = 16,
+                 prefix: str = "sim") -> None:
         self.stream = stream
         self.socket = zmq.Context.instance().socket(zmq.PUSH)
         self.socket.sndhwm = hwm
@@ -144,7 +145,7 @@ class SimSource:
         self.endpoint = bind(self.socket, host, host)
         self.blocked_seconds = 0.0
         self.registration = RegistrationClient(link, {
-            "name": f"sim/{pipeline}-{stream}/{os.getpid()}", "kind": protocol.KIND_SOURCE, "pipeline": pipeline,
+            "name": f"{prefix}/{pipeline}-{stream}/{os.getpid()}", "kind": protocol.KIND_SOURCE, "pipeline": pipeline,
             "host": host, "pid": os.getpid(), "endpoints": {protocol.SOURCE_OUT: self.endpoint},
             "capabilities": {"stream": stream}})
         self.registration.start()
@@ -375,14 +376,7 @@ class SimBeamline:
         wait_registered(self.probe.registration, *(src.registration for src in self.sources.values()))
 
     def master(self) -> Any:
-        import tango
-
-        found = [s["name"] for s in self.link.lookup({"kind": protocol.KIND_MASTER, "pipeline": self.pipeline})]
-        if len(found) != 1:
-            raise RuntimeError(f"pipeline {self.pipeline} has {len(found)} registered masters, expected 1")
-        proxy = tango.DeviceProxy(found[0])
-        proxy.set_timeout_millis(15000)
-        return proxy
+        return master_proxy(self.link, self.pipeline)
 
     def scan(self, points: int, rate: float = 0.0, block: int | dict[str, int] = 100, scan_id: str | None = None,
              skip: dict[str, set[int]] | None = None, analysis: dict[str, Any] | None = None,

@@ -53,8 +53,11 @@ def answer(store: ScanStore, query: Any) -> tuple[dict[str, Any], dict[str, np.n
         indices, values = store.latest(query["scan"], query["product"], query["n"])
         return {"scan": query["scan"], "product": query["product"], "points": len(indices)}, \
             {"indices": indices, "values": values}
-    entry, product = store.product(query["scan"], query["product"])
-    data = product.data
+    if "regrid" in query:
+        entry, product, data = store.regridded(query["scan"], query["product"], query["regrid"])
+    else:
+        entry, product = store.product(query["scan"], query["product"])
+        data = product.data
     selection = []
     for axis, key in enumerate(("rows", "cols")):
         if key not in query:
@@ -68,7 +71,8 @@ def answer(store: ScanStore, query: Any) -> tuple[dict[str, Any], dict[str, np.n
         selection.append(slice(start, stop))
     view = data[tuple(selection[:data.ndim])]
     return {"scan": entry.scan_id, "product": product.name, "version": product.version,
-            "shape": list(data.shape), "rows": query.get("rows"), "cols": query.get("cols")}, {"data": view}
+            "shape": list(data.shape), "rows": query.get("rows"), "cols": query.get("cols"),
+            "regrid": query.get("regrid")}, {"data": view}
 
 
 class QueryServer(BoundSocketThread):
@@ -160,8 +164,12 @@ class SinkClient:
         return self.request("stats")[0]
 
     def get(self, scan: str, product: str, rows: tuple[int, int] | None = None,
-            cols: tuple[int, int] | None = None) -> np.ndarray:
+            cols: tuple[int, int] | None = None, regrid: str | None = None) -> np.ndarray:
+        """A product or a slice; with ``regrid`` (a pipeline delivering corrected
+        positions, e.g. ``"position"``) resampled onto the nominal grid first."""
         fields: dict[str, Any] = {"scan": scan, "product": product}
+        if regrid is not None:
+            fields["regrid"] = regrid
         if rows is not None:
             fields["rows"] = list(rows)
         if cols is not None:

@@ -41,7 +41,8 @@ from typing import Any, Callable
 import numpy as np
 
 from services.ledger import GAP, PENDING, RECEIVED, PointLedger
-from services.scan import ScanMeta, map_cells
+from services.scan import ScanMeta, axis_values, map_cells
+from sink.regrid import RegridError, regrid
 
 log = logging.getLogger("tangomesh.sink")
 
@@ -420,6 +421,26 @@ class ScanStore:
                 raise StoreError(f"scan {scan_id} has no product {name!r} "
                                  f"(products: {', '.join(entry.products) or 'none yet'})")
             return entry, product
+
+    def regridded(self, scan_id: str, name: str, positions: str) -> tuple[ScanEntry, Product, np.ndarray]:
+        """A raster product of scalars resampled onto the nominal grid at the
+        positions ``<positions>/<fast axis>`` and ``<positions>/<slow axis>``
+        (the ``position`` pipeline's corrected positions); see sink.regrid."""
+        with self.lock:
+            entry, product = self.product(scan_id, name)
+            meta = entry.meta
+            if meta.geometry_type != "raster" or product.point_shape:
+                raise StoreError(f"only raster maps of scalars can be regridded; {name} is "
+                                 f"{meta.geometry_type} with points of shape {product.point_shape}")
+            fast, slow = meta.axis_names
+            _, x = self.product(scan_id, f"{positions}/{fast}")
+            _, y = self.product(scan_id, f"{positions}/{slow}")
+            values, xs, ys = product.data.copy(), x.data.copy(), y.data.copy()
+        grid_x, grid_y = axis_values(meta)
+        try:
+            return entry, product, regrid(values, xs, ys, grid_x, grid_y)
+        except RegridError as exc:
+            raise StoreError(f"cannot regrid {name} of scan {scan_id}: {exc}") from None
 
     def list_scans(self) -> list[dict[str, Any]]:
         """Resident scans, oldest started first (no LRU refresh)."""

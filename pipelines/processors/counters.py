@@ -1,10 +1,15 @@
 """``counters``: scaler channels normalised by the incident flux, and their sums.
 
 Settings: ``counters`` (array names, bare like ``"i1"`` when one stream has it,
-or ``"stream/i1"``), ``normalise_by`` (the monitor, usually ``"i0"``). Results
-per point: every counter as float64, ``<name>_norm`` = counter / monitor for
-the others (NaN where the monitor read 0: no beam is not a failure), and
-``sum`` / ``sum_norm`` over those others.
+or ``"stream/i1"``), ``normalise_by`` (the monitor, usually ``"i0"``),
+``transmission`` (the counter behind the sample, e.g. ``"it"``; needs the
+monitor), ``sum`` (default true), ``not_normalised`` (counters reported as
+read only, e.g. a beam-induced voltage, which is not proportional to flux). Results per point: every counter as float64
+(XBIC, XEOL, XBIV and the like are counters too), ``<name>_norm`` = counter /
+monitor for the others (NaN where the monitor read 0: no beam is not a
+failure), ``sum`` / ``sum_norm`` over those others, and ``transmission`` =
+``-ln(it / i0)``, the sample's absorbance up to the detectors' gain ratio
+(NaN where either read 0 or less).
 """
 
 from __future__ import annotations
@@ -28,6 +33,9 @@ class Counters(Processor):
             "counters": {"type": "array", "minItems": 1, "uniqueItems": True,
                          "items": {"type": "string", "minLength": 1}},
             "normalise_by": {"type": "string", "minLength": 1},
+            "transmission": {"type": "string", "minLength": 1},
+            "sum": {"type": "boolean", "default": True},
+            "not_normalised": {"type": "array", "uniqueItems": True, "items": {"type": "string", "minLength": 1}},
         },
     }
 
@@ -44,7 +52,18 @@ class Counters(Processor):
                              "results are named by the bare counter name, so each must be unique")
         self.monitor = None if monitor is None else _base(monitor)
         self.names = names
-        self.channels = [_base(n) for n in names if _base(n) != self.monitor]
+        raw = {_base(n) for n in self.settings.get("not_normalised", [])}
+        if raw - set(bases):
+            raise ValueError(f"not_normalised names {sorted(raw - set(bases))}, which are not among the counters")
+        self.channels = [_base(n) for n in names if _base(n) != self.monitor and _base(n) not in raw]
+        transmitted = self.settings.get("transmission")
+        if transmitted is not None:
+            if self.monitor is None:
+                raise ValueError("transmission needs normalise_by: the incident-flux monitor")
+            if _base(transmitted) not in self.channels:
+                raise ValueError(f"transmission counter {transmitted!r} is not one of the counters {self.channels}")
+        self.transmitted = None if transmitted is None else _base(transmitted)
+        self.with_sum = self.settings.get("sum", True)
 
     def _find(self, batch: Batch, name: str) -> np.ndarray:
         if "/" in name:
@@ -68,12 +87,17 @@ class Counters(Processor):
             values[_base(name)] = arr.astype(np.float64, copy=False)
         out = dict(values)
         channels = self.channels
-        out["sum"] = np.sum([values[c] for c in channels], axis=0) if channels else np.zeros(batch.count)
+        if self.with_sum:
+            out["sum"] = np.sum([values[c] for c in channels], axis=0) if channels else np.zeros(batch.count)
         if self.monitor is not None:
             monitor = values[self.monitor]
             with np.errstate(divide="ignore", invalid="ignore"):
                 scale = np.where(monitor != 0, 1.0 / monitor, np.nan)
-            for c in channels:
-                out[f"{c}_norm"] = values[c] * scale
-            out["sum_norm"] = out["sum"] * scale
+                for c in channels:
+                    out[f"{c}_norm"] = values[c] * scale
+                if self.with_sum:
+                    out["sum_norm"] = out["sum"] * scale
+                if self.transmitted is not None:
+                    ratio = values[self.transmitted] * scale
+                    out["transmission"] = -np.log(np.where((ratio > 0) & (monitor > 0), ratio, np.nan))
         return out

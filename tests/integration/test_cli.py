@@ -24,6 +24,9 @@ EXPECTED = {
     "tangomesh/counters-worker/01": "worker",
     "tangomesh/counters-worker/02": "worker",
     "tangomesh/counters/master": "master",
+    "tangomesh/position/sorter": "sorter",
+    "tangomesh/position-worker/01": "worker",
+    "tangomesh/position/master": "master",
 }
 STATUS_KEYS = {"name", "kind", "pipeline", "server", "host", "pid", "state", "endpoints", "counters"}
 
@@ -80,31 +83,39 @@ def test_up_status_down_round_trip(home) -> None:
     assert again.stdout.count("running") == len(EXPECTED) and "started" not in again.stdout
     assert {r["name"]: r["pid"] for r in status(home)} == {r["name"]: r["pid"] for r in rows}
 
-    # a simulated scan through the demo pipeline, as a user runs it
-    summary = json.loads(tangomesh(home, "scan", "--sim", "counters", "--points", "5000", "--json").stdout)
-    assert summary["points_sent"] == summary["points_delivered"] == 5000
-    assert summary["missing"] == summary["duplicates"] == summary["out_of_order"] == 0
-    assert summary["events_per_s"] > 0 and set(summary["latency_ms"]) == {"p50", "p90", "p99", "max"}
-    held = wait_for(lambda: sink_holds(home, summary["scan"]), 10, "the sink to hold the whole scan")
-    assert held["received"] == 5000 and held["missing"] == 0 and len(held["products"]) == 7
-    scan_dir = home / "beamtime" / "processed" / summary["scan"]  # BeamtimeRoot ${TANGOMESH_HOME}/beamtime
-    stem = f"{summary['scan']}_counters"
-    expected_files = {f"{stem}.nxs", f"{stem}.fio", *(f"{stem}_{p.split('/')[1]}.png" for p in held["products"])}
-    wait_for(lambda: set(read_checksums(scan_dir)) == expected_files, 10, "the demo's NeXus, FIO and PNG files")
+    # a simulated scan through the counters and position pipelines, as a user runs it
+    outcome = json.loads(tangomesh(home, "scan", "--sim", "counters", "--shape", "50x40", "--block", "20",
+                                   "--json").stdout)
+    assert outcome["points"] == 2000 and outcome["lossless"] and set(outcome["pipelines"]) == {"counters", "position"}
+    for summary in outcome["pipelines"].values():
+        assert summary["points_sent"] == summary["points_delivered"] == 2000
+        assert summary["missing"] == summary["duplicates"] == summary["out_of_order"] == 0
+        assert summary["events_per_s"] > 0 and set(summary["latency_ms"]) == {"p50", "p90", "p99", "max"}
+    held = wait_for(lambda: sink_holds(home, outcome["scan"]), 10, "the sink to hold the whole scan")
+    assert held["received"] == 2000 and held["missing"] == 0 and held["map_shape"] == [40, 50]
+    counters = sorted(p.split("/")[1] for p in held["products"] if p.startswith("counters/"))
+    assert counters == sorted(["i0", "it", "xbic", "xeol", "xbiv", "it_norm", "xbic_norm", "xeol_norm",
+                               "transmission"])
+    # BeamtimeRoot ${TANGOMESH_HOME}/beamtime, PathTemplate {processed}/{scan_name}/{scan}_{pipeline}
+    scan_dir = home / "beamtime" / "processed" / held["metadata"]["scan"]["name"]
+    expected_files = {f"{outcome['scan']}_{p.replace('/', '_')}.png" for p in held["products"]}
+    expected_files |= {f"{outcome['scan']}_{pipeline}.{ext}" for pipeline in ("counters", "position")
+                       for ext in ("nxs", "fio")}
+    wait_for(lambda: set(read_checksums(scan_dir)) == expected_files, 40, "the scan's NeXus, FIO and PNG files")
     tap = next(r for r in status(home) if r["kind"] == "recorder")
     assert tap["counters"]["events_in"] >= 3  # the tap (pipeline "") is a consumer of every pipeline
 
     # scaling declares and starts a third worker, then stops the extra ones
     assert "3 worker(s)" in tangomesh(home, "scale", "counters", "3").stdout
-    workers = [r for r in status(home) if r["kind"] == "worker"]
+    workers = [r for r in status(home) if r["kind"] == "worker" and r["pipeline"] == "counters"]
     assert len(workers) == 3 and all(r["state"] == "ON" for r in workers)
     third_pid = next(r["pid"] for r in workers if r["name"] == "tangomesh/counters-worker/03")
     assert "1 worker(s)" in tangomesh(home, "scale", "counters", "1").stdout
-    running = [r for r in status(home) if r["kind"] == "worker"]
+    running = [r for r in status(home) if r["kind"] == "worker" and r["pipeline"] == "counters"]
     assert [r["name"] for r in running] == ["tangomesh/counters-worker/01"]
     assert not pid_alive(third_pid)
     tangomesh(home, "scale", "counters", "3")
-    scaled_pids = [r["pid"] for r in status(home) if r["kind"] == "worker"]
+    scaled_pids = [r["pid"] for r in status(home) if r["kind"] == "worker" and r["pipeline"] == "counters"]
     assert len(scaled_pids) == 3
 
     db_pid = int((home / "run" / "databaseds.pid").read_text())
@@ -124,3 +135,23 @@ def test_up_via_starter_and_down(home) -> None:
     db_pid = int((home / "run" / "databaseds.pid").read_text())
     tangomesh(home, "down")
     assert_all_gone([r["pid"] for r in rows] + [starter_pid, db_pid])
+
+
+@pytest.mark.slow
+def test_the_demo_runs_end_to_end_and_agrees_with_the_phantom(home) -> None:
+    """`tangomesh demo` as `make demo` runs it, smaller: up, scan, files, summary, down."""
+    result = tangomesh(home, "demo", "--shape", "30x20", "--rate", "0", "--json", timeout=300)
+    report = json.loads(result.stdout)
+    assert report["ok"] and report["lossless"] and report["points"] == 600
+    assert report["sink"] == {"status": "complete", "expected": 600, "received": 600, "missing": 0, "failed": 0}
+    assert {p.split("/")[0] for p in report["products"]} == {"counters", "position"}
+    assert {"counters/transmission", "position/samx", "position/samy"} <= set(report["products"])
+    assert not report["missing_files"]
+    written = {Path(f["path"]).suffix for f in report["files"]}
+    assert written == {".nxs", ".fio", ".png"} and all(Path(f["path"]).is_file() for f in report["files"])
+    checks = {(c["product"], c["regrid"]): c for c in report["agreement"]}
+    assert checks[("counters/transmission", None)]["value"] >= 0.99
+    assert checks[("counters/transmission", "position")]["value"] >= 0.99
+    assert checks[("position/samx", None)]["value"] >= 10 and checks[("position/samy", None)]["value"] >= 10
+    assert all(c["passed"] for c in report["agreement"])
+    assert status(home) == []  # taken down

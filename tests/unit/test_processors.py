@@ -14,6 +14,7 @@ from pipelines import processors
 from pipelines.processors import Batch, Processor, check_results
 from pipelines.processors.counters import Counters
 from pipelines.processors.passthrough import Passthrough
+from pipelines.processors.position import Position
 from pipelines.worker import run_isolated
 from services import simulate
 from services.scan import ScanMeta, parse_scan
@@ -195,6 +196,79 @@ def test_a_missing_counter_names_itself() -> None:
         counters().process(batch)
     with pytest.raises(KeyError, match="'scaler/i9'"):
         counters({"counters": ["scaler/i9"]}).process(batch)
+
+
+def test_transmission_is_the_absorbance_and_raw_counters_stay_raw() -> None:
+    batch = counter_batch(0, 20)
+    i1 = batch.arrays["scaler/i1"].copy()
+    i1[[2, 9]] = [0.0, -1.0]  # no photons, and a bad reading: no absorbance, not a failure
+    batch = Batch(META, 0, 20, {**batch.arrays, "scaler/i1": i1})
+    out = counters({"counters": ["i1", "diode"], "normalise_by": "i0", "transmission": "i1", "sum": False,
+                    "not_normalised": ["diode"]}).process(batch)
+    assert out.keys() == {"i0", "i1", "diode", "i1_norm", "transmission"}
+    i0 = batch.arrays["scaler/i0"]
+    good = i1 > 0
+    np.testing.assert_allclose(out["transmission"][good], np.log(i0[good] / i1[good]), rtol=1e-12)
+    assert np.isnan(out["transmission"][~good]).all()
+    np.testing.assert_array_equal(out["diode"], batch.arrays["diode/diode"])
+
+
+@pytest.mark.parametrize("settings, match", [
+    ({"counters": ["i1"], "transmission": "i1"}, "needs normalise_by"),
+    ({"counters": ["i1"], "normalise_by": "i0", "transmission": "diode"}, "not one of the counters"),
+    ({"counters": ["i1"], "normalise_by": "i0", "not_normalised": ["xbiv"]}, "not among the counters"),
+])
+def test_inconsistent_counter_settings_refuse_the_scan(settings, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        Counters().start_scan(META, settings)
+
+
+# --------------------------------------------------------------------------- position
+
+
+POSITION = {"axes": {"samx": {"encoder": "pandabox/samx_enc", "interferometer": "ifm/samx"}}}
+
+
+def test_position_uses_the_interferometer_and_calibrates_the_encoder_for_lost_readings() -> None:
+    idx = np.arange(40)
+    true = 0.05 * idx
+    encoder = 0.3 + 1.01 * true  # offset and scale error: what the fit must learn
+    ifm = true.copy()
+    ifm[[30, 35]] = np.nan
+    proc = Position()
+    proc.start_scan(META, POSITION)
+    first = proc.process(Batch(META, 0, 20, {"pandabox/samx_enc": encoder[:20], "ifm/samx": ifm[:20]}))
+    np.testing.assert_array_equal(first["samx"], true[:20])
+    assert (first["samx_source"] == 0).all()
+    second = proc.process(Batch(META, 20, 20, {"pandabox/samx_enc": encoder[20:], "ifm/samx": ifm[20:]}))
+    np.testing.assert_allclose(second["samx"], true[20:], atol=1e-9)  # lost readings from the calibrated encoder
+    assert list(np.flatnonzero(second["samx_source"] == 1)) == [10, 15]
+    np.testing.assert_allclose(second["samx_encoder_error"], encoder[20:] - true[20:], atol=1e-9)
+
+
+def test_position_before_any_calibration_falls_back_to_the_raw_encoder() -> None:
+    proc = Position()
+    proc.start_scan(META, POSITION)
+    out = proc.process(Batch(META, 0, 2, {"pandabox/samx_enc": np.array([1.0, 2.0]), "ifm/samx": np.full(2, np.nan)}))
+    np.testing.assert_array_equal(out["samx"], [1.0, 2.0])
+    assert (out["samx_source"] == 2).all()
+
+
+@pytest.mark.parametrize("settings", [{}, {"axes": {}}, {"axes": {"samx": {}}},
+                                      {"axes": {"samx": {"encoder": "no-stream-part"}}},
+                                      {"axes": {"samx": {"encoder": "a/b", "laser": "c/d"}}}])
+def test_bad_position_settings_refuse_the_scan(settings) -> None:
+    with pytest.raises(SchemaError):
+        Position().start_scan(META, settings)
+
+
+def test_position_names_a_missing_stream_and_refuses_non_scalars() -> None:
+    proc = Position()
+    proc.start_scan(META, POSITION)
+    with pytest.raises(KeyError, match="ifm"):
+        proc.process(Batch(META, 0, 3, {"pandabox/samx_enc": np.zeros(3)}))
+    with pytest.raises(ValueError, match="positions are scalars"):
+        proc.process(Batch(META, 0, 3, {"pandabox/samx_enc": np.zeros((3, 2)), "ifm/samx": np.zeros(3)}))
 
 
 def test_a_non_scalar_counter_is_refused() -> None:

@@ -25,14 +25,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from services.powder import CubicPhase
+
 ELEMENTS = ("Ca", "Fe", "Cu", "Zn", "Pb")
-
-
-@dataclass(frozen=True)
-class CubicPhase:
-    name: str
-    lattice_A: float  # cubic lattice constant, Ångström
-    structure: str  # "fcc", "bcc", "diamond" or "rocksalt": which hkl reflect
 
 
 PHASES = (CubicPhase("Cu", 3.615, "fcc"), CubicPhase("Si", 5.431, "diamond"), CubicPhase("NaCl", 5.640, "rocksalt"))

@@ -1,0 +1,100 @@
+"""How close the mesh's products come to the phantom's truth.
+
+One list of checks for the demo's summary and for the tests, so both measure
+the same thing. A check names a product (as the sink serves it), the truth it
+should reproduce (the phantom at each point's true position, or on the
+nominal grid for a regridded map), a measure and the pass threshold:
+
+* ``pearson``: correlation over the map cells where both are finite; what a
+  user's eye sees in a map (offsets and gains do not matter);
+* ``rms_gain``: how many times closer to the true positions the corrected
+  positions are than the raw encoder readings.
+
+The thresholds follow from the simulators' noise models (services.beamline.*):
+counting statistics at the simulated flux leave normalised counters and
+transmission well above 0.99.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from services.beamline.counters import CounterModel, xbic_efficiency, xeol_yield
+from services.beamline.phantom import PHASES
+from services.beamline.sims import Simulation
+
+Fetch = Callable[[str, "str | None"], np.ndarray]  # (product, regrid pipeline or None) -> map
+
+
+@dataclass(frozen=True)
+class Check:
+    product: str
+    truth: str  # what it is compared with, for people
+    measure: str  # "pearson" or "rms_gain"
+    threshold: float
+    regrid: str | None = None  # compare the map regridded on this pipeline's positions
+
+
+@dataclass(frozen=True)
+class Result:
+    check: Check
+    value: float
+
+    @property
+    def passed(self) -> bool:
+        return bool(np.isfinite(self.value) and self.value >= self.check.threshold)
+
+
+def pearson(a: np.ndarray, b: np.ndarray) -> float:
+    ok = np.isfinite(a) & np.isfinite(b)
+    if ok.sum() < 3:
+        return float("nan")
+    return float(np.corrcoef(a[ok], b[ok])[0, 1])
+
+
+def checks(sim: Simulation) -> list[Check]:
+    out = []
+    if "counters" in sim.pipelines:
+        out += [Check("counters/transmission", "sample thickness", "pearson", 0.99),
+                Check("counters/it_norm", "exp(-mu thickness)", "pearson", 0.99),
+                Check("counters/xbic_norm", "charge collection (Si grains)", "pearson", 0.99),
+                Check("counters/xeol_norm", "luminescence yield (NaCl grains)", "pearson", 0.99)]
+    if "position" in sim.pipelines:
+        out += [Check("position/samx", "true x (vs raw encoder)", "rms_gain", 10.0),
+                Check("position/samy", "true y (vs raw encoder)", "rms_gain", 10.0)]
+        if "counters" in sim.pipelines and sim.pattern.slow is not None:
+            out.append(Check("counters/transmission", "thickness on the nominal grid", "pearson", 0.99,
+                             regrid="position"))
+    return out
+
+
+def _truth(sim: Simulation, check: Check) -> np.ndarray:
+    truth = sim.truth_on_grid() if check.regrid else sim.truth()
+    fractions = np.stack([truth[f"phase_{p.name}"] for p in PHASES], axis=-1)
+    return {
+        "counters/transmission": lambda: truth["thickness_um"],
+        "counters/it_norm": lambda: np.exp(-CounterModel.mu_per_um * truth["thickness_um"]),
+        "counters/xbic_norm": lambda: xbic_efficiency(fractions),
+        "counters/xeol_norm": lambda: xeol_yield(fractions),
+    }[check.product]()
+
+
+def evaluate(sim: Simulation, fetch: Fetch) -> list[Result]:
+    """Every check of ``sim``, measured on the products ``fetch`` returns."""
+    results = []
+    truth = sim.truth()
+    for check in checks(sim):
+        if check.measure == "rms_gain":
+            axis = check.product.split("/", 1)[1]
+            corrected = fetch(check.product, None)
+            encoder = corrected + fetch(f"{check.product}_encoder_error", None)
+            true = truth["x_um" if axis == "samx" else "y_um"]
+            raw = np.sqrt(np.nanmean((encoder - true) ** 2))
+            fixed = np.sqrt(np.nanmean((corrected - true) ** 2))
+            results.append(Result(check, float(raw / fixed) if fixed > 0 else float("inf")))
+        else:
+            results.append(Result(check, pearson(fetch(check.product, check.regrid), _truth(sim, check))))
+    return results

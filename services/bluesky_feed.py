@@ -1,0 +1,218 @@
+"""Feed the mesh from a Bluesky RunEngine: a document callback.
+
+    from services.bluesky_feed import MeshFeed
+    feed = MeshFeed(TangoManagerLink(), analysis={"counters": {
+        "processor": "counters", "settings": {"counters": ["det4"]}, "streams": ["primary"]}})
+    RE.subscribe(feed)
+    RE(grid_scan([det4], motor1, -1, 1, 5, motor2, -2, 2, 7, snake_axes=True))
+    feed.close()
+
+How the documents map (docs/bluesky.md has the full table):
+
+* ``start`` is kept; ``StartScan`` waits for the ``primary`` descriptor,
+  because only the descriptor says what the data are (dtype, shape, units).
+  Scan id ``bluesky-<scan_id>-<uid[:8]>``, number ``scan_id``, command
+  ``plan_name(plan_args)``, start time from ``time``. A ``grid_scan``
+  (outer product of two motors, ``shape`` and ``extents``) becomes a raster
+  with the *second* motor as the fast axis (Bluesky lists the slow one
+  first) and ``snake`` from ``snaking``; a one-motor ``scan`` becomes a line;
+  anything else a ``points`` geometry with the measured positions in the data.
+  Beamtime from the start document's ``beamtime_id``/``beamline_id``/
+  ``proposal_id`` (else the feed's defaults), sample from ``sample``,
+  acquisition detectors and device snapshot from the descriptor's
+  ``configuration``, the whole start document under ``user.bluesky_start``.
+* ``event`` / ``event_page`` of the primary stream: the numeric data keys of
+  each configured stream go out as one block per event (page), index
+  ``seq_num - 1``.
+* ``stop``: every stream's scan end, then ``EndScan``; ``AbortScan`` when
+  ``exit_status`` is not ``success``.
+
+Not mapped: per-reading timestamps, hints, streams other than ``primary``
+(baseline, monitors), string-valued keys, and externally stored data
+(Resource/Datum documents: the frames an area detector wrote to a file are
+not read back). Such detectors should stream to the mesh themselves.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+
+from services.registration import ManagerLink, master_proxy
+from services.simulate import SimSource, wait_registered
+
+log = logging.getLogger("tangomesh.bluesky")
+
+DTYPES = {"number": "<f8", "integer": "<i8", "boolean": "|b1"}
+
+
+def json_safe(value: Any) -> Any:
+    """Bluesky documents hold tuples, numpy scalars and arrays: plain JSON instead."""
+    return json.loads(json.dumps(value, default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v)))
+
+
+class MeshFeed:
+    """A RunEngine subscriber that runs each Bluesky run as a mesh scan.
+
+    ``analysis``: the scan document's analysis section (pipeline -> processor,
+    settings, streams); ``streams``: mesh stream name -> data keys of the
+    primary stream (default: one stream ``primary`` with every numeric key);
+    ``beamtime``: defaults for what the start document does not say.
+    """
+
+    def __init__(self, link: ManagerLink, analysis: dict[str, dict[str, Any]],
+                 streams: dict[str, list[str]] | None = None, beamtime: dict[str, Any] | None = None,
+                 host: str = "127.0.0.1") -> None:
+        self.link = link
+        self.analysis = analysis
+        self.stream_keys = streams
+        self.beamtime = beamtime or {"id": "bluesky", "beamline": "BL",
+                                     "paths": {"raw": "raw", "processed": "processed"}}
+        wanted = {(p, s) for p, entry in analysis.items() for s in entry.get("streams", list(streams or ["primary"]))}
+        self.sources = {(p, s): SimSource(s, p, link, host, prefix="bluesky") for p, s in sorted(wanted)}
+        wait_registered(*(src.registration for src in self.sources.values()))
+        self.start: dict[str, Any] | None = None
+        self.scan_id: str | None = None
+        self.primary: str | None = None  # the primary descriptor's uid
+        self.keys: dict[str, dict[str, str]] = {}  # stream -> data key -> dtype
+        self.masters: dict[str, Any] = {}
+        self.sent = 0
+        self.scans: list[str] = []  # ids of the scans started, for the caller
+
+    # ------------------------------------------------------------ RunEngine interface
+    def __call__(self, name: str, doc: dict[str, Any]) -> None:
+        handler = getattr(self, f"_on_{name}", None)
+        if handler is not None:
+            handler(doc)
+
+    def _on_start(self, doc: dict[str, Any]) -> None:
+        self.start, self.scan_id, self.primary, self.keys = doc, None, None, {}
+
+    def _on_descriptor(self, doc: dict[str, Any]) -> None:
+        if self.start is None or doc.get("name") != "primary" or self.scan_id is not None:
+            return  # other streams are not mapped (see the module doc)
+        self.primary = doc["uid"]
+        self.keys = self._stream_keys(doc["data_keys"])
+        document = self.document(self.start, doc)
+        self.scan_id = document["scan"]["id"]
+        self.masters = {p: master_proxy(self.link, p) for p in self.analysis}
+        text = json.dumps(document)
+        for pipeline, master in self.masters.items():
+            master.StartScan(text)
+        self.scans.append(self.scan_id)
+        log.info("scan %s started on %s", self.scan_id, ", ".join(self.masters))
+
+    def _on_event(self, doc: dict[str, Any]) -> None:
+        if doc.get("descriptor") == self.primary and self.scan_id:
+            self._send(doc["seq_num"] - 1, {k: [v] for k, v in doc["data"].items()})
+
+    def _on_event_page(self, doc: dict[str, Any]) -> None:
+        if doc.get("descriptor") != self.primary or not self.scan_id:
+            return
+        seq = doc["seq_num"]
+        if list(seq) != list(range(seq[0], seq[0] + len(seq))):
+            for k, n in enumerate(seq):  # not consecutive: one block per event
+                self._send(n - 1, {key: [values[k]] for key, values in doc["data"].items()})
+        else:
+            self._send(seq[0] - 1, doc["data"])
+
+    def _on_stop(self, doc: dict[str, Any]) -> None:
+        if not self.scan_id:
+            return
+        try:
+            if doc.get("exit_status") == "success":
+                points = int(doc.get("num_events", {}).get("primary", 0))
+                for source in self.sources.values():
+                    source.end(self.scan_id, points)
+                for master in self.masters.values():
+                    master.EndScan(self.scan_id)
+            else:
+                for master in self.masters.values():
+                    master.AbortScan(self.scan_id)
+        finally:
+            self.start, self.scan_id, self.primary = None, None, None
+
+    # ------------------------------------------------------------ mapping
+    def _stream_keys(self, data_keys: dict[str, Any]) -> dict[str, dict[str, str]]:
+        numeric = {k: DTYPES.get(v.get("dtype"), "<f8") for k, v in data_keys.items()
+                   if v.get("dtype") in DTYPES or v.get("dtype") == "array"}
+        chosen = self.stream_keys or {"primary": sorted(numeric)}
+        out = {}
+        for stream, keys in chosen.items():
+            unknown = sorted(set(keys) - set(numeric))
+            if unknown:
+                raise ValueError(f"stream {stream}: data keys {unknown} are not numeric keys of the primary "
+                                 f"stream (numeric keys: {sorted(numeric)})")
+            out[stream] = {k: numeric[k] for k in keys}
+        return out
+
+    def _send(self, index: int, data: dict[str, list[Any]]) -> None:
+        for stream, keys in self.keys.items():
+            arrays = {k: np.asarray(data[k], dtype=dt) for k, dt in keys.items()}
+            for (pipeline, s), source in self.sources.items():
+                if s == stream:
+                    source.block(self.scan_id, index, arrays)
+        self.sent += len(next(iter(data.values()), []))
+
+    def document(self, start: dict[str, Any], descriptor: dict[str, Any]) -> dict[str, Any]:
+        """The StartScan document for a run, from its start and primary descriptor."""
+        data_keys = descriptor["data_keys"]
+        units = {k: v.get("units", "") or "" for k, v in data_keys.items()}
+        uid = start["uid"]
+        number = int(start.get("scan_id", 0))
+        beamtime = json_safe(self.beamtime)
+        for ours, theirs in (("id", "beamtime_id"), ("beamline", "beamline_id"), ("proposal", "proposal_id")):
+            if start.get(theirs):
+                beamtime[ours] = str(start[theirs])
+        sample = start.get("sample", "unknown")
+        sample = json_safe(sample) if isinstance(sample, dict) and "name" in sample else {"name": str(sample)}
+        configuration = json_safe({k: v.get("data", {}) for k, v in descriptor.get("configuration", {}).items()})
+        detectors = list(start.get("detectors", []))
+        return {
+            "schema_version": 1,
+            "beamtime": beamtime,
+            "scan": {"id": f"bluesky-{number}-{uid[:8]}", "number": number, "name": f"{start.get('plan_name', 'run')}_{number}",
+                     "command": f"{start.get('plan_name', '?')}({json.dumps(json_safe(start.get('plan_args', {})))})",
+                     "start_time": datetime.fromtimestamp(start["time"], timezone.utc).isoformat(timespec="milliseconds"),
+                     "geometry": self.geometry(start, units)},
+            "sample": sample,
+            "acquisition": {"detectors": {d: configuration.get(d, {}) for d in detectors}},
+            "devices": {k: v for k, v in configuration.items() if k not in detectors},
+            "analysis": self.analysis,
+            "streams": {s: {"arrays": {k: {"dtype": dt, "shape": list(data_keys[k].get("shape", [])),
+                                           **({"units": units[k]} if units[k] else {})} for k, dt in keys.items()}}
+                        for s, keys in self.keys.items()},
+            "user": {"bluesky_start": json_safe(start)},
+        }
+
+    @staticmethod
+    def geometry(start: dict[str, Any], units: dict[str, str]) -> dict[str, Any]:
+        motors = list(start.get("motors", []))
+        shape = list(start.get("shape", []))
+        extents = [list(e) for e in start.get("extents", [])]
+        if start.get("plan_pattern") == "outer_product" and len(motors) == 2 == len(shape) == len(extents):
+            (slow, fast), (n_slow, n_fast), (e_slow, e_fast) = motors, shape, extents
+            snaking = list(start.get("snaking", [False, False]))
+            return {"type": "raster", "snake": bool(snaking[1]) if len(snaking) > 1 else False, "axes": [
+                {"name": fast, "units": units.get(fast, ""), "start": float(e_fast[0]), "stop": float(e_fast[1]),
+                 "points": int(n_fast)},
+                {"name": slow, "units": units.get(slow, ""), "start": float(e_slow[0]), "stop": float(e_slow[1]),
+                 "points": int(n_slow)}]}
+        points = int(start.get("num_points", 0))
+        args = start.get("plan_pattern_args", {}).get("args", [])
+        if start.get("plan_pattern") == "inner_product" and len(motors) == 1 and len(args) == 3 and points:
+            return {"type": "line", "axes": [{"name": motors[0], "units": units.get(motors[0], ""),
+                                              "start": float(args[1]), "stop": float(args[2]), "points": points}]}
+        if not points or not math.isfinite(points):
+            raise ValueError(f"run {start.get('uid')}: num_points is not in the start document; "
+                             "the mesh needs the number of points at scan start")
+        return {"type": "points", "points": points, "axes": [{"name": m, "units": units.get(m, "")} for m in motors]}
+
+    def close(self) -> None:
+        for source in self.sources.values():
+            source.close()

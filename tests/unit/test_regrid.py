@@ -1,0 +1,70 @@
+"""Regridding a map onto the positions the beam really had (sink.regrid and
+the store's query): exact for a plane, NaN where the beam never was, clear
+errors where the positions cannot carry it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import scan_geometry
+from services import simulate
+from services.scan import axis_values, parse_scan
+from sink.regrid import RegridError, regrid
+from sink.store import ScanStore, StoreError
+
+
+def plane(x, y):
+    return 3.0 * x - 2.0 * y + 1.0
+
+
+def test_a_plane_sampled_at_shifted_positions_comes_back_exactly() -> None:
+    gx, gy = np.linspace(0, 10, 11), np.linspace(0, 5, 6)
+    x, y = np.meshgrid(gx, gy)
+    rng = np.random.default_rng(1)
+    # the beam lagged by 0.3 on even rows and led by 0.3 on odd ones (a snake's zig-zag), plus jitter
+    x_true = x + np.where(np.arange(6)[:, None] % 2, 0.3, -0.3) + rng.normal(0, 0.02, x.shape)
+    y_true = y + rng.normal(0, 0.02, y.shape)
+    out = regrid(plane(x_true, y_true), x_true, y_true, gx, gy)
+    inside = np.isfinite(out)
+    assert inside.sum() > 0.8 * out.size
+    np.testing.assert_allclose(out[inside], plane(x, y)[inside], atol=1e-9)
+    nominal = plane(x_true, y_true)  # what the nominal map shows at the cells: off by the lag
+    assert np.abs(nominal - plane(x, y)).max() > 0.8
+    assert not np.isfinite(out[:, 0]).all() or not np.isfinite(out[:, -1]).all()  # outside: NaN, not invented
+
+
+def test_positions_that_cannot_carry_a_regrid_are_refused() -> None:
+    g = np.linspace(0, 1, 3)
+    with pytest.raises(RegridError, match="needs 3"):
+        regrid(np.array([1.0, np.nan, 2.0]), np.arange(3.0), np.arange(3.0), g, g)
+    with pytest.raises(RegridError, match="span no area"):
+        regrid(np.ones(5), np.arange(5.0), np.arange(5.0), g, g)  # on a line
+    with pytest.raises(RegridError, match="values for"):
+        regrid(np.ones(4), np.arange(5.0), np.arange(5.0), g, g)
+
+
+def test_the_store_regrids_a_product_on_a_position_pipeline() -> None:
+    rows, cols = 5, 7
+    doc = simulate.scan_document("r1", 1, rows * cols, "p1", simulate.PROFILES["counters"],
+                                 geometry=scan_geometry("snake", rows, cols))
+    meta = parse_scan(doc)
+    store = ScanStore(64 * 2**20)
+    for pipeline in ("p1", "pos"):
+        store.start(meta, pipeline)
+    grid_x, grid_y = axis_values(meta)
+    idx = np.arange(rows * cols)
+    r, c = np.divmod(idx, cols)
+    c = np.where(r % 2 == 1, cols - 1 - c, c)
+    x, y = grid_x[c] + 0.1, grid_y[r]  # every point 0.1 um right of its nominal cell
+    store.add_result("r1", "pos", 0, len(idx), {"samx": x, "samy": y})
+    store.add_result("r1", "p1", 0, len(idx), {"v": plane(x, y), "spectrum": np.ones((len(idx), 3))})
+    _, _, out = store.regridded("r1", "p1/v", "pos")
+    gx, gy = np.meshgrid(grid_x, grid_y)
+    ok = np.isfinite(out)
+    assert ok[:, 1:].all() and not ok[:, 0].any()  # the first column was never reached
+    np.testing.assert_allclose(out[ok], plane(gx, gy)[ok], atol=1e-9)
+    with pytest.raises(StoreError, match="only raster maps of scalars"):
+        store.regridded("r1", "p1/spectrum", "pos")
+    with pytest.raises(StoreError, match="no product 'nope/samx'"):
+        store.regridded("r1", "p1/v", "nope")
