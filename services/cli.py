@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, text in (("scan", "drive a simulated scan through the running mesh and check what arrives"),
                        ("demo", "start the mesh, run a simulated scan with live progress, summarise, take it down")):
         p = sub.add_parser(name, help=text)
-        p.add_argument("--sim", choices=SIM_NAMES, default="counters" if name == "demo" else None,
+        p.add_argument("--sim", choices=SIM_NAMES, default="full" if name == "demo" else None,
                        required=name == "scan", help="simulated beamline: detectors and pipelines")
         p.add_argument("--shape", type=parse_shape, default=parse_shape("60x40" if name == "demo" else "50x40"),
                        help="NXxNY raster (fast x slow points) or N for a line scan")

@@ -129,9 +129,9 @@ def with_home(config: Any, root: Path) -> Any:
 def declare(spec: MeshSpec, root: Path) -> bool:
     """Write servers, devices and properties with dsconfig (update mode: add and
     change, never remove, so properties set by hand in Jive survive)."""
+    os.environ.setdefault("TQDM_DISABLE", "1")  # dsconfig draws a tqdm bar when tqdm is installed (read on import)
     from dsconfig.json2tango import apply_config, prepare_config
 
-    os.environ.setdefault("TQDM_DISABLE", "1")  # dsconfig draws a tqdm bar when tqdm is installed
     config = prepare_config(with_home(spec.config, root))
     _, _, calls, *_ = apply_config(config, tango.Database(), write=True, update=True, verbose=False)
     return bool(calls)

@@ -22,7 +22,7 @@ from services.component import Counters
 from services.dataplane import BoundSocketThread
 from services.registration import ManagerLink
 from services.schema import SchemaError, validate
-from sink.store import EvictedError, ScanStore, StoreError
+from sink.store import PHASE, EvictedError, ScanStore, StoreError
 
 log = logging.getLogger("tangomesh.sink.query")
 
@@ -56,6 +56,13 @@ def answer(store: ScanStore, query: Any) -> tuple[dict[str, Any], dict[str, np.n
     if "regrid" in query:
         entry, product, data = store.regridded(query["scan"], query["product"], query["regrid"])
     else:
+        pipeline, _, result = query["product"].partition("/")
+        entry = store.entry(query["scan"])
+        if result == PHASE and query["product"] not in entry.products and store.has_gradients(entry, pipeline):
+            # asked while the scan runs: integrate the gradients as they are now
+            data = store.phase(query["scan"], pipeline)
+            return {"scan": entry.scan_id, "product": query["product"], "version": entry.version,
+                    "shape": list(data.shape), "rows": None, "cols": None, "regrid": None}, {"data": data}
         entry, product = store.product(query["scan"], query["product"])
         data = product.data
     selection = []

@@ -42,11 +42,14 @@ import numpy as np
 
 from services.ledger import GAP, PENDING, RECEIVED, PointLedger
 from services.scan import ScanMeta, axis_values, map_cells
+from sink.phase import integrate_gradients
 from sink.regrid import RegridError, regrid
 
 log = logging.getLogger("tangomesh.sink")
 
 MMAP_MIN_BYTES = 256 * 1024
+GRADIENTS = ("gradient_x", "gradient_y")  # DPC results the sink integrates into a phase map
+PHASE = "phase"
 EVICTED_KEPT = 10_000
 
 
@@ -320,6 +323,32 @@ class ScanStore:
             entry.version += 1
             entry.updated = time.time()
             self._touch(entry)
+            if not aborted and self.has_gradients(entry, pipeline):
+                phase = self.phase(scan_id, pipeline)
+                product = self._product(entry, pipeline, PHASE, phase.reshape(-1)[:1])
+                if product is not None:
+                    product.data[...] = phase
+                    product.version += 1
+
+    @staticmethod
+    def has_gradients(entry: ScanEntry, pipeline: str) -> bool:
+        """Whether ``pipeline`` delivers DPC gradients of a raster (see :meth:`phase`)."""
+        return entry.meta.geometry_type == "raster" and all(
+            f"{pipeline}/{g}" in entry.products for g in GRADIENTS)
+
+    def phase(self, scan_id: str, pipeline: str) -> np.ndarray:
+        """The phase map integrated from ``<pipeline>/gradient_x`` and
+        ``gradient_y`` (rad/µm along the fast and slow axes) as they are now;
+        stored as ``<pipeline>/phase`` when the pipeline ends (sink.phase)."""
+        with self.lock:
+            entry = self.entry(scan_id)
+            if not self.has_gradients(entry, pipeline):
+                raise StoreError(f"scan {scan_id} has no DPC gradients {', '.join(GRADIENTS)} from {pipeline!r} "
+                                 "on a raster: no phase to integrate")
+            gx, gy = (entry.products[f"{pipeline}/{g}"].data.copy() for g in GRADIENTS)
+        fast, slow = axis_values(entry.meta)
+        step = [float(v[1] - v[0]) if len(v) > 1 else 1.0 for v in (fast, slow)]
+        return integrate_gradients(gx, gy, *step)
 
     def _open_run(self, scan_id: str, pipeline: str) -> tuple[ScanEntry, PipelineRun]:
         entry = self._entry(scan_id)

@@ -57,6 +57,21 @@ class Batch:
     def streams(self) -> set[str]:
         return {k.split("/", 1)[0] for k in self.arrays}
 
+    def array(self, name: str, point_shape: tuple[int, ...] | None = None) -> np.ndarray:
+        """The array ``stream/array``, checked: KeyError naming what is absent,
+        ValueError for a per-point shape other than ``point_shape`` or for
+        non-finite values (a detector's NaN must fail the point, not poison a map)."""
+        stream, _, array = name.partition("/")
+        values = self.stream(stream).get(array)
+        if values is None:
+            raise KeyError(f"no array {name!r} in these events (stream {stream!r} has {sorted(self.stream(stream))})")
+        if point_shape is not None and values.shape[1:] != tuple(point_shape):
+            raise ValueError(f"{name} has shape {values.shape[1:]} per point, expected {tuple(point_shape)}")
+        if values.dtype.kind in "fc" and not np.isfinite(values).all():
+            bad = np.flatnonzero(~np.isfinite(values.reshape(self.count, -1)).all(axis=1))
+            raise ValueError(f"{name} has non-finite values at points {(bad + self.index)[:10].tolist()}")
+        return values
+
     def point(self, j: int) -> "Batch":
         """Event ``j`` of the batch alone (views), to isolate a failing point."""
         return Batch(self.scan, self.index + j, 1, {k: v[j:j + 1] for k, v in self.arrays.items()}, self.missing)
@@ -103,6 +118,23 @@ def load(name: str) -> type[Processor]:
     if not (isinstance(cls, type) and issubclass(cls, Processor)):
         raise ValueError(f"entry point {name!r} is {cls!r}, not a Processor subclass")
     return cls
+
+
+def declared_shape(scan: ScanMeta, name: str) -> tuple[int, ...] | None:
+    """Per-point shape of ``stream/array`` as the scan document declares it, if it does."""
+    stream, _, array = name.partition("/")
+    spec = scan.raw.get("streams", {}).get(stream, {}).get("arrays", {}).get(array)
+    return tuple(spec["shape"]) if spec else None
+
+
+def monitor_scale(batch: Batch, name: str | None) -> np.ndarray:
+    """1 / monitor per point (NaN where it read 0 or less: no beam is not a
+    failure), or ones without a monitor."""
+    if name is None:
+        return np.ones(batch.count)
+    monitor = batch.array(name).astype(np.float64).reshape(batch.count, -1)[:, 0]
+    with np.errstate(divide="ignore"):
+        return np.where(monitor > 0, 1.0 / monitor, np.nan)
 
 
 def check_results(results: Any, count: int) -> dict[str, np.ndarray]:

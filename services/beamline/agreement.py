@@ -23,7 +23,7 @@ from typing import Callable
 import numpy as np
 
 from services.beamline.counters import CounterModel, xbic_efficiency, xeol_yield
-from services.beamline.phantom import PHASES
+from services.beamline.phantom import ELEMENTS, PHASES
 from services.beamline.sims import Simulation
 
 Fetch = Callable[[str, "str | None"], np.ndarray]  # (product, regrid pipeline or None) -> map
@@ -68,18 +68,35 @@ def checks(sim: Simulation) -> list[Check]:
         if "counters" in sim.pipelines and sim.pattern.slow is not None:
             out.append(Check("counters/transmission", "thickness on the nominal grid", "pearson", 0.99,
                              regrid="position"))
+    if "xrf" in sim.pipelines:
+        out += [Check(f"xrf/{e}_norm", f"{e} areal density", "pearson", 0.98) for e in ELEMENTS]
+    if "xrd" in sim.pipelines:
+        out += [Check(f"xrd/{p.name}_norm", f"{p.name} phase fraction", "pearson", 0.98) for p in PHASES]
+    if "dpc" in sim.pipelines:
+        out += [Check("dpc/gradient_x", "dphi/dx", "pearson", 0.95), Check("dpc/gradient_y", "dphi/dy", "pearson", 0.95),
+                Check("dpc/bright_field_norm", "exp(-mu thickness)", "pearson", 0.99)]
+        if sim.pattern.slow is not None:
+            out.append(Check("dpc/phase", "phase (integrated in the sink)", "pearson", 0.9))
     return out
 
 
 def _truth(sim: Simulation, check: Check) -> np.ndarray:
     truth = sim.truth_on_grid() if check.regrid else sim.truth()
     fractions = np.stack([truth[f"phase_{p.name}"] for p in PHASES], axis=-1)
-    return {
-        "counters/transmission": lambda: truth["thickness_um"],
-        "counters/it_norm": lambda: np.exp(-CounterModel.mu_per_um * truth["thickness_um"]),
-        "counters/xbic_norm": lambda: xbic_efficiency(fractions),
-        "counters/xeol_norm": lambda: xeol_yield(fractions),
-    }[check.product]()
+    absorption = np.exp(-CounterModel.mu_per_um * truth["thickness_um"])
+    known = {
+        "counters/transmission": truth["thickness_um"],
+        "counters/it_norm": absorption,
+        "counters/xbic_norm": xbic_efficiency(fractions),
+        "counters/xeol_norm": xeol_yield(fractions),
+        "dpc/gradient_x": truth["dphase_dx"],
+        "dpc/gradient_y": truth["dphase_dy"],
+        "dpc/bright_field_norm": absorption,
+        "dpc/phase": truth["phase_rad"],
+        **{f"xrf/{e}_norm": truth[f"{e}_ug_cm2"] for e in ELEMENTS},
+        **{f"xrd/{p.name}_norm": truth[f"phase_{p.name}"] for p in PHASES},
+    }
+    return known[check.product]
 
 
 def evaluate(sim: Simulation, fetch: Fetch) -> list[Result]:

@@ -131,7 +131,8 @@ def test_dpc_spot_moves_in_proportion_to_the_phase_gradient(full) -> None:
 
 
 def run_pipeline(sim, pipeline: str, processor, unit: int = 100) -> dict[str, np.ndarray]:
-    """Every point through ``processor`` in units of ``unit`` events, results in map shape."""
+    """Every point through ``processor`` in units of ``unit`` events, results in map shape
+    (plus their per-point shape)."""
     meta = parse_scan(sim.document("sim-unit", 1))
     processor.start_scan(meta, sim.pipelines[pipeline].settings)
     chunks = []
@@ -143,9 +144,9 @@ def run_pipeline(sim, pipeline: str, processor, unit: int = 100) -> dict[str, np
     out = {}
     for name in chunks[0]:
         values = np.concatenate([c[name] for c in chunks]).astype(np.float64)
-        grid = np.empty(meta.points)
+        grid = np.empty((meta.points, *values.shape[1:]))
         grid[cells] = values
-        out[name] = grid.reshape(meta.map_shape)
+        out[name] = grid.reshape(*meta.map_shape, *values.shape[1:])
     return out
 
 

@@ -68,3 +68,30 @@ def test_the_store_regrids_a_product_on_a_position_pipeline() -> None:
         store.regridded("r1", "p1/spectrum", "pos")
     with pytest.raises(StoreError, match="no product 'nope/samx'"):
         store.regridded("r1", "p1/v", "nope")
+
+
+def test_the_store_integrates_dpc_gradients_when_asked_and_at_scan_end() -> None:
+    from sink.queries import answer
+
+    rows, cols = 6, 8
+    doc = simulate.scan_document("d1", 1, rows * cols, "dpc", simulate.PROFILES["counters"],
+                                 geometry=scan_geometry("snake", rows, cols))
+    meta = parse_scan(doc)
+    store = ScanStore(64 * 2**20)
+    store.start(meta, "dpc")
+    grid_x, grid_y = axis_values(meta)
+    gx, gy = np.meshgrid(grid_x, grid_y)
+    phase = 0.2 * gx**2 - 0.5 * gy  # gradients 0.4 x and -0.5
+    idx = np.arange(rows * cols)
+    r, c = np.divmod(idx, cols)
+    c = np.where(r % 2 == 1, cols - 1 - c, c)
+    store.add_result("d1", "dpc", 0, len(idx), {"gradient_x": 0.4 * gx[r, c], "gradient_y": np.full(len(idx), -0.5)})
+    meta_reply, arrays = answer(store, {"op": "get", "scan": "d1", "product": "dpc/phase"})  # while running
+    assert "dpc/phase" not in store.entry("d1").products
+    truth = phase - phase.mean()
+    assert np.corrcoef(arrays["data"].ravel(), truth.ravel())[0, 1] > 0.99
+    store.end("d1", "dpc")
+    _, stored = store.product("d1", "dpc/phase")
+    np.testing.assert_allclose(stored.data, arrays["data"])
+    with pytest.raises(StoreError, match="no DPC gradients"):
+        store.phase("d1", "other")

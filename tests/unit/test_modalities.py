@@ -1,0 +1,161 @@
+"""The science processors against the phantom's truth and their references:
+``xrf`` (fit and ROI), ``xrd`` (pyFAI integration, phase maps), ``dpc``
+(centre of mass, gradients, the sink's Fourier integration), and bad events
+failing with a message instead of a wrong number."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipelines.processors import Batch
+from pipelines.processors.dpc import Dpc
+from pipelines.processors.xrd import Xrd
+from pipelines.processors.xrf import Xrf
+from services.beamline.agreement import pearson
+from services.beamline.phantom import ELEMENTS, PHASES
+from services.beamline.sims import make_simulation
+from services.scan import parse_scan
+from services.xraylines import Calibration, Resolution, emission_lines, gaussian_counts
+from sink.phase import integrate_gradients
+from test_beamline import run_pipeline
+
+
+@pytest.fixture(scope="module")
+def sim():
+    return make_simulation("full", (30, 24), snake=True, seed=3)
+
+
+def started(processor, sim, pipeline):
+    processor.start_scan(parse_scan(sim.document("m1", 1)), sim.pipelines[pipeline].settings)
+    return processor
+
+
+def batch_of(sim, pipeline, start, stop, **replace) -> Batch:
+    arrays = {f"{s}/{n}": a for s in sim.streams_of(pipeline) for n, a in sim.arrays(s, start, stop).items()}
+    arrays.update(replace)
+    return Batch(parse_scan(sim.document("m1", 1)), start, stop - start, arrays)
+
+
+# --------------------------------------------------------------------------- XRF
+
+
+def test_xrf_fitted_maps_follow_the_phantom(sim) -> None:
+    truth = sim.truth()
+    maps = run_pipeline(sim, "xrf", Xrf())
+    for element in ELEMENTS:
+        assert pearson(maps[f"{element}_norm"], truth[f"{element}_ug_cm2"]) >= 0.98, element
+        assert pearson(maps[f"{element}_roi"], truth[f"{element}_ug_cm2"]) >= 0.95, element
+
+
+def spectrum(amounts: dict[str, float], series: dict[str, str], counts_scale: float = 1.0, channels: int = 4096,
+             incident: float = 15.0) -> np.ndarray:
+    """Expected counts of pure lines (no scatter, no continuum): the fit's own model, built independently."""
+    calibration, resolution = Calibration(-0.012, 0.01), Resolution()
+    edges = calibration.edges(channels)
+    out = np.zeros(channels)
+    for element, amount in amounts.items():
+        lines = emission_lines(element, series[element], incident)
+        total = sum(line.cross_section_cm2_g for line in lines)
+        for line in lines:
+            out += counts_scale * amount * line.cross_section_cm2_g / total * gaussian_counts(
+                edges, line.energy_keV, float(resolution.sigma_keV(line.energy_keV)))
+    return out
+
+
+def xrf_settings(series: dict[str, str]) -> dict:
+    return {"detector": "xspress3", "elements": series, "incident_energy_keV": 15.0,
+            "energy_calibration": {"offset_keV": -0.012, "gain_keV_per_channel": 0.01},
+            "resolution": {"noise_fwhm_keV": 0.06, "fano": 0.114}}
+
+
+def fit_spectra(series: dict[str, str], spectra: np.ndarray) -> dict[str, np.ndarray]:
+    meta = parse_scan(make_simulation("xrf", (4, 3)).document("fit", 1))
+    proc = Xrf()
+    proc.start_scan(meta, xrf_settings(series))
+    return proc.process(Batch(meta, 0, len(spectra), {"xspress3/mca": spectra}))
+
+
+def test_xrf_fit_recovers_relative_concentrations_within_five_percent() -> None:
+    series = {"Ca": "K", "Fe": "K", "Cu": "K", "Zn": "K", "Pb": "L"}
+    amounts = {"Ca": 1.0, "Fe": 0.5, "Cu": 0.2, "Zn": 0.35, "Pb": 0.15}
+    rng = np.random.default_rng(0)
+    expected = spectrum(amounts, series, counts_scale=2e6)
+    out = fit_spectra(series, rng.poisson(expected)[None].astype(np.uint32))
+    for element, amount in amounts.items():
+        assert out[element][0] / out["Ca"][0] == pytest.approx(amount / amounts["Ca"], rel=0.05), element
+
+
+def test_the_fit_separates_a_k_beta_from_its_neighbours_k_alpha_where_the_roi_cannot() -> None:
+    """Mn K-beta (6.49 keV) lies on Fe K-alpha (6.40 keV). A sample with Mn
+    and no Fe: the Fe ROI fills with Mn counts, the fit gives Fe about zero."""
+    series = {"Mn": "K", "Fe": "K"}
+    rng = np.random.default_rng(1)
+    spectra = rng.poisson(np.tile(spectrum({"Mn": 1.0}, series, counts_scale=1e6), (8, 1))).astype(np.uint32)
+    out = fit_spectra(series, spectra)
+    assert np.all(out["Fe_roi"] > 0.05 * out["Mn"])  # the ROI sees "iron"
+    assert np.all(out["Fe"] < 0.005 * out["Mn"])  # the fit does not
+    with_fe = rng.poisson(np.tile(spectrum({"Mn": 1.0, "Fe": 0.3}, series, counts_scale=1e6), (8, 1)))
+    both = fit_spectra(series, with_fe.astype(np.uint32))
+    np.testing.assert_allclose(both["Fe"] / both["Mn"], 0.3, rtol=0.03)
+
+
+@pytest.mark.parametrize("bad, match", [("channels", "2048"), ("nan", "non-finite")])
+def test_xrf_bad_spectra_fail_with_a_message(sim, bad, match) -> None:
+    proc = started(Xrf(), sim, "xrf")
+    proc.process(batch_of(sim, "xrf", 0, 4))
+    mca = sim.arrays("xspress3", 4, 8)["mca"]
+    wrong = mca[:, :2048] if bad == "channels" else np.where(np.arange(4096) == 7, np.nan, mca.astype(np.float32))
+    with pytest.raises(ValueError, match=match):
+        proc.process(batch_of(sim, "xrf", 4, 8, **{"xspress3/mca": wrong}))
+
+
+# --------------------------------------------------------------------------- XRD
+
+
+def test_xrd_patterns_equal_pyfai_on_the_same_frame_and_phase_maps_follow_the_phantom(sim) -> None:
+    proc = started(Xrd(), sim, "xrd")
+    batch = batch_of(sim, "xrd", 10, 14)
+    out = proc.process(batch)
+    for j in range(4):
+        direct = proc.ai.integrate1d(batch.arrays["eiger/image"][j], 1000, unit="2th_deg",
+                                     method=("bbox", "csr", "cython"))
+        np.testing.assert_allclose(out["pattern"][j], direct.intensity, rtol=1e-6)
+    truth = sim.truth()
+    maps = run_pipeline(sim, "xrd", Xrd())
+    for phase in PHASES:
+        assert pearson(maps[f"{phase.name}_norm"], truth[f"phase_{phase.name}"]) >= 0.98, phase.name
+    assert all(len(v) >= 2 for v in proc.windows.values()), proc.windows  # each phase keeps clean rings
+
+
+@pytest.mark.parametrize("bad, match", [("shape", "per point"), ("nan", "non-finite")])
+def test_xrd_bad_frames_fail_with_a_message(sim, bad, match) -> None:
+    proc = started(Xrd(), sim, "xrd")
+    frames = sim.arrays("eiger", 0, 2)["image"]
+    wrong = frames[:, :128, :] if bad == "shape" else np.where(frames == frames.max(), np.nan, frames.astype(np.float32))
+    with pytest.raises(ValueError, match=match):
+        proc.process(batch_of(sim, "xrd", 0, 2, **{"eiger/image": wrong}))
+
+
+# --------------------------------------------------------------------------- DPC
+
+
+def test_dpc_gradients_and_the_integrated_phase_follow_the_phantom(sim) -> None:
+    truth = sim.truth()
+    maps = run_pipeline(sim, "dpc", Dpc())
+    assert pearson(maps["gradient_x"], truth["dphase_dx"]) >= 0.95
+    assert pearson(maps["gradient_y"], truth["dphase_dy"]) >= 0.95
+    steps = [(a.stop - a.start) / (a.points - 1) for a in (sim.pattern.fast, sim.pattern.slow)]
+    phase = integrate_gradients(maps["gradient_x"], maps["gradient_y"], *steps)
+    assert pearson(phase, truth["phase_rad"]) >= 0.9
+    assert pearson(maps["bright_field_norm"], np.exp(-0.06 * truth["thickness_um"])) >= 0.99
+
+
+@pytest.mark.parametrize("bad, match", [("shape", "per point"), ("dark", "no counts"), ("nan", "non-finite")])
+def test_dpc_bad_frames_fail_with_a_message(sim, bad, match) -> None:
+    proc = started(Dpc(), sim, "dpc")
+    frames = sim.arrays("dpc", 0, 2)["image"]
+    wrong = {"shape": frames[:, :, :32], "dark": np.zeros_like(frames),
+             "nan": np.where(frames == frames.max(), np.nan, frames.astype(np.float32))}[bad]
+    with pytest.raises(ValueError, match=match):
+        proc.process(batch_of(sim, "dpc", 0, 2, **{"dpc/image": wrong}))
