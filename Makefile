@@ -38,10 +38,12 @@ demo: $(STAMP)
 	TANGOMESH_HOME=$(DEMO_HOME) $(BIN)/tangomesh demo $(DEMO_ARGS)
 
 bench: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[bench]'   # PyMca, the XRF reference (compiles: a few minutes once)
 	$(BIN)/python benchmarks/bench_codec.py
 	$(BIN)/python benchmarks/bench_pipeline.py
 	$(BIN)/python benchmarks/bench_sink.py
 	$(BIN)/python benchmarks/bench_writers.py
+	$(BIN)/python benchmarks/bench_modalities.py
 
 clean:
 	-$(BIN)/tangomesh down 2>/dev/null

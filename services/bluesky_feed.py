@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from datetime import datetime, timezone
 from typing import Any
 
@@ -208,7 +207,7 @@ class MeshFeed:
         if start.get("plan_pattern") == "inner_product" and len(motors) == 1 and len(args) == 3 and points:
             return {"type": "line", "axes": [{"name": motors[0], "units": units.get(motors[0], ""),
                                               "start": float(args[1]), "stop": float(args[2]), "points": points}]}
-        if not points or not math.isfinite(points):
+        if not points:
             raise ValueError(f"run {start.get('uid')}: num_points is not in the start document; "
                              "the mesh needs the number of points at scan start")
         return {"type": "points", "points": points, "axes": [{"name": m, "units": units.get(m, "")} for m in motors]}

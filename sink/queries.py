@@ -53,6 +53,14 @@ def answer(store: ScanStore, query: Any) -> tuple[dict[str, Any], dict[str, np.n
         indices, values = store.latest(query["scan"], query["product"], query["n"])
         return {"scan": query["scan"], "product": query["product"], "points": len(indices)}, \
             {"indices": indices, "values": values}
+    if query.get("reduce") == "sum":
+        entry, product = store.product(query["scan"], query["product"])
+        if product.total is None:
+            raise StoreError(f"{product.name} has {len(product.point_shape)}-D points; sums are kept for 1-D ones")
+        with store.lock:
+            total, points = product.total.copy(), product.summed
+        return {"scan": entry.scan_id, "product": product.name, "version": product.version, "points": points,
+                "shape": list(total.shape), "reduce": "sum"}, {"data": total}
     if "regrid" in query:
         entry, product, data = store.regridded(query["scan"], query["product"], query["regrid"])
     else:
@@ -171,10 +179,13 @@ class SinkClient:
         return self.request("stats")[0]
 
     def get(self, scan: str, product: str, rows: tuple[int, int] | None = None,
-            cols: tuple[int, int] | None = None, regrid: str | None = None) -> np.ndarray:
+            cols: tuple[int, int] | None = None, regrid: str | None = None, reduce: str | None = None) -> np.ndarray:
         """A product or a slice; with ``regrid`` (a pipeline delivering corrected
-        positions, e.g. ``"position"``) resampled onto the nominal grid first."""
+        positions, e.g. ``"position"``) resampled onto the nominal grid first;
+        with ``reduce="sum"`` the running sum of a 1-D product over its points."""
         fields: dict[str, Any] = {"scan": scan, "product": product}
+        if reduce is not None:
+            fields["reduce"] = reduce
         if regrid is not None:
             fields["regrid"] = regrid
         if rows is not None:

@@ -117,6 +117,8 @@ class Product:
     point_shape: tuple[int, ...]
     source_dtype: str
     version: int = 0  # bumped on every write, for the viewers
+    total: np.ndarray | None = None  # 1-D results: running sum over the points received (sum spectrum/pattern)
+    summed: int = 0  # points in ``total``
 
     @property
     def flat(self) -> np.ndarray:
@@ -277,6 +279,8 @@ class ScanStore:
                 f"scan {scan_id}/{pipeline}: {again} points of [{index}, {stop}) delivered again"))
             parts = segments(entry.meta, index, stop)
             failed_cells = map_cells(entry.meta, failed) if entry.meta.snake and failed.size else failed
+            good = np.ones(stop - index, bool)
+            good[failed - index] = False
             for result, arr in arrays.items():
                 product = self._product(entry, pipeline, result, arr)
                 if product is None:
@@ -286,6 +290,9 @@ class ScanStore:
                     flat[cells] = arr[rows]
                 if failed.size:
                     flat[failed_cells] = np.nan
+                if product.total is not None:
+                    product.total += np.nansum(arr[:stop - index][good], axis=0, dtype=np.float64)
+                    product.summed += int(good.sum())
                 product.version += 1
             entry.version += 1
             entry.updated = time.time()
@@ -377,6 +384,8 @@ class ScanStore:
             self._on_error(str(exc))
             return None
         product = Product(name, pipeline, result, allocate(shape, dtype), tuple(arr.shape[1:]), arr.dtype.str)
+        if arr.ndim == 2:
+            product.total = np.zeros(arr.shape[1])
         entry.products[name] = product
         self.resident += nbytes
         self.peak = max(self.peak, self.resident)

@@ -5,7 +5,9 @@ attribute, so both show the same thing:
 
 * a scalar per point: the map (2-D for a raster, 1-D for a line or points);
 * a 1-D result per point on a line or points scan: the stack, point x channel;
-* anything else (spectra on a raster, frames): the latest received point's value.
+* a 1-D result per point on a raster (spectra, patterns): its sum over the
+  points received so far (the sum spectrum or pattern of the scan);
+* a 2-D result per point (frames): the latest received point's value.
 
 Arrays come back in Lavue's orientation (``xy[x, y]``, x = fast axis); a Tango
 image attribute wants rows first, which is ``xy.T``.
@@ -63,7 +65,12 @@ def live_frame(entry: ScanEntry, product: Product) -> LiveFrame | None:
         xy = product.data.copy()
         info |= {"axisscales": [x0, 0.0, dx, 1.0],
                  "axislabels": [names[0] if names else "point", "channel", units[0] if units else "", ""]}
-    elif point_ndim in (1, 2):
+    elif point_ndim == 1:  # spectra or patterns on a raster: the scan's sum so far, what users watch
+        if not product.summed:
+            return None
+        xy = product.total.copy()
+        info |= {"points": product.summed, "axislabels": ["channel", "", "", ""]}
+    elif point_ndim == 2:
         received = np.flatnonzero(entry.runs[product.pipeline].state == RECEIVED)
         if not received.size:
             return None

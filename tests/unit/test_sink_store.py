@@ -274,3 +274,25 @@ def test_snake_segments_place_every_chunk_like_grid_position(rows, cols) -> None
             want = np.full(n, -1)
             want[map_cells(m, src)] = src
             np.testing.assert_array_equal(got, want, err_msg=f"[{start}, {stop})")
+
+
+def test_spectra_on_a_raster_keep_a_running_sum_without_failed_points() -> None:
+    from pipelines import protocol
+    from sink.queries import answer
+
+    store = ScanStore(10**7)
+    store.start(meta("sp", "snake", 4, 5), PIPE)
+    spectra = np.arange(20 * 6, dtype=np.float64).reshape(20, 6)
+    store.add_result("sp", PIPE, 0, 8, {"mca": spectra[:8]})
+    store.add_result("sp", PIPE, 8, 12, {"mca": spectra[8:]}, meta={protocol.META_ERRORS: {"9": "bad frame"}})
+    entry, product = store.product("sp", f"{PIPE}/mca")
+    good = np.delete(np.arange(20), 9)
+    np.testing.assert_allclose(product.total, spectra[good].sum(axis=0))
+    assert product.summed == 19
+    np.testing.assert_allclose(product.total, np.nansum(product.flat, axis=0))  # the map agrees
+    frame = live_frame(entry, product)
+    np.testing.assert_allclose(frame.xy, product.total)
+    assert frame.meta["points"] == 19
+    result, arrays = answer(store, {"op": "get", "scan": "sp", "product": f"{PIPE}/mca", "reduce": "sum"})
+    assert result["points"] == 19
+    np.testing.assert_allclose(arrays["data"], product.total)

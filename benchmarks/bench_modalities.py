@@ -1,0 +1,255 @@
+#!/usr/bin/env python
+"""The science modalities, each beside its reference, measured in one run.
+
+1. XRF fit, spectra per second on one core (BLAS limited to one thread):
+   the ``xrf`` processor's fit against PyMca's ``FastXRFLinearFit`` (PyPI
+   ``pymca5``, ``make bench`` installs it) on the same simulated 4096-channel
+   spectra with the same ten elements, scatter peaks and a polynomial
+   continuum. Also how well the two agree (Pearson of each element's map).
+2. XRD, frames per second: a bare pyFAI ``integrate1d`` loop over frames
+   against the same frames through the live ``xrd`` pipeline (master,
+   worker, sorter, consumer as separate processes) with one worker.
+3. The whole mesh: the ``full`` simulation through all five pipelines with
+   two workers each, points per second per pipeline.
+
+Data are generated before the clock starts (the simulator is not measured).
+
+    python benchmarks/bench_modalities.py            # ~3 min
+    python benchmarks/bench_modalities.py --quick --json
+"""
+
+from __future__ import annotations
+
+import os
+
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")  # per-core numbers: before numpy is imported
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+
+from pipelines.processors import Batch  # noqa: E402
+from pipelines.processors.xrf import Xrf  # noqa: E402
+from services import mesh  # noqa: E402
+from services.beamline.agreement import pearson  # noqa: E402
+from services.beamline.run import ScanRunner  # noqa: E402
+from services.beamline.sims import Simulation, make_simulation  # noqa: E402
+from services.home import EmbeddedDatabase, home  # noqa: E402
+from services.registration import TangoManagerLink  # noqa: E402
+from services.scan import parse_scan  # noqa: E402
+
+BLOCK = int(os.environ.get("BENCH_BLOCK", "1"))
+ELEMENTS = {"Ca": "K", "Ti": "K", "Cr": "K", "Mn": "K", "Fe": "K", "Ni": "K", "Cu": "K", "Zn": "K", "As": "K",
+            "Pb": "L"}
+
+
+class Replay(Simulation):
+    """A simulation whose arrays are generated once, before any clock runs."""
+
+    def pregenerate(self) -> "Replay":
+        self.frozen = {s: super(Replay, self).arrays(s, 0, self.pattern.points) for s in self.detectors}
+        return self
+
+    def arrays(self, stream: str, start: int, stop: int) -> dict[str, np.ndarray]:
+        return {n: a[start:stop] for n, a in self.frozen[stream].items()}
+
+
+def replay(name: str, shape: tuple[int, int]) -> Replay:
+    sim = make_simulation(name, shape, snake=True)
+    return Replay(**{f: getattr(sim, f) for f in ("name", "pattern", "seed", "phantom", "beam", "stage",
+                                                   "detectors", "pipelines")}).pregenerate()
+
+
+def best_rate(fn, items: int, repeats: int = 3) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return items / best
+
+
+# --------------------------------------------------------------------------- XRF
+
+
+def pymca_config(xrf_settings: dict[str, Any], channels: int) -> Any:
+    from PyMca5.PyMcaPhysics.xrf import ClassMcaTheory
+
+    config = ClassMcaTheory.McaTheory().config
+    calibration = xrf_settings["energy_calibration"]
+    lo, hi = 1.0, xrf_settings["incident_energy_keV"] + 0.6
+    channel = lambda e: int((e - calibration["offset_keV"]) / calibration["gain_keV_per_channel"])  # noqa: E731
+    config["peaks"] = dict(ELEMENTS)
+    config["fit"].update({"xmin": channel(lo), "xmax": min(channel(hi), channels - 1),
+                          "energy": [xrf_settings["incident_energy_keV"]], "energyweight": [1.0],
+                          "energyflag": [1], "energyscatter": [1], "scatterflag": 1, "linearfitflag": 1,
+                          "continuum": 2, "stripflag": 0, "escapeflag": 0, "sumflag": 0})
+    config["detector"].update({"zero": calibration["offset_keV"], "gain": calibration["gain_keV_per_channel"],
+                               "noise": xrf_settings["resolution"]["noise_fwhm_keV"],
+                               "fano": xrf_settings["resolution"]["fano"]})
+    config["attenuators"] = {k: v for k, v in config["attenuators"].items() if k == "Matrix"}
+    return config
+
+
+def bench_xrf(points: int) -> dict[str, Any]:
+    sim = make_simulation("xrf", (points // 40, 40), snake=False)
+    spectra = sim.arrays("xspress3", 0, sim.pattern.points)["mca"]
+    settings = {**sim.pipelines["xrf"].settings, "elements": ELEMENTS}
+    settings.pop("normalise_by")
+    meta = parse_scan(sim.document("bench-xrf", 1))
+    ours = Xrf()
+    ours.start_scan(meta, settings)
+    batch = Batch(meta, 0, len(spectra), {"xspress3/mca": spectra})
+    ours.process(batch)  # builds the reference matrix
+    ours_rate = best_rate(lambda: ours.fit(spectra), len(spectra))  # both from the detector's uint32 counts
+    ours_process_rate = best_rate(lambda: ours.process(batch), len(spectra))
+    out: dict[str, Any] = {"spectra": len(spectra), "channels": spectra.shape[1], "elements": len(ELEMENTS),
+                           "tangomesh_fit_per_s": round(ours_rate), "tangomesh_process_per_s": round(ours_process_rate)}
+    try:
+        from PyMca5.PyMcaPhysics.xrf.FastXRFLinearFit import FastXRFLinearFit
+    except ImportError:
+        out["pymca"] = "not installed (make bench installs pymca5)"
+        return out
+    fast = FastXRFLinearFit()
+    fast.setFitConfiguration(pymca_config(settings, spectra.shape[1]))
+    cube = spectra.reshape(1, len(spectra), -1)
+    result: dict[str, Any] = {}
+
+    def pymca() -> None:
+        result["r"] = fast.fitMultipleSpectra(y=cube, weight=0, refit=0, concentrations=0)
+
+    pymca_rate = best_rate(pymca, len(spectra), repeats=2)
+    names = result["r"].labels("parameters")
+    images = result["r"]["parameters"]
+    fitted = ours.fit(spectra)
+    agreement = {}
+    for k, element in enumerate(ELEMENTS):
+        label = next((i for i, n in enumerate(names) if n.startswith(f"{element} ")), None)
+        if label is not None and element in ("Ca", "Fe", "Cu", "Zn", "Pb"):
+            agreement[element] = round(pearson(np.asarray(images[label]).ravel(), fitted[:, k]), 4)
+    out.update({"pymca_per_s": round(pymca_rate), "ratio": round(ours_rate / pymca_rate, 2),
+                "pearson_vs_pymca": agreement})
+    return out
+
+
+# --------------------------------------------------------------------------- the mesh
+
+
+def mesh_up() -> tuple[mesh.MeshSpec, mesh.LocalLauncher, Path, TangoManagerLink]:
+    os.environ["TANGOMESH_HOME"] = tempfile.mkdtemp(prefix="tangomesh-bench-")
+    root = home()
+    os.environ.pop("TANGO_HOST", None)
+    os.environ["TANGO_HOST"] = EmbeddedDatabase(root).start()
+    spec = mesh.MeshSpec.load(mesh.DEFAULT_MESH)
+    launcher = mesh.LocalLauncher(root)
+    mesh.up(spec, launcher, root)
+    return spec, launcher, root, TangoManagerLink(spec.topology_device)
+
+
+def bench_xrd(link: TangoManagerLink, points: int) -> dict[str, Any]:
+    from services.beamline.xrd import integrator
+
+    sim = replay("xrd", (points // 20, 20))
+    frames = sim.frozen["eiger"]["image"]
+    settings = sim.pipelines["xrd"].settings
+    ai = integrator(settings["geometry"])
+    method = ("bbox", "csr", "cython")
+    ai.integrate1d(frames[0], settings["npt_radial"], unit=settings["unit"], method=method)
+
+    def bare() -> None:
+        for frame in frames:
+            ai.integrate1d(frame, settings["npt_radial"], unit=settings["unit"], method=method)
+
+    bare_rate = best_rate(bare, len(frames), repeats=2)
+    runner = ScanRunner(sim, link, pipelines=["xrd"])
+    try:
+        outcome = runner.run(f"bench-xrd-{time.time_ns()}", 1, rate=0.0, block=BLOCK, timeout=600)
+    finally:
+        runner.close()
+    mesh_rate = points / outcome.wall_s
+    return {"frames": len(frames), "shape": list(frames.shape[1:]), "bare_pyfai_per_s": round(bare_rate, 1),
+            "pipeline_per_s": round(mesh_rate, 1), "overhead_pct": round(100 * (1 - mesh_rate / bare_rate), 1),
+            "lossless": outcome.lossless}
+
+
+def bench_full(spec, launcher, root, link: TangoManagerLink, points: int) -> dict[str, Any]:
+    for pipeline in ("counters", "position", "xrf", "xrd", "dpc"):
+        mesh.scale_workers(spec, pipeline, 2, launcher, root)
+    time.sleep(2.0)  # new workers find their masters
+    sim = replay("full", (points // 40, 40))
+    runner = ScanRunner(sim, link)
+    try:
+        outcome = runner.run(f"bench-full-{time.time_ns()}", 2, rate=0.0, block=1, timeout=900)
+    finally:
+        runner.close()
+    return {"points": points, "workers_per_pipeline": 2, "wall_s": round(outcome.wall_s, 2),
+            "points_per_s": round(points / outcome.wall_s, 1), "MiB_sent": round(outcome.sent_bytes / 2**20),
+            "lossless": outcome.lossless,
+            "per_pipeline": {p: {"events_per_s": s["events_per_s"], "latency_p50_ms": s.get("latency_ms", {}).get("p50")}
+                             for p, s in outcome.per_pipeline.items()}}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    results: dict[str, Any] = {"config": {"python": platform.python_version(), "numpy": np.__version__,
+                                          "cpus": os.cpu_count(), "blas_threads": os.environ["OPENBLAS_NUM_THREADS"],
+                                          "quick": args.quick}}
+    results["xrf"] = bench_xrf(2000 if args.quick else 8000)
+    spec, launcher, root, link = mesh_up()
+    try:
+        results["xrd"] = bench_xrd(link, 400 if args.quick else 2000)
+        results["full"] = bench_full(spec, launcher, root, link, 400 if args.quick else 2000)
+    finally:
+        mesh.down(spec, [launcher])
+        EmbeddedDatabase(root).stop()
+    return results
+
+
+def print_tables(results: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    x = results["xrf"]
+    table = Table(title=f"XRF fit, {x['spectra']} spectra x {x['channels']} channels, {x['elements']} elements, one core")
+    for column in ("", "spectra/s"):
+        table.add_column(column, justify="right" if column else "left")
+    table.add_row("tangomesh xrf: fit", str(x["tangomesh_fit_per_s"]))
+    table.add_row("tangomesh xrf: whole process() (fit, ROI, dead time)", str(x["tangomesh_process_per_s"]))
+    table.add_row("PyMca FastXRFLinearFit", str(x.get("pymca_per_s", x.get("pymca"))))
+    console.print(table)
+    if "ratio" in x:
+        console.print(f"fit / PyMca: {x['ratio']}x; Pearson with PyMca's maps: {x['pearson_vs_pymca']}")
+    d = results["xrd"]
+    console.print(f"XRD {d['frames']} frames {d['shape']}: bare pyFAI {d['bare_pyfai_per_s']} frames/s, through the "
+                  f"pipeline (1 worker) {d['pipeline_per_s']} frames/s: overhead {d['overhead_pct']} % "
+                  f"(lossless: {d['lossless']})")
+    f = results["full"]
+    console.print(f"full simulation, {f['points']} points, 2 workers per pipeline: {f['points_per_s']} points/s "
+                  f"({f['MiB_sent']} MiB, lossless: {f['lossless']}); per pipeline {f['per_pipeline']}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer points")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    args = parser.parse_args()
+    results = run(args)
+    if args.json:
+        print(json.dumps(results, indent=1))
+    else:
+        print_tables(results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
