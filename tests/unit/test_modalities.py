@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from pipelines.processors import Batch
+from pipelines.processors.counters import Counters
 from pipelines.processors.dpc import Dpc
 from pipelines.processors.xrd import Xrd
 from pipelines.processors.xrf import Xrf
@@ -159,3 +160,34 @@ def test_dpc_bad_frames_fail_with_a_message(sim, bad, match) -> None:
              "nan": np.where(frames == frames.max(), np.nan, frames.astype(np.float32))}[bad]
     with pytest.raises(ValueError, match=match):
         proc.process(batch_of(sim, "dpc", 0, 2, **{"dpc/image": wrong}))
+
+
+def test_xrd_mask_dark_and_flat_go_to_pyfai_as_given(sim, tmp_path) -> None:
+    frames = sim.arrays("eiger", 0, 3)["image"]
+    rng = np.random.default_rng(4)
+    mask = np.zeros(frames.shape[1:], np.int8)
+    mask[100:140, :] = 1  # a dead module
+    dark = rng.integers(0, 3, frames.shape[1:]).astype(np.float32)
+    flat = rng.uniform(0.9, 1.1, frames.shape[1:]).astype(np.float32)
+    for name, value in (("mask", mask), ("dark", dark), ("flat", flat)):
+        np.save(tmp_path / f"{name}.npy", value)
+    settings = {**sim.pipelines["xrd"].settings, **{k: str(tmp_path / f"{k}.npy") for k in ("mask", "dark", "flat")}}
+    proc = Xrd()
+    proc.start_scan(parse_scan(sim.document("m1", 1)), settings)
+    out = proc.process(batch_of(sim, "xrd", 0, 3))
+    plain = started(Xrd(), sim, "xrd").process(batch_of(sim, "xrd", 0, 3))
+    for j in range(3):
+        direct = proc.ai.integrate1d(frames[j], 1000, unit="2th_deg", method=("bbox", "csr", "cython"),
+                                     mask=mask, dark=dark, flat=flat)
+        np.testing.assert_allclose(out["pattern"][j], direct.intensity, rtol=1e-6)
+    assert not np.allclose(out["pattern"], plain["pattern"])  # the corrections changed something
+
+
+def test_a_line_scan_simulation_is_a_valid_line_along_the_fast_axis() -> None:
+    line = make_simulation("counters", (50,), seed=1)
+    meta = parse_scan(line.document("l1", 1))
+    assert meta.geometry_type == "line" and meta.map_shape == (50,)
+    tr = line.trajectory
+    assert np.all(np.diff(tr.x_nominal) > 0) and np.all(tr.y_nominal == line.pattern.line_y)
+    maps = run_pipeline(line, "counters", Counters())
+    assert maps["transmission"].shape == (50,) and np.isfinite(maps["transmission"]).all()

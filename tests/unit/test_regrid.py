@@ -44,18 +44,22 @@ def test_positions_that_cannot_carry_a_regrid_are_refused() -> None:
         regrid(np.ones(4), np.arange(5.0), np.arange(5.0), g, g)
 
 
-def test_the_store_regrids_a_product_on_a_position_pipeline() -> None:
-    rows, cols = 5, 7
-    doc = simulate.scan_document("r1", 1, rows * cols, "p1", simulate.PROFILES["counters"],
+def snake_store(scan_id: str, rows: int, cols: int, *pipelines: str):
+    """A store with a snake raster started for ``pipelines``, and each index's (row, col) by hand."""
+    doc = simulate.scan_document(scan_id, 1, rows * cols, pipelines[0], simulate.PROFILES["counters"],
                                  geometry=scan_geometry("snake", rows, cols))
     meta = parse_scan(doc)
     store = ScanStore(64 * 2**20)
-    for pipeline in ("p1", "pos"):
+    for pipeline in pipelines:
         store.start(meta, pipeline)
+    r, c = np.divmod(np.arange(rows * cols), cols)
+    return store, meta, r, np.where(r % 2 == 1, cols - 1 - c, c)
+
+
+def test_the_store_regrids_a_product_on_a_position_pipeline() -> None:
+    store, meta, r, c = snake_store("r1", 5, 7, "p1", "pos")
     grid_x, grid_y = axis_values(meta)
-    idx = np.arange(rows * cols)
-    r, c = np.divmod(idx, cols)
-    c = np.where(r % 2 == 1, cols - 1 - c, c)
+    idx = np.arange(meta.points)
     x, y = grid_x[c] + 0.1, grid_y[r]  # every point 0.1 um right of its nominal cell
     store.add_result("r1", "pos", 0, len(idx), {"samx": x, "samy": y})
     store.add_result("r1", "p1", 0, len(idx), {"v": plane(x, y), "spectrum": np.ones((len(idx), 3))})
@@ -73,18 +77,11 @@ def test_the_store_regrids_a_product_on_a_position_pipeline() -> None:
 def test_the_store_integrates_dpc_gradients_when_asked_and_at_scan_end() -> None:
     from sink.queries import answer
 
-    rows, cols = 6, 8
-    doc = simulate.scan_document("d1", 1, rows * cols, "dpc", simulate.PROFILES["counters"],
-                                 geometry=scan_geometry("snake", rows, cols))
-    meta = parse_scan(doc)
-    store = ScanStore(64 * 2**20)
-    store.start(meta, "dpc")
+    store, meta, r, c = snake_store("d1", 6, 8, "dpc")
     grid_x, grid_y = axis_values(meta)
     gx, gy = np.meshgrid(grid_x, grid_y)
     phase = 0.2 * gx**2 - 0.5 * gy  # gradients 0.4 x and -0.5
-    idx = np.arange(rows * cols)
-    r, c = np.divmod(idx, cols)
-    c = np.where(r % 2 == 1, cols - 1 - c, c)
+    idx = np.arange(meta.points)
     store.add_result("d1", "dpc", 0, len(idx), {"gradient_x": 0.4 * gx[r, c], "gradient_y": np.full(len(idx), -0.5)})
     meta_reply, arrays = answer(store, {"op": "get", "scan": "d1", "product": "dpc/phase"})  # while running
     assert "dpc/phase" not in store.entry("d1").products
