@@ -120,7 +120,8 @@ class Xrf(Processor):
             raise ValueError("the fit's components are not independent (two elements with the same lines?)")
         self.gram_inv = np.linalg.inv(self.gram)
         # one pass over the data per batch: projections on the components and the ROI windows together
-        # float32: counts are exact in it, sums over the range lose < 1e-6, and it halves the memory traffic
+        # float32 halves the memory traffic; its rounding moves fitted counts by ~1e-5 relative (tested),
+        # far below the counting noise
         self.projection = np.concatenate([self.reference.T, self._roi_weights(energy)[self.window]],
                                          axis=1).astype(np.float32)
         self.channels = channels

@@ -191,3 +191,24 @@ def test_a_line_scan_simulation_is_a_valid_line_along_the_fast_axis() -> None:
     assert np.all(np.diff(tr.x_nominal) > 0) and np.all(tr.y_nominal == line.pattern.line_y)
     maps = run_pipeline(line, "counters", Counters())
     assert maps["transmission"].shape == (50,) and np.isfinite(maps["transmission"]).all()
+
+
+@pytest.mark.parametrize("pipeline, processor, array", [("xrf", Xrf, "xspress3/mca"), ("xrd", Xrd, "eiger/image"),
+                                                         ("dpc", Dpc, "dpc/image")])
+def test_in_a_worker_one_bad_event_fails_alone_with_its_message(sim, pipeline, processor, array) -> None:
+    """What a worker does with a batch holding one NaN-poisoned event: that
+    point fails with the processor's message, its neighbours keep their values."""
+    from pipelines.worker import run_isolated
+
+    proc = started(processor(), sim, pipeline)
+    good = batch_of(sim, pipeline, 20, 26)
+    poisoned = good.arrays[array].astype(np.float32)
+    poisoned[3].flat[5] = np.nan
+    results, errors = run_isolated(proc, batch_of(sim, pipeline, 20, 26, **{array: poisoned}))
+    assert list(errors) == ["23"] and "non-finite" in errors["23"]
+    clean = started(processor(), sim, pipeline).process(good)
+    for name, values in clean.items():
+        rows = [0, 1, 2, 4, 5]
+        # alone or in a batch, float32 sums round differently: 1e-4 is far below counting noise
+        np.testing.assert_allclose(results[name][rows], values[rows], rtol=1e-4, err_msg=name)
+        assert np.isnan(results[name][3]).all() or (results[name][3] == 0).all(), name
