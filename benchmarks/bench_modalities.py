@@ -157,7 +157,7 @@ def mesh_up() -> tuple[mesh.MeshSpec, mesh.LocalLauncher, Path, TangoManagerLink
 
 
 def bench_xrd(link: TangoManagerLink, points: int) -> dict[str, Any]:
-    from services.beamline.xrd import integrator
+    from pipelines.processors.xrd import integrator
 
     sim = replay("xrd", (points // 20, 20))
     frames = sim.frozen["eiger"]["image"]

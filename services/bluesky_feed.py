@@ -175,9 +175,11 @@ class MeshFeed:
         return {
             "schema_version": 1,
             "beamtime": beamtime,
-            "scan": {"id": f"bluesky-{number}-{uid[:8]}", "number": number, "name": f"{start.get('plan_name', 'run')}_{number}",
+            "scan": {"id": f"bluesky-{number}-{uid[:8]}", "number": number,
+                     "name": f"{start.get('plan_name', 'run')}_{number}",
                      "command": f"{start.get('plan_name', '?')}({json.dumps(json_safe(start.get('plan_args', {})))})",
-                     "start_time": datetime.fromtimestamp(start["time"], timezone.utc).isoformat(timespec="milliseconds"),
+                     "start_time": datetime.fromtimestamp(start["time"], timezone.utc).isoformat(
+                         timespec="milliseconds"),
                      "geometry": self.geometry(start, units)},
             "sample": sample,
             "acquisition": {"detectors": {d: configuration.get(d, {}) for d in detectors}},

@@ -158,7 +158,8 @@ def print_report(report: DemoReport, console: Console) -> None:
     for pipeline, s in o.per_pipeline.items():
         latency = s.get("latency_ms", {})
         table.add_row(pipeline, str(s["points_delivered"]), str(s["missing"]), str(s["failed_points"]),
-                      f"{s['events_per_s']:.0f}", *(f"{latency.get(q, float('nan')):.0f}" for q in ("p50", "p99", "max")))
+                      f"{s['events_per_s']:.0f}",
+                      *(f"{latency.get(q, float('nan')):.0f}" for q in ("p50", "p99", "max")))
     console.print(table)
 
     files = Table(title=f"files written ({len(report.files)})")
@@ -180,7 +181,8 @@ def print_report(report: DemoReport, console: Console) -> None:
     for r in report.agreement:
         product = r.check.product + (f" (regridded on {r.check.regrid})" if r.check.regrid else "")
         measure = "Pearson r" if r.check.measure == "pearson" else "RMS error, x fewer"
-        truth.add_row(product, r.check.truth, measure, f"{r.value:.4f}" if r.check.measure == "pearson" else f"{r.value:.1f}",
+        value = f"{r.value:.4f}" if r.check.measure == "pearson" else f"{r.value:.1f}"
+        truth.add_row(product, r.check.truth, measure, value,
                       f"{r.check.threshold:g}", "[green]ok[/]" if r.passed else "[red]FAIL[/]")
     console.print(truth)
     sink = report.sink

@@ -26,6 +26,7 @@ Settings: ``detector`` (stream), ``image`` (array, default ``image``),
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 import numpy as np
@@ -34,6 +35,15 @@ from pipelines.processors import Batch, Processor, declared_shape, monitor_scale
 from services.powder import CubicPhase, reflections
 
 UNITS = ("2th_deg", "q_nm^-1")
+
+
+def integrator(config: dict[str, Any]) -> Any:
+    """A pyFAI AzimuthalIntegrator from its ``get_config()`` dictionary. No
+    accelerator here: silx's OpenCL probe is switched off (it only warns)."""
+    os.environ.setdefault("SILX_OPENCL", "0")
+    import pyFAI
+
+    return pyFAI.load(config)
 
 
 def ring_positions(phase: CubicPhase, wavelength_A: float, unit: str, limit: float) -> list[tuple[float, float]]:
@@ -73,14 +83,12 @@ class Xrd(Processor):
     }
 
     def start_scan(self, scan, settings) -> None:
-        import pyFAI
-
         super().start_scan(scan, settings)
         s = self.settings
         self.name = f"{s['detector']}/{s.get('image', 'image')}"
         self.shape = declared_shape(scan, self.name)
         try:
-            self.ai = pyFAI.load(s["geometry"])
+            self.ai = integrator(s["geometry"])
         except Exception as exc:  # pyFAI says what is wrong with the geometry
             raise ValueError(f"the pyFAI geometry cannot be loaded: {exc}") from None
         self.npt = s.get("npt_radial", 1000)

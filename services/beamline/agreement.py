@@ -73,7 +73,8 @@ def checks(sim: Simulation) -> list[Check]:
     if "xrd" in sim.pipelines:
         out += [Check(f"xrd/{p.name}_norm", f"{p.name} phase fraction", "pearson", 0.98) for p in PHASES]
     if "dpc" in sim.pipelines:
-        out += [Check("dpc/gradient_x", "dphi/dx", "pearson", 0.95), Check("dpc/gradient_y", "dphi/dy", "pearson", 0.95),
+        out += [Check("dpc/gradient_x", "dphi/dx", "pearson", 0.95),
+                Check("dpc/gradient_y", "dphi/dy", "pearson", 0.95),
                 Check("dpc/bright_field_norm", "exp(-mu thickness)", "pearson", 0.99)]
         if sim.pattern.slow is not None:
             out.append(Check("dpc/phase", "phase (integrated in the sink)", "pearson", 0.9))

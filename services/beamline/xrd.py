@@ -24,6 +24,7 @@ import numpy as np
 
 from services.beamline.detector import Acquisition, SimDetector
 from services.beamline.phantom import PHASES, Phantom
+from pipelines.processors.xrd import integrator
 from services.powder import reflections, ring_profile, wavelength_A
 
 
@@ -40,13 +41,6 @@ class XrdModel:
     background_per_um: float = 0.05  # amorphous scatter, relative, per µm of sample
 
 
-def integrator(config: dict[str, Any]):
-    """A pyFAI AzimuthalIntegrator from ``get_config()`` output (the metadata's ``geometry``)."""
-    import pyFAI
-
-    return pyFAI.load(config)
-
-
 @dataclass
 class Eiger(SimDetector):
     phantom: Phantom
@@ -61,13 +55,12 @@ class Eiger(SimDetector):
 
     @cached_property
     def geometry(self) -> dict[str, Any]:
-        from pyFAI.detectors import Detector
-        from pyFAI.integrator.azimuthal import AzimuthalIntegrator
-
+        """pyFAI's configuration of this detector's geometry (a PONI file's content)."""
         m = self.model
-        detector = Detector(pixel1=m.pixel_m, pixel2=m.pixel_m, max_shape=(m.pixels, m.pixels))
-        ai = AzimuthalIntegrator(dist=m.distance_m, poni1=m.poni_m[0], poni2=m.poni_m[1],
-                                 wavelength=wavelength_A(m.energy_keV) * 1e-10, detector=detector)
+        detector = {"pixel1": m.pixel_m, "pixel2": m.pixel_m, "orientation": 3, "max_shape": [m.pixels, m.pixels]}
+        ai = integrator({"poni_version": 2.1, "dist": m.distance_m, "poni1": m.poni_m[0], "poni2": m.poni_m[1],
+                         "rot1": 0.0, "rot2": 0.0, "rot3": 0.0, "wavelength": wavelength_A(m.energy_keV) * 1e-10,
+                         "detector": "Detector", "detector_config": detector})
         return json.loads(json.dumps(ai.get_config()))  # plain JSON types, as it travels in the document
 
     def metadata(self) -> dict[str, Any]:

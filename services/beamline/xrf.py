@@ -81,7 +81,8 @@ class Xspress3(SimDetector):
                 row += line.cross_section_cm2_g * 1e-6 * gaussian_counts(edges, line.energy_keV,
                                                                          float(m.resolution.sigma_keV(line.energy_keV)))
             rows.append(row * m.solid_angle_fraction)
-        matrix = m.elastic_per_photon_um * gaussian_counts(edges, m.incident_keV, float(m.resolution.sigma_keV(m.incident_keV)))
+        elastic_sigma = float(m.resolution.sigma_keV(m.incident_keV))
+        matrix = m.elastic_per_photon_um * gaussian_counts(edges, m.incident_keV, elastic_sigma)
         compton = compton_keV(m.incident_keV, m.scatter_angle_deg)
         wide = float(np.hypot(m.resolution.sigma_keV(compton), m.compton_sigma_keV))
         matrix = matrix + m.compton_per_photon_um * gaussian_counts(edges, compton, wide)

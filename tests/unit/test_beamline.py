@@ -95,7 +95,7 @@ def test_xrf_lines_sit_at_xraylib_energies_and_dead_time_is_paralysable(full) ->
 
 def test_xrd_rings_are_where_braggs_law_puts_them(full) -> None:
     eiger = full.detectors["eiger"]
-    from services.beamline.xrd import integrator
+    from pipelines.processors.xrd import integrator
 
     ai = integrator(eiger.geometry)
     templates = eiger.templates.reshape(-1, 256, 256)
