@@ -38,7 +38,7 @@ from services.beamline.detector import Acquisition, BeamModel, SimDetector, bloc
 from services.beamline.dpc import Dpc, shift_px_per_rad_per_um
 from services.beamline.motion import Encoders, Interferometer, ScanAxis, ScanPattern, StageModel, Trajectory
 from services.beamline.phantom import ELEMENTS, PHASES, Phantom, make_phantom
-from services.beamline.xrd import Eiger
+from services.beamline.xrd import Eiger, XrdModel
 from services.beamline.xrf import Xspress3
 from services.scan import map_cells, parse_scan
 
@@ -197,8 +197,7 @@ def make_simulation(name: str, shape: tuple[int, ...] = (60, 40), snake: bool = 
     pipelines = {
         "counters": PipelinePlan("counters", "counters", {
             "counters": ["it", "xbic", "xeol", "xbiv"], "normalise_by": "i0", "transmission": "it", "sum": False,
-            "not_normalised": ["xbiv"]},
-            ("counters",)),
+            "not_normalised": ["xbiv"]}, ("counters",)),
         "position": PipelinePlan("position", "position", {"axes": {
             axis: {"encoder": f"encoders/{axis}", "interferometer": f"interferometer/{axis}"}
             for axis in ("samx", "samy")}}, ("encoders", "interferometer")),
@@ -214,8 +213,6 @@ def make_simulation(name: str, shape: tuple[int, ...] = (60, 40), snake: bool = 
             "incident_energy_keV": xrf.model.incident_keV, "normalise_by": "counters/i0"},
             ("xspress3", "counters"))
     if "xrd" in wanted:
-        from services.beamline.xrd import XrdModel
-
         eiger = Eiger(phantom, model=XrdModel(pixels=xrd_pixels))
         detectors["eiger"] = eiger
         pipelines["xrd"] = PipelinePlan("xrd", "xrd", {
