@@ -193,6 +193,8 @@ class WorkerComponent(PipelineComponent):
         results: zmq.Socket | None = None
         connected_to = ""
         active: dict[str, processors.Processor | Exception] = {}
+        for name, why in processors.preload().items():  # heavy imports now, not in the first scan
+            self.counters.error(f"processor {name} cannot be loaded: {why}")
         while not self._stopping.is_set():
             try:
                 msg = self.todo.get(timeout=0.1)

@@ -98,6 +98,12 @@ class Processor:
     def end_scan(self) -> None:
         pass
 
+    @classmethod
+    def prepare(cls) -> None:
+        """Import heavy dependencies ahead of the first scan (a worker calls it
+        at start-up for every installed processor), so that the first scan of
+        a fresh worker does not wait for them."""
+
 
 @lru_cache(maxsize=None)
 def _registered() -> dict[str, Any]:
@@ -107,6 +113,18 @@ def _registered() -> dict[str, Any]:
 def available() -> list[str]:
     """Names of the installed processors."""
     return sorted(_registered())
+
+
+def preload() -> dict[str, str]:
+    """Load and prepare every installed processor; processor name -> why it
+    failed, for those that did (they fail again, loudly, when a scan asks)."""
+    problems = {}
+    for name in available():
+        try:
+            load(name).prepare()
+        except Exception as exc:  # a broken plugin must not stop the worker
+            problems[name] = f"{type(exc).__name__}: {exc}"
+    return problems
 
 
 def load(name: str) -> type[Processor]:

@@ -37,13 +37,19 @@ from services.powder import CubicPhase, reflections
 UNITS = ("2th_deg", "q_nm^-1")
 
 
-def integrator(config: dict[str, Any]) -> Any:
-    """A pyFAI AzimuthalIntegrator from its ``get_config()`` dictionary. No
-    accelerator here: silx's OpenCL probe is switched off (it only warns)."""
+def integrator_module() -> Any:
+    """pyFAI, imported on first use (it takes seconds; the CLI must not pay
+    that). No accelerator here: silx's OpenCL probe is switched off (it only warns)."""
     os.environ.setdefault("SILX_OPENCL", "0")
     import pyFAI
+    import pyFAI.integrator.azimuthal  # noqa: F401 - what load() builds
 
-    return pyFAI.load(config)
+    return pyFAI
+
+
+def integrator(config: dict[str, Any]) -> Any:
+    """A pyFAI AzimuthalIntegrator from its ``get_config()`` dictionary."""
+    return integrator_module().load(config)
 
 
 def ring_positions(phase: CubicPhase, wavelength_A: float, unit: str, limit: float) -> list[tuple[float, float]]:
@@ -81,6 +87,10 @@ class Xrd(Processor):
             "normalise_by": {"type": "string", "pattern": "^[^/]+/[^/]+$"},
         },
     }
+
+    @classmethod
+    def prepare(cls) -> None:
+        integrator_module()
 
     def start_scan(self, scan, settings) -> None:
         super().start_scan(scan, settings)
