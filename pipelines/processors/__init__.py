@@ -115,11 +115,12 @@ def available() -> list[str]:
     return sorted(_registered())
 
 
-def preload() -> dict[str, str]:
-    """Load and prepare every installed processor; processor name -> why it
-    failed, for those that did (they fail again, loudly, when a scan asks)."""
+def preload(names: tuple[str, ...] | list[str] = ("*",)) -> dict[str, str]:
+    """Load and prepare the named processors (``"*"``: every installed one);
+    processor name -> why it failed, for those that did (they fail again,
+    loudly, when a scan asks for them)."""
     problems = {}
-    for name in available():
+    for name in (available() if "*" in names else names):
         try:
             load(name).prepare()
         except Exception as exc:  # a broken plugin must not stop the worker

@@ -56,6 +56,16 @@ def test_installed_processors_are_available() -> None:
     assert processors.load("passthrough") is Passthrough
 
 
+def test_preload_prepares_named_or_all_processors_and_reports_the_missing() -> None:
+    import sys
+
+    assert processors.preload(["xrd"]) == {}
+    assert "pyFAI" in sys.modules  # prepared: the first XRD scan does not import it
+    problems = processors.preload(["counters", "xrd-nope"])
+    assert list(problems) == ["xrd-nope"] and "not installed" in problems["xrd-nope"]
+    assert processors.preload(["*"]) == {}
+
+
 def test_loading_an_unknown_processor_names_the_available_ones() -> None:
     with pytest.raises(ValueError, match="'xrd-nope' is not installed") as info:
         processors.load("xrd-nope")
