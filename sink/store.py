@@ -84,6 +84,11 @@ def allocate(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     return arr
 
 
+def _column_sum(arr: np.ndarray) -> np.ndarray:
+    """Sum over the points (axis 0) in float64, without copying: integers cannot be NaN."""
+    return arr.sum(axis=0, dtype=np.float64) if arr.dtype.kind in "biu" else np.nansum(arr, axis=0, dtype=np.float64)
+
+
 def segments(meta: ScanMeta, index: int, stop: int) -> list[tuple[slice, slice]]:
     """(flat cells, chunk rows) pairs covering indices [index, stop): one slice
     for a plain raster or a line, one per map row for a snake raster (odd rows
@@ -279,8 +284,6 @@ class ScanStore:
                 f"scan {scan_id}/{pipeline}: {again} points of [{index}, {stop}) delivered again"))
             parts = segments(entry.meta, index, stop)
             failed_cells = map_cells(entry.meta, failed) if entry.meta.snake and failed.size else failed
-            good = np.ones(stop - index, bool)
-            good[failed - index] = False
             for result, arr in arrays.items():
                 product = self._product(entry, pipeline, result, arr)
                 if product is None:
@@ -291,8 +294,8 @@ class ScanStore:
                 if failed.size:
                     flat[failed_cells] = np.nan
                 if product.total is not None:
-                    product.total += np.nansum(arr[:stop - index][good], axis=0, dtype=np.float64)
-                    product.summed += int(good.sum())
+                    product.total += _column_sum(arr) - (_column_sum(arr[failed - index]) if failed.size else 0.0)
+                    product.summed += stop - index - failed.size
                 product.version += 1
             entry.version += 1
             entry.updated = time.time()

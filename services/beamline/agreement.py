@@ -81,8 +81,8 @@ def checks(sim: Simulation) -> list[Check]:
     return out
 
 
-def _truth(sim: Simulation, check: Check) -> np.ndarray:
-    truth = sim.truth_on_grid() if check.regrid else sim.truth()
+def _expected(truth: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """What each Pearson-checked product should be proportional to, from the phantom's truth maps."""
     fractions = np.stack([truth[f"phase_{p.name}"] for p in PHASES], axis=-1)
     absorption = np.exp(-CounterModel.mu_per_um * truth["thickness_um"])
     known = {
@@ -97,14 +97,18 @@ def _truth(sim: Simulation, check: Check) -> np.ndarray:
         **{f"xrf/{e}_norm": truth[f"{e}_ug_cm2"] for e in ELEMENTS},
         **{f"xrd/{p.name}_norm": truth[f"phase_{p.name}"] for p in PHASES},
     }
-    return known[check.product]
+    return known
 
 
 def evaluate(sim: Simulation, fetch: Fetch) -> list[Result]:
     """Every check of ``sim``, measured on the products ``fetch`` returns."""
     results = []
     truth = sim.truth()
-    for check in checks(sim):
+    wanted = checks(sim)
+    expected = {None: _expected(truth)}
+    if any(c.regrid for c in wanted):
+        expected["grid"] = _expected(sim.truth_on_grid())
+    for check in wanted:
         if check.measure == "rms_gain":
             axis = check.product.split("/", 1)[1]
             corrected = fetch(check.product, None)
@@ -114,5 +118,6 @@ def evaluate(sim: Simulation, fetch: Fetch) -> list[Result]:
             fixed = np.sqrt(np.nanmean((corrected - true) ** 2))
             results.append(Result(check, float(raw / fixed) if fixed > 0 else float("inf")))
         else:
-            results.append(Result(check, pearson(fetch(check.product, check.regrid), _truth(sim, check))))
+            reference = expected["grid" if check.regrid else None][check.product]
+            results.append(Result(check, pearson(fetch(check.product, check.regrid), reference)))
     return results

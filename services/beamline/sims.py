@@ -43,7 +43,7 @@ from services.beamline.xrf import Xspress3
 from services.scan import map_cells, parse_scan
 
 SIM_NAMES = ("counters", "xrf", "xrd", "dpc", "full")
-MODALITIES = {"xrf": "xspress3", "xrd": "eiger", "dpc": "dpc"}  # pipeline -> its detector stream
+MODALITIES = ("xrf", "xrd", "dpc")  # pipelines beyond counters and position
 GENERATION_POINTS = 16  # points generated together (random streams are keyed by these blocks)
 MARGIN_UM = 2.0  # the scanned field stays this far inside the phantom
 
@@ -202,7 +202,7 @@ def make_simulation(name: str, shape: tuple[int, ...] = (60, 40), snake: bool = 
             axis: {"encoder": f"encoders/{axis}", "interferometer": f"interferometer/{axis}"}
             for axis in ("samx", "samy")}}, ("encoders", "interferometer")),
     }
-    wanted = MODALITIES if name == "full" else {k: v for k, v in MODALITIES.items() if k == name}
+    wanted = MODALITIES if name == "full" else (name,)
     if "xrf" in wanted:
         xrf = Xspress3(phantom)
         detectors["xspress3"] = xrf
