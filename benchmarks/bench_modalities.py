@@ -41,11 +41,11 @@ import numpy as np  # noqa: E402
 
 from pipelines.processors import Batch  # noqa: E402
 from pipelines.processors.xrf import Xrf  # noqa: E402
-from services import mesh  # noqa: E402
-from services.beamline.agreement import pearson  # noqa: E402
-from services.beamline.run import ScanRunner  # noqa: E402
-from services.beamline.sims import Simulation, make_simulation  # noqa: E402
-from services.home import EmbeddedDatabase, home  # noqa: E402
+from services.ops import mesh  # noqa: E402
+from services.sim.agreement import pearson  # noqa: E402
+from services.ops.run import ScanRunner  # noqa: E402
+from services.sim.sims import Simulation, make_simulation  # noqa: E402
+from services.ops.home import EmbeddedDatabase, home  # noqa: E402
 from services.registration import TangoManagerLink  # noqa: E402
 from services.scan import parse_scan  # noqa: E402
 
@@ -158,7 +158,7 @@ def mesh_up() -> tuple[mesh.MeshSpec, mesh.LocalLauncher, Path, TangoManagerLink
 
 
 def bench_xrd(link: TangoManagerLink, points: int) -> dict[str, Any]:
-    from pipelines.processors.xrd import integrator
+    from services.physics.pyfai import integrator
 
     sim = replay("xrd", (points // 20, 20))
     frames = sim.frozen["eiger"]["image"]

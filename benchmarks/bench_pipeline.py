@@ -3,7 +3,7 @@
 
 The whole mesh runs on this host as real device servers (embedded Tango DB,
 ``tangomesh up`` machinery, one process per server); the simulated sources and
-the consumer that checks every index (services/simulate.py) run in this
+the consumer that checks every index (services/ops/simulate.py) run in this
 process. Every case is paired with its baseline, measured in the same run: a
 raw pyzmq PUSH/PULL hop between two processes carrying messages of the same
 size as the case's source messages. The ratio compares events per second
@@ -37,8 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 import zmq  # noqa: E402
 
-from services import codec, mesh, simulate  # noqa: E402
-from services.home import EmbeddedDatabase, home  # noqa: E402
+from services import codec  # noqa: E402
+from services.ops import mesh, simulate
+from services.ops.home import EmbeddedDatabase, home  # noqa: E402
 from services.registration import TangoManagerLink  # noqa: E402
 
 PIPELINE = "bench"

@@ -36,7 +36,8 @@ import numpy as np  # noqa: E402
 import zmq  # noqa: E402
 
 from pipelines import protocol  # noqa: E402
-from services import codec, simulate  # noqa: E402
+from services import codec  # noqa: E402
+from services.ops import simulate
 from sink.component import SinkComponent, SinkConfig  # noqa: E402
 from sink.queries import SinkClient  # noqa: E402
 

@@ -44,7 +44,8 @@ import zmq  # noqa: E402
 
 from bench_sink import run_sender  # noqa: E402
 from pipelines import protocol  # noqa: E402
-from services import codec, simulate  # noqa: E402
+from services import codec  # noqa: E402
+from services.ops import simulate
 from writers.component import WriterComponent, WriterConfig  # noqa: E402
 from writers.layout import OutputLayout  # noqa: E402
 from writers.nexus import NexusFile, NexusSettings, chunk_shape  # noqa: E402

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from pipelines import protocol
+from services import protocol
 from services import codec
 from services.scan import ScanMeta
 

@@ -2,7 +2,7 @@
 
 One loop thread owns every socket and all scan state; Tango commands hand it
 work through :meth:`MasterComponent.call` and wait for the answer, so there are
-no locks on the data path and no Tango calls in it. See pipelines/protocol.py
+no locks on the data path and no Tango calls in it. See services/protocol.py
 for who talks to whom.
 """
 
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import json
 import logging
 import queue
 import threading
@@ -19,18 +18,15 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import zmq
-from tango import DevState
-from tango.server import attribute, command, device_property
-from tango.utils import PyTangoThread
 
-from pipelines import processors, protocol
+from pipelines import processors
+from services import protocol
 from pipelines.component import PipelineComponent
 from pipelines.dispatch import Affinity, Dispatcher
 from pipelines.formation import EventFormer
 from services import codec
 from services.dataplane import bind
-from services.device import MeshDevice, console_script, throw_invalid
-from services.registration import ManagerLink, ManagerUnavailable
+from services.registration import ManagerLink
 from services.scan import ScanError, ScanMeta, parse_scan
 
 log = logging.getLogger("tangomesh.master")
@@ -517,109 +513,3 @@ class MasterComponent(PipelineComponent):
         held = " Sources held back: burst queue full." if self.sources_held else ""
         return (f"Scan {self.current_scan or '-'}: {self.progress():.0%} acknowledged; {workers} worker(s); "
                 f"queue {self.queue_bytes / 2**20:.1f} of {self.config.max_queue_bytes / 2**20:.0f} MiB.{held}")
-
-
-class PipelineMaster(MeshDevice):
-    """Scan control, event formation and credit-based fan-out for one pipeline."""
-
-    MaxQueueBytes = device_property(dtype=int, default_value=256 * 2**20,
-                                    doc="Burst queue bound: bytes of source data and unacknowledged work held")
-    MaxUnitPoints = device_property(dtype=int, default_value=1000, doc="Most events in one unit of work")
-    MaxUnitBytes = device_property(dtype=int, default_value=8 * 2**20, doc="Most source bytes in one unit of work")
-    IncompleteTimeoutSeconds = device_property(
-        dtype=float, default_value=5.0, doc="How long a stream may lag before its events go on marked incomplete")
-    WorkerTimeoutSeconds = device_property(
-        dtype=float, default_value=2.0, doc="A worker silent this long is gone: its work goes to others")
-    Affinity = device_property(dtype=str, default_value="",
-                               doc='Default affinity, e.g. {"group": 100} or {"copy_to": "debug"}')
-
-    component: MasterComponent
-
-    def create_component(self) -> MasterComponent:
-        config = MasterConfig(
-            self.MaxQueueBytes, self.MaxUnitPoints, self.MaxUnitBytes, self.IncompleteTimeoutSeconds,
-            self.WorkerTimeoutSeconds, Affinity.from_json(json.loads(self.Affinity) if self.Affinity else None))
-        return MasterComponent(self.get_name(), self.Pipeline, self.bind_host, self.advertised_host, config,
-                               self.create_link(), PyTangoThread)
-
-    def _refuse(self, origin: str, exc: Exception) -> None:
-        self.component.counters.error(f"{origin}: {exc}")
-        throw_invalid(str(exc), f"PipelineMaster.{origin}")
-
-    def _running(self) -> None:
-        if self.get_state() == DevState.FAULT:
-            throw_invalid(f"the master is in FAULT: {self.get_status()}", "PipelineMaster")
-
-    @command(dtype_in=str, doc_in="scan metadata JSON (services/schemas/scan.json)", dtype_out=str,
-             doc_out="the scan id")
-    def StartScan(self, document: str) -> str:
-        self._running()
-        try:
-            plan = self.component.plan_scan(document)
-            self.component.start_scan(plan)
-        except ManagerUnavailable as exc:
-            self._refuse("StartScan", ValueError(f"topology manager unavailable: {exc}"))
-        except ValueError as exc:
-            self._refuse("StartScan", exc)
-        return plan.meta.scan_id
-
-    @command(dtype_in=str, doc_in="scan id")
-    def EndScan(self, scan_id: str) -> None:
-        self._running()
-        try:
-            self.component.end_scan(scan_id)
-        except ValueError as exc:
-            self._refuse("EndScan", exc)
-
-    @command(dtype_in=str, doc_in="scan id")
-    def AbortScan(self, scan_id: str) -> None:
-        self._running()
-        try:
-            self.component.abort_scan(scan_id)
-        except ValueError as exc:
-            self._refuse("AbortScan", exc)
-
-    @attribute(dtype=str, doc="Id of the latest scan started")
-    def CurrentScan(self) -> str:
-        return self.component.current_scan
-
-    @attribute(dtype=float, doc="Fraction of the current scan's points delivered downstream", min_value=0, max_value=1)
-    def Progress(self) -> float:
-        return self.component.progress()
-
-    @attribute(dtype=int, doc="Bytes held: source data not yet dispatched plus unacknowledged work", unit="B")
-    def QueueBytes(self) -> int:
-        return self.component.queue_bytes
-
-    @attribute(dtype=float, doc="Events dispatched per second (last second)", unit="1/s")
-    def EventsPerSecond(self) -> float:
-        return self.component.events_per_second
-
-    @attribute(dtype=bool, doc="True while the burst queue is full and sources wait")
-    def SourcesHeld(self) -> bool:
-        return self.component.sources_held
-
-    @attribute(dtype=float, doc="Total time sources were held back", unit="s")
-    def HeldSeconds(self) -> float:
-        return self.component.held_seconds
-
-    @attribute(dtype=int, doc="Workers currently known (by credit and heartbeat)")
-    def Workers(self) -> int:
-        return len(self.component.dispatcher.workers)
-
-    @attribute(dtype=int, doc="Units sent again because their worker disappeared")
-    def Redispatched(self) -> int:
-        return self.component.dispatcher.redispatched
-
-    @attribute(dtype=str, doc="Current scan: points formed, incomplete, acknowledged, gaps (JSON)")
-    def ScanSummary(self) -> str:
-        return json.dumps(self.component.scan_summary())
-
-    @attribute(dtype=str, doc="Known workers: name, role, credit, units and points dispatched (JSON)")
-    def WorkerTable(self) -> str:
-        return json.dumps([{"name": w.name, "role": w.role, "credit": w.credit, "units": w.units,
-                            "points": w.points, "in_flight": len(w.in_flight)}
-                           for w in list(self.component.dispatcher.workers.values())])
-
-
-main = console_script(PipelineMaster)

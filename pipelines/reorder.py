@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from pipelines import protocol
+from services import protocol
 from services import codec
 
 

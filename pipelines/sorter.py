@@ -12,7 +12,6 @@ master keeps the events and can send them again.
 from __future__ import annotations
 
 import collections
-import json
 import logging
 import threading
 import time
@@ -20,15 +19,12 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import zmq
-from tango.server import attribute, device_property
-from tango.utils import PyTangoThread
 
-from pipelines import protocol
+from services import protocol
 from pipelines.component import PipelineComponent
 from pipelines.reorder import Chunker, ScanOrder
 from services import codec
 from services.dataplane import bind
-from services.device import MeshDevice, console_script
 from services.registration import ManagerLink, ManagerUnavailable
 from services.scan import parse_scan
 
@@ -314,43 +310,3 @@ class SorterComponent(PipelineComponent):
     def status(self) -> str:
         return (f"Scan {self.current_scan or '-'}; {len(self.runs)} open; {self.chunks_out} chunks out, "
                 f"{self.duplicates} duplicate and {self.late} late points dropped, {self.gap_points} gap points.")
-
-
-class Sorter(MeshDevice):
-    """Restores acquisition order and delivers a pipeline's results to its consumers."""
-
-    ChunkPoints = device_property(dtype=int, default_value=1000, doc="Most points merged into one chunk")
-    ChunkSeconds = device_property(dtype=float, default_value=0.005,
-                                   doc="A chunk leaves at most this long after its first result")
-    GapTimeoutSeconds = device_property(dtype=float, default_value=30.0,
-                                        doc="How long a missing index is awaited before a gap record replaces it")
-
-    component: SorterComponent
-
-    def create_component(self) -> SorterComponent:
-        config = SorterConfig(self.ChunkPoints, self.ChunkSeconds, self.GapTimeoutSeconds)
-        return SorterComponent(self.get_name(), self.Pipeline, self.bind_host, self.advertised_host, config,
-                               self.create_link(), PyTangoThread)
-
-    @attribute(dtype=str, doc="Latest scan started")
-    def CurrentScan(self) -> str:
-        return self.component.current_scan
-
-    @attribute(dtype=int, doc="Chunks and gap records delivered")
-    def ChunksOut(self) -> int:
-        return self.component.chunks_out
-
-    @attribute(dtype=int, doc="Points delivered as gap records (no result within the timeout)")
-    def GapPoints(self) -> int:
-        return self.component.gap_points
-
-    @attribute(dtype=int, doc="Duplicate points dropped (re-dispatch races)")
-    def DuplicatePoints(self) -> int:
-        return self.component.duplicates
-
-    @attribute(dtype=str, doc="Summaries of recently finished scans (JSON)")
-    def FinishedScans(self) -> str:
-        return json.dumps(dict(self.component.finished))
-
-
-main = console_script(Sorter)

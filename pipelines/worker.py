@@ -22,13 +22,11 @@ from typing import Any, Callable
 
 import numpy as np
 import zmq
-from tango.server import attribute, device_property
-from tango.utils import PyTangoThread
 
-from pipelines import processors, protocol
+from pipelines import processors
+from services import protocol
 from pipelines.component import PipelineComponent
 from services import codec
-from services.device import MeshDevice, console_script
 from services.registration import ManagerLink, ManagerUnavailable
 from services.scan import ScanMeta, parse_scan
 
@@ -329,44 +327,3 @@ def run_isolated(proc: processors.Processor, batch: processors.Batch) -> tuple[d
             out[j] = res[name][0]
         arrays[name] = out
     return arrays, errors
-
-
-class PipelineWorker(MeshDevice):
-    """Runs the scan's processor (a modality plugin) over units of work."""
-
-    Prefetch = device_property(dtype=int, default_value=2, doc="Units asked for ahead of processing (credit window)")
-    HeartbeatSeconds = device_property(dtype=float, default_value=0.25, doc="Heartbeat period towards the master")
-    Role = device_property(dtype=str, default_value="", doc='"" for a normal worker, or e.g. "debug" for copies')
-    ProcessingDelaySeconds = device_property(
-        dtype=float, default_value=0.0,
-        doc="Extra time per unit, to rehearse a slow node when commissioning load balancing; leave 0")
-    Preload = device_property(
-        dtype=(str,), default_value=[],
-        doc="Processors loaded with their heavy imports at start-up, so the first scan does not wait "
-            "(* = every installed one; pyFAI alone is ~1.7 s and ~130 MB); default none: loaded by the first scan")
-
-    component: WorkerComponent
-
-    def create_component(self) -> WorkerComponent:
-        config = WorkerConfig(self.Prefetch, self.HeartbeatSeconds, 2.0, self.Role, self.ProcessingDelaySeconds,
-                              tuple(self.Preload))
-        return WorkerComponent(self.get_name(), self.Pipeline, config, self.create_link(), PyTangoThread)
-
-    @attribute(dtype=str, doc="Processor of the latest scan")
-    def Processor(self) -> str:
-        return self.component.processor_name
-
-    @attribute(dtype=int, doc="Points processed")
-    def Points(self) -> int:
-        return self.component.points
-
-    @attribute(dtype=int, doc="Points whose processing failed (see the result's errors)")
-    def FailedPoints(self) -> int:
-        return self.component.failed_points
-
-    @attribute(dtype=str, doc="Master work endpoint in use")
-    def MasterEndpoint(self) -> str:
-        return self.component.master_endpoint
-
-
-main = console_script(PipelineWorker)

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from pipelines import protocol
+from services import protocol
 
 PENDING, RECEIVED, FAILED, GAP = 0, 1, 2, 3
 STATE_NAMES = {PENDING: "pending", RECEIVED: "received", FAILED: "failed", GAP: "gap"}

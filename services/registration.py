@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from typing import Any, Callable, Protocol
 
 log = logging.getLogger(__name__)
@@ -185,3 +186,13 @@ class RegistrationClient:
 
     def _accept(self, terms: dict[str, Any]) -> None:
         self.heartbeat_seconds = float(terms.get("heartbeat_s", self.heartbeat_seconds))
+
+
+def wait_registered(*clients: RegistrationClient, timeout: float = 10.0) -> None:
+    """Block until every client holds a lease; TimeoutError naming why not."""
+    deadline = time.monotonic() + timeout
+    while not all(c.registered for c in clients):
+        if time.monotonic() > deadline:
+            problems = "; ".join(c.last_problem for c in clients if not c.registered)
+            raise TimeoutError(f"not registered with the topology manager within {timeout:g} s: {problems}")
+        time.sleep(0.02)

@@ -18,7 +18,7 @@ from typing import Callable
 
 import zmq
 
-from pipelines import protocol
+from services import protocol
 from services import codec
 from services.component import Component
 from services.dataplane import PullInlet

@@ -271,7 +271,7 @@ class ScanStore:
                    meta: dict[str, Any] | None = None) -> None:
         """Place a result chunk: ``count`` points from ``index``, arrays with
         that leading axis. ``meta`` may carry the failed points and the
-        incomplete ranges (pipelines.protocol)."""
+        incomplete ranges (services.protocol)."""
         meta = meta or {}
         with self.lock:
             entry, run = self._open_run(scan_id, pipeline)

@@ -11,7 +11,7 @@ from typing import Callable, Iterator
 
 import pytest
 
-from services.home import EmbeddedDatabase, executable, pid_alive, spawn, terminate
+from services.ops.home import EmbeddedDatabase, executable, pid_alive, spawn, terminate
 
 
 def scan_geometry(kind: str, rows: int = 5, cols: int = 7) -> dict:

@@ -25,7 +25,7 @@ from typing import Any, Callable
 import numpy as np
 import zmq
 
-from pipelines import protocol
+from services import protocol
 from services import codec
 from services.component import Component
 from services.dataplane import PullInlet

@@ -6,7 +6,7 @@ it); its sparse (CSR) integration engine is built on the first frame and
 reused for every other. Per frame: the 1-D pattern (``pattern``), with
 pyFAI's solid-angle correction, the mask and the dark/flat frames if given.
 
-Phase maps: for every phase (cubic, ``services.powder``) the processor
+Phase maps: for every phase (cubic, ``services.physics.powder``) the processor
 places its rings in the pattern's radial unit, keeps those at least three
 window widths away from every other phase's rings (an overlapped ring tells
 nothing about which phase is there), and sums each ring's window minus the
@@ -26,30 +26,15 @@ Settings: ``detector`` (stream), ``image`` (array, default ``image``),
 from __future__ import annotations
 
 import math
-import os
 from typing import Any
 
 import numpy as np
 
 from pipelines.processors import Batch, Processor, declared_shape, monitor_scale
-from services.powder import CubicPhase, reflections
+from services.physics.powder import CubicPhase, reflections
+from services.physics.pyfai import integrator, integrator_module
 
 UNITS = ("2th_deg", "q_nm^-1")
-
-
-def integrator_module() -> Any:
-    """pyFAI, imported on first use (it takes seconds; the CLI must not pay
-    that). No accelerator here: silx's OpenCL probe is switched off (it only warns)."""
-    os.environ.setdefault("SILX_OPENCL", "0")
-    import pyFAI
-    import pyFAI.integrator.azimuthal  # noqa: F401 - what load() builds
-
-    return pyFAI
-
-
-def integrator(config: dict[str, Any]) -> Any:
-    """A pyFAI AzimuthalIntegrator from its ``get_config()`` dictionary."""
-    return integrator_module().load(config)
 
 
 def ring_positions(phase: CubicPhase, wavelength_A: float, unit: str, limit: float) -> list[tuple[float, float]]:

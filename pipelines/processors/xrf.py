@@ -36,7 +36,7 @@ from __future__ import annotations
 import numpy as np
 
 from pipelines.processors import Batch, Processor, declared_shape, monitor_scale
-from services.xraylines import Calibration, Resolution, compton_keV, emission_lines, gaussian_counts
+from services.physics.xraylines import Calibration, Resolution, compton_keV, emission_lines, gaussian_counts
 
 CALIBRATION = {"type": "object", "required": ["offset_keV", "gain_keV_per_channel"], "properties": {
     "offset_keV": {"type": "number"}, "gain_keV_per_channel": {"type": "number", "exclusiveMinimum": 0},

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import wait_for
-from services.home import bin_dir, pid_alive
+from services.ops.home import bin_dir, pid_alive
 from writers.layout import read_checksums
 
 EXPECTED = {

@@ -17,8 +17,9 @@ import tango
 import zmq
 
 from conftest import ServerHandle, ServerPool, topology_props, wait_for
-from pipelines import protocol
-from services import codec, simulate
+from services import protocol
+from services import codec
+from services.ops import simulate
 from services.registration import TangoManagerLink
 
 MANAGER = "tangomesh/topology/manager"

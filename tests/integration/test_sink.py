@@ -17,7 +17,8 @@ import tango
 import zmq
 
 from conftest import ServerPool, topology_props, wait_for
-from services import cli, codec, simulate
+from services import codec
+from services.ops import cli, simulate
 from services.registration import TangoManagerLink
 from sink.queries import QUERY, QueryError, SinkClient
 

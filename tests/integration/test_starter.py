@@ -11,8 +11,8 @@ import pytest
 import tango
 
 from conftest import topology_props, wait_for
-from services.home import pid_alive
-from services.mesh import STARTER_PATH, ServerSpec, StarterLauncher, exported_pid, put_server_info, short_hostname
+from services.ops.home import pid_alive
+from services.ops.mesh import STARTER_PATH, ServerSpec, StarterLauncher, exported_pid, put_server_info, short_hostname
 
 TOPOLOGY = "test/starter/topology"
 RECORDER = "test/starter/recorder"

@@ -19,8 +19,9 @@ import zmq
 from matplotlib.image import imread
 
 from conftest import ServerPool, topology_props, wait_for
-from pipelines import protocol
-from services import codec, simulate
+from services import protocol
+from services import codec
+from services.ops import simulate
 from services.registration import TangoManagerLink
 from sink.queries import QUERY, SinkClient
 from writers.fio import read_fio

@@ -1,4 +1,4 @@
-"""The simulated beamline (services/beamline): deterministic by seed, each
+"""The simulated beamline (services/sim/): deterministic by seed, each
 detector's physics where the ground truth says it must be, and the cheap
 processors (``counters``, ``position``) recovering that truth from the
 simulated streams. Everything runs without Tango: processors get the
@@ -15,13 +15,13 @@ import xraylib
 from pipelines.processors import Batch
 from pipelines.processors.counters import Counters
 from pipelines.processors.position import FROM_CALIBRATED_ENCODER, FROM_INTERFEROMETER, Position
-from services.beamline import agreement
-from services.beamline.dpc import shift_px_per_rad_per_um
-from services.beamline.phantom import PHASES
-from services.beamline.sims import SIM_NAMES, make_simulation, parse_shape
-from services.powder import reflections, wavelength_A
+from services.sim import agreement
+from services.sim.dpc import shift_px_per_rad_per_um
+from services.sim.phantom import PHASES
+from services.sim.sims import SIM_NAMES, make_simulation, parse_shape
+from services.physics.powder import reflections, wavelength_A
 from services.scan import map_cells, parse_scan
-from services.xraylines import compton_keV
+from services.physics.xraylines import compton_keV
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +95,7 @@ def test_xrf_lines_sit_at_xraylib_energies_and_dead_time_is_paralysable(full) ->
 
 def test_xrd_rings_are_where_braggs_law_puts_them(full) -> None:
     eiger = full.detectors["eiger"]
-    from pipelines.processors.xrd import integrator
+    from services.physics.pyfai import integrator
 
     ai = integrator(eiger.geometry)
     templates = eiger.templates.reshape(-1, 256, 256)

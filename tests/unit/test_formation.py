@@ -13,9 +13,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from pipelines import protocol
+from services import protocol
 from pipelines.formation import EventFormer
-from services import codec, simulate
+from services import codec
+from services.ops import simulate
 from services.scan import ScanMeta, parse_scan
 
 PROFILE = simulate.PROFILES["counters"]

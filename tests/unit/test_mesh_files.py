@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from services.mesh import DEFAULT_MESH, MeshSpec
+from services.ops.mesh import DEFAULT_MESH, MeshSpec
 
 EXAMPLE = Path(DEFAULT_MESH).parent / "ansible" / "mesh.example.json"
 

@@ -13,11 +13,11 @@ from pipelines.processors.counters import Counters
 from pipelines.processors.dpc import Dpc
 from pipelines.processors.xrd import Xrd
 from pipelines.processors.xrf import Xrf
-from services.beamline.agreement import pearson
-from services.beamline.phantom import ELEMENTS, PHASES
-from services.beamline.sims import make_simulation
+from services.sim.agreement import pearson
+from services.sim.phantom import ELEMENTS, PHASES
+from services.sim.sims import make_simulation
 from services.scan import parse_scan
-from services.xraylines import Calibration, Resolution, emission_lines, gaussian_counts
+from services.physics.xraylines import Calibration, Resolution, emission_lines, gaussian_counts
 from sink.phase import integrate_gradients
 from test_beamline import run_pipeline
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from services.beamline.phantom import ELEMENTS, PHASES, make_phantom
+from services.sim.phantom import ELEMENTS, PHASES, make_phantom
 
 
 def grid(size: float, n: int = 120) -> tuple[np.ndarray, np.ndarray]:

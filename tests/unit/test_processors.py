@@ -16,7 +16,7 @@ from pipelines.processors.counters import Counters
 from pipelines.processors.passthrough import Passthrough
 from pipelines.processors.position import Position
 from pipelines.worker import run_isolated
-from services import simulate
+from services.ops import simulate
 from services.scan import ScanMeta, parse_scan
 from services.schema import SchemaError
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import scan_geometry
-from services import simulate
+from services.ops import simulate
 from services.scan import axis_values, parse_scan
 from sink.regrid import RegridError, regrid
 from sink.store import ScanStore, StoreError

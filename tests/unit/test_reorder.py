@@ -1,7 +1,7 @@
 """The sorter's per-scan logic (pipelines/reorder.py): in-order delivery exactly
 once, duplicates, refused results, gaps after a timeout, the scan's end; the
 Chunker's merging of consecutive results; and the range helpers of
-pipelines/protocol.py that acknowledgements rely on."""
+services/protocol.py that acknowledgements rely on."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipelines import protocol
+from services import protocol
 from pipelines.reorder import Chunker, ScanOrder
 from services import codec
 

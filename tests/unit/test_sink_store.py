@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from services import simulate
+from services.ops import simulate
 from conftest import map_by_hand, scan_geometry
 from services.scan import map_cells, parse_scan
 from services.schema import SchemaError

@@ -16,8 +16,9 @@ import zmq
 from matplotlib.image import imread
 
 from conftest import map_by_hand, scan_geometry
-from pipelines import protocol
-from services import codec, simulate
+from services import protocol
+from services import codec
+from services.ops import simulate
 from services.ledger import FAILED, GAP, RECEIVED, PointLedger
 from services.scan import map_blocks, parse_scan
 from writers.component import ScanRun, WriterComponent, WriterConfig

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from services.powder import CubicPhase
+from services.physics.powder import CubicPhase
 
 ELEMENTS = ("Ca", "Fe", "Cu", "Zn", "Pb")
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from services.beamline.detector import Acquisition, SimDetector
+from services.sim.detector import Acquisition, SimDetector
 
 
 @dataclass(frozen=True)

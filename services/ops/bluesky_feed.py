@@ -1,6 +1,6 @@
 """Feed the mesh from a Bluesky RunEngine: a document callback.
 
-    from services.bluesky_feed import MeshFeed
+    from services.ops.bluesky_feed import MeshFeed
     feed = MeshFeed(TangoManagerLink(), analysis={"counters": {
         "processor": "counters", "settings": {"counters": ["det4"]}, "streams": ["primary"]}})
     RE.subscribe(feed)
@@ -42,8 +42,8 @@ from typing import Any
 
 import numpy as np
 
-from services.registration import ManagerLink, master_proxy
-from services.simulate import SimSource, wait_registered
+from services.registration import ManagerLink, master_proxy, wait_registered
+from services.source import SourceClient
 
 log = logging.getLogger("tangomesh.bluesky")
 
@@ -73,7 +73,7 @@ class MeshFeed:
         self.beamtime = beamtime or {"id": "bluesky", "beamline": "BL",
                                      "paths": {"raw": "raw", "processed": "processed"}}
         wanted = {(p, s) for p, entry in analysis.items() for s in entry.get("streams", list(streams or ["primary"]))}
-        self.sources = {(p, s): SimSource(s, p, link, host, prefix="bluesky") for p, s in sorted(wanted)}
+        self.sources = {(p, s): SourceClient(s, p, link, host, prefix="bluesky") for p, s in sorted(wanted)}
         wait_registered(*(src.registration for src in self.sources.values()))
         self.start: dict[str, Any] | None = None
         self.scan_id: str | None = None

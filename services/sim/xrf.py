@@ -28,9 +28,9 @@ from typing import Any
 
 import numpy as np
 
-from services.beamline.detector import Acquisition, SimDetector
-from services.beamline.phantom import ELEMENTS, Phantom
-from services.xraylines import Calibration, Resolution, compton_keV, default_series, emission_lines, gaussian_counts
+from services.sim.detector import Acquisition, SimDetector
+from services.sim.phantom import ELEMENTS, Phantom
+from services.physics.xraylines import Calibration, Resolution, compton_keV, default_series, emission_lines, gaussian_counts
 
 
 @dataclass(frozen=True)

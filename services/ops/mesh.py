@@ -20,13 +20,13 @@ from typing import Any, Protocol
 
 import tango
 
-from services.home import executable, pid_alive, process_cmdline, spawn, terminate
+from services.ops.home import executable, pid_alive, process_cmdline, spawn, terminate
 from services.registration import DEFAULT_TOPOLOGY_DEVICE, ManagerUnavailable, TangoManagerLink
 from services.schema import validate
 
 log = logging.getLogger("tangomesh.mesh")
 
-DEFAULT_MESH = Path(__file__).resolve().parents[1] / "deploy" / "mesh.json"
+DEFAULT_MESH = Path(__file__).resolve().parents[2] / "deploy" / "mesh.json"
 STARTER_PATH = "/usr/lib/tango/Starter"
 #: Starter properties set only where the host has none yet.
 STARTER_DEFAULTS = {

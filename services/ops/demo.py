@@ -20,11 +20,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from services import mesh
-from services.beamline import agreement
-from services.beamline.run import ScanOutcome, ScanRunner
-from services.beamline.sims import Simulation
-from services.home import EmbeddedDatabase, resolve_tango_host
+from services.ops import mesh
+from services.sim import agreement
+from services.ops.run import ScanOutcome, ScanRunner
+from services.sim.sims import Simulation
+from services.ops.home import EmbeddedDatabase, resolve_tango_host
 from services.registration import TangoManagerLink
 from sink.component import LAVUE
 from sink.queries import QUERY, QueryError, SinkClient, find_sinks

@@ -26,11 +26,11 @@ import tango
 from rich.console import Console
 from rich.table import Table
 
-from services import mesh
-from services.beamline.run import ScanRunner
-from services.beamline.sims import SIM_NAMES, Simulation, make_simulation, parse_shape
-from services.demo import demo
-from services.home import EmbeddedDatabase, home, resolve_tango_host
+from services.ops import mesh
+from services.ops.run import ScanRunner
+from services.sim.sims import SIM_NAMES, Simulation, make_simulation, parse_shape
+from services.ops.demo import demo
+from services.ops.home import EmbeddedDatabase, home, resolve_tango_host
 from services.registration import TangoManagerLink
 from sink.queries import QUERY, QueryError, SinkClient, find_sinks
 

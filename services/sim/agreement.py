@@ -10,7 +10,7 @@ nominal grid for a regridded map), a measure and the pass threshold:
 * ``rms_gain``: how many times closer to the true positions the corrected
   positions are than the raw encoder readings.
 
-The thresholds follow from the simulators' noise models (services.beamline.*):
+The thresholds follow from the simulators' noise models (services.sim.*):
 counting statistics at the simulated flux leave normalised counters and
 transmission well above 0.99.
 """
@@ -22,9 +22,9 @@ from typing import Callable
 
 import numpy as np
 
-from services.beamline.counters import CounterModel, xbic_efficiency, xeol_yield
-from services.beamline.phantom import ELEMENTS, PHASES
-from services.beamline.sims import Simulation
+from services.sim.counters import CounterModel, xbic_efficiency, xeol_yield
+from services.sim.phantom import ELEMENTS, PHASES
+from services.sim.sims import Simulation
 
 Fetch = Callable[[str, "str | None"], np.ndarray]  # (product, regrid pipeline or None) -> map
 

@@ -18,10 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from services.beamline.counters import CounterModel
-from services.beamline.detector import Acquisition, SimDetector
-from services.beamline.phantom import Phantom
-from services.powder import wavelength_A
+from services.sim.counters import CounterModel
+from services.sim.detector import Acquisition, SimDetector
+from services.sim.phantom import Phantom
+from services.physics.powder import wavelength_A
 
 
 @dataclass(frozen=True)

@@ -33,13 +33,13 @@ from typing import Any
 
 import numpy as np
 
-from services.beamline.counters import Counters
-from services.beamline.detector import Acquisition, BeamModel, SimDetector, block_rng
-from services.beamline.dpc import Dpc, shift_px_per_rad_per_um
-from services.beamline.motion import Encoders, Interferometer, ScanAxis, ScanPattern, StageModel, Trajectory
-from services.beamline.phantom import ELEMENTS, PHASES, Phantom, make_phantom
-from services.beamline.xrd import Eiger, XrdModel
-from services.beamline.xrf import Xspress3
+from services.sim.counters import Counters
+from services.sim.detector import Acquisition, BeamModel, SimDetector, block_rng
+from services.sim.dpc import Dpc, shift_px_per_rad_per_um
+from services.sim.motion import Encoders, Interferometer, ScanAxis, ScanPattern, StageModel, Trajectory
+from services.sim.phantom import ELEMENTS, PHASES, Phantom, make_phantom
+from services.sim.xrd import Eiger, XrdModel
+from services.sim.xrf import Xspress3
 from services.scan import map_cells, parse_scan
 
 SIM_NAMES = ("counters", "xrf", "xrd", "dpc", "full")

@@ -1,6 +1,6 @@
 """Simulated sources and a checking consumer, to drive scans through a live mesh.
 
-A :class:`SimSource` is what a detector looks like to the mesh: a bound PUSH
+A :class:`SourceClient` is what a detector looks like to the mesh: a bound PUSH
 socket registered with the topology manager as a ``source`` of one stream. A
 :class:`Probe` is a consumer registered like any other; it tallies what the
 sorter delivers (each index exactly once? in order? gaps?) and when. Together
@@ -22,10 +22,10 @@ from typing import Any, Callable
 import numpy as np
 import zmq
 
-from pipelines import protocol
-from services import codec
+from services import codec, protocol
 from services.dataplane import bind
-from services.registration import ManagerLink, RegistrationClient, master_proxy
+from services.registration import ManagerLink, RegistrationClient, master_proxy, wait_registered
+from services.source import SourceClient
 
 
 # --------------------------------------------------------------------------- profiles
@@ -132,45 +132,6 @@ def scan_document(scan_id: str, number: int, points: int, pipeline: str, profile
 
 
 # --------------------------------------------------------------------------- parts
-
-class SimSource:
-    """One detector stream: a bound PUSH socket, registered as a source."""
-
-    def __init__(self, stream: str, pipeline: str, link: ManagerLink, host: str = "127.0.0.1", hwm: int = 16,
-                 prefix: str = "sim") -> None:
-        self.stream = stream
-        self.socket = zmq.Context.instance().socket(zmq.PUSH)
-        self.socket.sndhwm = hwm
-        self.socket.linger = 0
-        self.endpoint = bind(self.socket, host, host)
-        self.blocked_seconds = 0.0
-        self.registration = RegistrationClient(link, {
-            "name": f"{prefix}/{pipeline}-{stream}/{os.getpid()}", "kind": protocol.KIND_SOURCE, "pipeline": pipeline,
-            "host": host, "pid": os.getpid(), "endpoints": {protocol.SOURCE_OUT: self.endpoint},
-            "capabilities": {"stream": stream}})
-        self.registration.start()
-
-    def send(self, msg: codec.Message) -> None:
-        """Blocks while the master holds this stream back (its high-water mark is full)."""
-        frames = codec.encode(msg)
-        try:
-            codec.send_frames(self.socket, frames, zmq.NOBLOCK)
-        except zmq.Again:
-            t0 = time.monotonic()
-            codec.send_frames(self.socket, frames)
-            self.blocked_seconds += time.monotonic() - t0
-
-    def block(self, scan: str, index: int, arrays: dict[str, np.ndarray]) -> None:
-        count = len(next(iter(arrays.values())))
-        self.send(codec.Message(codec.DATA, scan=scan, stream=self.stream, index=index, count=count, arrays=arrays))
-
-    def end(self, scan: str, points: int) -> None:
-        self.send(codec.Message(codec.SCAN_END, scan=scan, stream=self.stream, count=points))
-
-    def close(self) -> None:
-        self.registration.stop(deregister=True)
-        self.socket.close(0)
-
 
 @dataclass
 class Tally:
@@ -284,15 +245,6 @@ class Probe:
         self.socket.close(0)
 
 
-def wait_registered(*clients: RegistrationClient, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not all(c.registered for c in clients):
-        if time.monotonic() > deadline:
-            problems = "; ".join(c.last_problem for c in clients if not c.registered)
-            raise TimeoutError(f"not registered with the topology manager within {timeout:g} s: {problems}")
-        time.sleep(0.02)
-
-
 # --------------------------------------------------------------------------- a whole scan
 
 @dataclass
@@ -306,7 +258,7 @@ class ScanDriver:
     """
 
     profile: Profile
-    sources: dict[str, SimSource]
+    sources: dict[str, SourceClient]
     block: int | dict[str, int] = 100
     rate: float = 0.0
     skip: dict[str, set[int]] = field(default_factory=dict)  # stream -> block starts never sent
@@ -371,7 +323,7 @@ class SimBeamline:
         self.pipeline = pipeline
         self.profile = PROFILES[profile] if isinstance(profile, str) else profile
         self.link = link
-        self.sources = {s: SimSource(s, pipeline, link, host) for s in (streams or self.profile.streams)}
+        self.sources = {s: SourceClient(s, pipeline, link, host) for s in (streams or self.profile.streams)}
         self.probe = Probe(pipeline, link, host, keep)
         wait_registered(self.probe.registration, *(src.registration for src in self.sources.values()))
 

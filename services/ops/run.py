@@ -20,9 +20,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-from services.beamline.sims import Simulation
-from services.registration import ManagerLink, master_proxy
-from services.simulate import Probe, SimSource, Tally, summarise, wait_registered
+from services.sim.sims import Simulation
+from services.registration import ManagerLink, master_proxy, wait_registered
+from services.ops.simulate import Probe, Tally, summarise
+from services.source import SourceClient
 
 Progress = Callable[[int, dict[str, int]], None]  # (points sent, points delivered per pipeline)
 
@@ -57,12 +58,12 @@ class ScanRunner:
         unknown = sorted(set(self.pipelines) - set(sim.pipelines))
         if unknown:
             raise ValueError(f"simulation {sim.name} has no pipelines {unknown} (it has {sorted(sim.pipelines)})")
-        self.sources: dict[tuple[str, str], SimSource] = {}
+        self.sources: dict[tuple[str, str], SourceClient] = {}
         self.probes: dict[str, Probe] = {}
         try:
             for pipeline in self.pipelines:
                 for stream in sim.streams_of(pipeline):
-                    self.sources[pipeline, stream] = SimSource(stream, pipeline, link, host)
+                    self.sources[pipeline, stream] = SourceClient(stream, pipeline, link, host)
                 self.probes[pipeline] = Probe(pipeline, link, host)
             wait_registered(*(p.registration for p in self.probes.values()),
                             *(s.registration for s in self.sources.values()))

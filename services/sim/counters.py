@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from services.beamline.detector import Acquisition, SimDetector
-from services.beamline.phantom import PHASES, Phantom
+from services.sim.detector import Acquisition, SimDetector
+from services.sim.phantom import PHASES, Phantom
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 The detector geometry is a pyFAI one (pixel size, distance, PONI, tilts,
 wavelength); its ``get_config()`` goes into the scan metadata, so the XRD
 processor can build the same integrator. Per pixel the simulator evaluates
-the rings of each phase (services.powder) at the pixel's 2θ, times the pixel's
+the rings of each phase (services.physics.powder) at the pixel's 2θ, times the pixel's
 solid angle, weighs them by the phantom's phase fractions at the true beam
 position and adds a smooth background (air and amorphous scatter, growing
 with the sample's thickness). Counts are Poisson of that, as uint32.
@@ -22,10 +22,10 @@ from typing import Any
 
 import numpy as np
 
-from services.beamline.detector import Acquisition, SimDetector
-from services.beamline.phantom import PHASES, Phantom
-from pipelines.processors.xrd import integrator
-from services.powder import reflections, ring_profile, wavelength_A
+from services.sim.detector import Acquisition, SimDetector
+from services.sim.phantom import PHASES, Phantom
+from services.physics.pyfai import integrator
+from services.physics.powder import reflections, ring_profile, wavelength_A
 
 
 @dataclass(frozen=True)

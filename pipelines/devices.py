@@ -1,0 +1,204 @@
+"""The Tango faces of a pipeline's stages: PipelineMaster, PipelineWorker, Sorter.
+
+Each device declares its properties, attributes and commands and delegates to
+its Tango-free component (:mod:`pipelines.master`, :mod:`pipelines.worker`,
+:mod:`pipelines.sorter`), which the unit and component tests drive directly.
+"""
+
+from __future__ import annotations
+
+import json
+
+from tango import DevState
+from tango.server import attribute, command, device_property
+from tango.utils import PyTangoThread
+
+from pipelines.dispatch import Affinity
+from pipelines.master import MasterComponent, MasterConfig
+from pipelines.sorter import SorterComponent, SorterConfig
+from pipelines.worker import WorkerComponent, WorkerConfig
+from services.device import MeshDevice, console_script, throw_invalid
+from services.registration import ManagerUnavailable
+
+
+class PipelineMaster(MeshDevice):
+    """Scan control, event formation and credit-based fan-out for one pipeline."""
+
+    MaxQueueBytes = device_property(dtype=int, default_value=256 * 2**20,
+                                    doc="Burst queue bound: bytes of source data and unacknowledged work held")
+    MaxUnitPoints = device_property(dtype=int, default_value=1000, doc="Most events in one unit of work")
+    MaxUnitBytes = device_property(dtype=int, default_value=8 * 2**20, doc="Most source bytes in one unit of work")
+    IncompleteTimeoutSeconds = device_property(
+        dtype=float, default_value=5.0, doc="How long a stream may lag before its events go on marked incomplete")
+    WorkerTimeoutSeconds = device_property(
+        dtype=float, default_value=2.0, doc="A worker silent this long is gone: its work goes to others")
+    Affinity = device_property(dtype=str, default_value="",
+                               doc='Default affinity, e.g. {"group": 100} or {"copy_to": "debug"}')
+
+    component: MasterComponent
+
+    def create_component(self) -> MasterComponent:
+        config = MasterConfig(
+            self.MaxQueueBytes, self.MaxUnitPoints, self.MaxUnitBytes, self.IncompleteTimeoutSeconds,
+            self.WorkerTimeoutSeconds, Affinity.from_json(json.loads(self.Affinity) if self.Affinity else None))
+        return MasterComponent(self.get_name(), self.Pipeline, self.bind_host, self.advertised_host, config,
+                               self.create_link(), PyTangoThread)
+
+    def _refuse(self, origin: str, exc: Exception) -> None:
+        self.component.counters.error(f"{origin}: {exc}")
+        throw_invalid(str(exc), f"PipelineMaster.{origin}")
+
+    def _running(self) -> None:
+        if self.get_state() == DevState.FAULT:
+            throw_invalid(f"the master is in FAULT: {self.get_status()}", "PipelineMaster")
+
+    @command(dtype_in=str, doc_in="scan metadata JSON (services/schemas/scan.json)", dtype_out=str,
+             doc_out="the scan id")
+    def StartScan(self, document: str) -> str:
+        self._running()
+        try:
+            plan = self.component.plan_scan(document)
+            self.component.start_scan(plan)
+        except ManagerUnavailable as exc:
+            self._refuse("StartScan", ValueError(f"topology manager unavailable: {exc}"))
+        except ValueError as exc:
+            self._refuse("StartScan", exc)
+        return plan.meta.scan_id
+
+    @command(dtype_in=str, doc_in="scan id")
+    def EndScan(self, scan_id: str) -> None:
+        self._running()
+        try:
+            self.component.end_scan(scan_id)
+        except ValueError as exc:
+            self._refuse("EndScan", exc)
+
+    @command(dtype_in=str, doc_in="scan id")
+    def AbortScan(self, scan_id: str) -> None:
+        self._running()
+        try:
+            self.component.abort_scan(scan_id)
+        except ValueError as exc:
+            self._refuse("AbortScan", exc)
+
+    @attribute(dtype=str, doc="Id of the latest scan started")
+    def CurrentScan(self) -> str:
+        return self.component.current_scan
+
+    @attribute(dtype=float, doc="Fraction of the current scan's points delivered downstream", min_value=0, max_value=1)
+    def Progress(self) -> float:
+        return self.component.progress()
+
+    @attribute(dtype=int, doc="Bytes held: source data not yet dispatched plus unacknowledged work", unit="B")
+    def QueueBytes(self) -> int:
+        return self.component.queue_bytes
+
+    @attribute(dtype=float, doc="Events dispatched per second (last second)", unit="1/s")
+    def EventsPerSecond(self) -> float:
+        return self.component.events_per_second
+
+    @attribute(dtype=bool, doc="True while the burst queue is full and sources wait")
+    def SourcesHeld(self) -> bool:
+        return self.component.sources_held
+
+    @attribute(dtype=float, doc="Total time sources were held back", unit="s")
+    def HeldSeconds(self) -> float:
+        return self.component.held_seconds
+
+    @attribute(dtype=int, doc="Workers currently known (by credit and heartbeat)")
+    def Workers(self) -> int:
+        return len(self.component.dispatcher.workers)
+
+    @attribute(dtype=int, doc="Units sent again because their worker disappeared")
+    def Redispatched(self) -> int:
+        return self.component.dispatcher.redispatched
+
+    @attribute(dtype=str, doc="Current scan: points formed, incomplete, acknowledged, gaps (JSON)")
+    def ScanSummary(self) -> str:
+        return json.dumps(self.component.scan_summary())
+
+    @attribute(dtype=str, doc="Known workers: name, role, credit, units and points dispatched (JSON)")
+    def WorkerTable(self) -> str:
+        return json.dumps([{"name": w.name, "role": w.role, "credit": w.credit, "units": w.units,
+                            "points": w.points, "in_flight": len(w.in_flight)}
+                           for w in list(self.component.dispatcher.workers.values())])
+
+
+class PipelineWorker(MeshDevice):
+    """Runs the scan's processor (a modality plugin) over units of work."""
+
+    Prefetch = device_property(dtype=int, default_value=2, doc="Units asked for ahead of processing (credit window)")
+    HeartbeatSeconds = device_property(dtype=float, default_value=0.25, doc="Heartbeat period towards the master")
+    Role = device_property(dtype=str, default_value="", doc='"" for a normal worker, or e.g. "debug" for copies')
+    ProcessingDelaySeconds = device_property(
+        dtype=float, default_value=0.0,
+        doc="Extra time per unit, to rehearse a slow node when commissioning load balancing; leave 0")
+    Preload = device_property(
+        dtype=(str,), default_value=[],
+        doc="Processors loaded with their heavy imports at start-up, so the first scan does not wait "
+            "(* = every installed one; pyFAI alone is ~1.7 s and ~130 MB); default none: loaded by the first scan")
+
+    component: WorkerComponent
+
+    def create_component(self) -> WorkerComponent:
+        config = WorkerConfig(self.Prefetch, self.HeartbeatSeconds, 2.0, self.Role, self.ProcessingDelaySeconds,
+                              tuple(self.Preload))
+        return WorkerComponent(self.get_name(), self.Pipeline, config, self.create_link(), PyTangoThread)
+
+    @attribute(dtype=str, doc="Processor of the latest scan")
+    def Processor(self) -> str:
+        return self.component.processor_name
+
+    @attribute(dtype=int, doc="Points processed")
+    def Points(self) -> int:
+        return self.component.points
+
+    @attribute(dtype=int, doc="Points whose processing failed (see the result's errors)")
+    def FailedPoints(self) -> int:
+        return self.component.failed_points
+
+    @attribute(dtype=str, doc="Master work endpoint in use")
+    def MasterEndpoint(self) -> str:
+        return self.component.master_endpoint
+
+
+class Sorter(MeshDevice):
+    """Restores acquisition order and delivers a pipeline's results to its consumers."""
+
+    ChunkPoints = device_property(dtype=int, default_value=1000, doc="Most points merged into one chunk")
+    ChunkSeconds = device_property(dtype=float, default_value=0.005,
+                                   doc="A chunk leaves at most this long after its first result")
+    GapTimeoutSeconds = device_property(dtype=float, default_value=30.0,
+                                        doc="How long a missing index is awaited before a gap record replaces it")
+
+    component: SorterComponent
+
+    def create_component(self) -> SorterComponent:
+        config = SorterConfig(self.ChunkPoints, self.ChunkSeconds, self.GapTimeoutSeconds)
+        return SorterComponent(self.get_name(), self.Pipeline, self.bind_host, self.advertised_host, config,
+                               self.create_link(), PyTangoThread)
+
+    @attribute(dtype=str, doc="Latest scan started")
+    def CurrentScan(self) -> str:
+        return self.component.current_scan
+
+    @attribute(dtype=int, doc="Chunks and gap records delivered")
+    def ChunksOut(self) -> int:
+        return self.component.chunks_out
+
+    @attribute(dtype=int, doc="Points delivered as gap records (no result within the timeout)")
+    def GapPoints(self) -> int:
+        return self.component.gap_points
+
+    @attribute(dtype=int, doc="Duplicate points dropped (re-dispatch races)")
+    def DuplicatePoints(self) -> int:
+        return self.component.duplicates
+
+    @attribute(dtype=str, doc="Summaries of recently finished scans (JSON)")
+    def FinishedScans(self) -> str:
+        return json.dumps(dict(self.component.finished))
+
+
+master_main = console_script(PipelineMaster)
+worker_main = console_script(PipelineWorker)
+sorter_main = console_script(Sorter)
