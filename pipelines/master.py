@@ -94,7 +94,7 @@ class SourceLink:
 
 
 class MasterComponent(PipelineComponent):
-    kind = protocol.KIND_MASTER
+    kind = protocol.Kind.MASTER
 
     def __init__(
         self,
@@ -161,7 +161,7 @@ class MasterComponent(PipelineComponent):
         for s in services:
             stream = s.get("capabilities", {}).get("stream")
             endpoint = s.get("endpoints", {}).get(protocol.SOURCE_OUT)
-            if s["kind"] == protocol.KIND_SOURCE and isinstance(stream, str) and endpoint:
+            if s["kind"] == protocol.Kind.SOURCE and isinstance(stream, str) and endpoint:
                 sources[endpoint] = stream
         wanted = entry.get("streams")
         streams = list(wanted) if wanted else sorted(set(sources.values()))
@@ -170,7 +170,7 @@ class MasterComponent(PipelineComponent):
             raise ScanError(f"scan {meta.scan_id}: no registered source for stream(s) {lacking or 'any'} "
                             f"of pipeline {self.pipeline}")
         sources = {e: s for e, s in sources.items() if s in streams}
-        sorters = [s["endpoints"].get(protocol.RESULTS_IN) for s in services if s["kind"] == protocol.KIND_SORTER]
+        sorters = [s["endpoints"].get(protocol.RESULTS_IN) for s in services if s["kind"] == protocol.Kind.SORTER]
         sorters = [e for e in sorters if e]
         if len(sorters) != 1:
             raise ScanError(f"pipeline {self.pipeline} needs exactly one registered sorter, found {len(sorters)}")
@@ -370,13 +370,12 @@ class MasterComponent(PipelineComponent):
             except codec.CodecError as exc:
                 self.counters.error(f"refused message on the work socket: {exc}")
                 continue
-            worker, role = msg.meta.get("worker"), msg.meta.get("role", "")
-            if msg.type != codec.CREDIT or not isinstance(worker, str) or not isinstance(role, str) \
-                    or not 0 <= msg.count <= 10_000:
-                self.counters.error(f"refused {msg.type} on the work socket: workers send credit "
-                                    f"with a worker name and 0..10000 units")
+            try:
+                worker, role, units = protocol.check_credit(msg)
+            except ValueError as exc:
+                self.counters.error(str(exc))
                 continue
-            if self.dispatcher.seen(identity, worker, role, msg.count, now):
+            if self.dispatcher.seen(identity, worker, role, units, now):
                 log.info("worker %s joined (role %r)", worker, role)
                 for run in self.runs.values():
                     self._to_worker(identity, self._scan_start_message(run))

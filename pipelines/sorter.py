@@ -65,21 +65,8 @@ class SortRun:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
-def check_result_meta(meta: dict[str, Any]) -> None:
-    """The meta a worker may attach to a result; ValueError otherwise."""
-    errors = meta.get(protocol.META_ERRORS, {})
-    if not isinstance(errors, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in errors.items()):
-        raise ValueError("result errors must map index text to a message")
-    incomplete = meta.get(protocol.META_INCOMPLETE, {})
-    if not isinstance(incomplete, dict) or not all(
-            isinstance(ranges, list) and all(isinstance(r, list) and len(r) == 2 and all(type(x) is int for x in r)
-                                             for r in ranges)
-            for ranges in incomplete.values()):
-        raise ValueError("result incomplete must map a stream to [[start, stop], ...]")
-
-
 class SorterComponent(PipelineComponent):
-    kind = protocol.KIND_SORTER
+    kind = protocol.Kind.SORTER
 
     def __init__(
         self,
@@ -159,7 +146,7 @@ class SorterComponent(PipelineComponent):
             self.orphans.setdefault(msg.scan, []).append((now, msg))  # may overtake its scan_start
             return
         if msg.type == codec.RESULT:
-            check_result_meta(msg.meta)
+            protocol.check_result_meta(msg.meta)
             before = run.order.duplicates
             for ready in run.order.add(msg, now):
                 self._chunk(run, ready, now)

@@ -53,7 +53,7 @@ class WorkerConfig:
 
 
 class WorkerComponent(PipelineComponent):
-    kind = protocol.KIND_WORKER
+    kind = protocol.Kind.WORKER
 
     def __init__(
         self,
@@ -104,8 +104,8 @@ class WorkerComponent(PipelineComponent):
                 found = self.master_endpoint and self.sorter_endpoint
                 next_lookup = now + (self.config.lookup_period if found else min(0.25, self.config.lookup_period))
                 try:
-                    master = self._lookup(protocol.KIND_MASTER, protocol.WORK)
-                    self.sorter_endpoint = self._lookup(protocol.KIND_SORTER, protocol.RESULTS_IN) or self.sorter_endpoint
+                    master = self._lookup(protocol.Kind.MASTER, protocol.WORK)
+                    self.sorter_endpoint = self._lookup(protocol.Kind.SORTER, protocol.RESULTS_IN) or self.sorter_endpoint
                 except (ManagerUnavailable, ValueError) as exc:
                     log.debug("lookup failed: %s", exc)
                     master = self.master_endpoint

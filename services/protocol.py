@@ -20,16 +20,27 @@ r"""How the stages of a pipeline talk on the data plane (on top of services.code
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Any, Iterable
 
 from services import codec
 
-KIND_SOURCE = "source"
-KIND_MASTER = "master"
-KIND_WORKER = "worker"
-KIND_SORTER = "sorter"
+class Kind(StrEnum):
+    """What a service registers as (``kind`` in its registration). A str, so it
+    travels in JSON and Lookup queries as the plain word."""
+
+    TOPOLOGY = "topology"
+    SOURCE = "source"
+    MASTER = "master"
+    WORKER = "worker"
+    SORTER = "sorter"
+    SINK = "sink"
+    WRITER = "writer"
+    RECORDER = "recorder"
+
+
 #: Services the sorter delivers to: every one registered for the pipeline (or for all, pipeline "").
-CONSUMER_KINDS = ("sink", "writer", "recorder")
+CONSUMER_KINDS = (Kind.SINK, Kind.WRITER, Kind.RECORDER)
 
 SOURCE_OUT = "data_out"
 WORK = "work"
@@ -55,6 +66,32 @@ def array_key(stream: str, name: str) -> str:
 def credit(count: int, worker: str, role: str = "") -> codec.Message:
     """A worker asks for ``count`` more units (0: a heartbeat)."""
     return codec.Message(codec.CREDIT, count=count, meta={"worker": worker, "role": role})
+
+
+MAX_CREDIT = 10_000  # units one credit message may ask for
+
+
+def check_credit(msg: codec.Message) -> tuple[str, str, int]:
+    """(worker, role, units) of a credit message; ValueError naming the problem."""
+    worker, role = msg.meta.get("worker"), msg.meta.get("role", "")
+    if msg.type != codec.CREDIT or not isinstance(worker, str) or not isinstance(role, str) \
+            or not 0 <= msg.count <= MAX_CREDIT:
+        raise ValueError(f"refused {msg.type} on the work socket: workers send credit "
+                         f"with a worker name and 0..{MAX_CREDIT} units")
+    return worker, role, msg.count
+
+
+def check_result_meta(meta: dict[str, Any]) -> None:
+    """The meta a worker may attach to a result; ValueError otherwise."""
+    errors = meta.get(META_ERRORS, {})
+    if not isinstance(errors, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in errors.items()):
+        raise ValueError("result errors must map index text to a message")
+    incomplete = meta.get(META_INCOMPLETE, {})
+    if not isinstance(incomplete, dict) or not all(
+            isinstance(ranges, list) and all(isinstance(r, list) and len(r) == 2 and all(type(x) is int for x in r)
+                                             for r in ranges)
+            for ranges in incomplete.values()):
+        raise ValueError("result incomplete must map a stream to [[start, stop], ...]")
 
 
 def ack(scan: str, ranges: Iterable[tuple[int, int]], gap: bool = False) -> codec.Message:

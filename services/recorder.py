@@ -17,7 +17,7 @@ import zmq
 from tango.server import attribute, command, device_property
 from tango.utils import PyTangoThread
 
-from services import codec
+from services import codec, protocol
 from services.component import Component
 from services.dataplane import PullInlet
 from services.device import MeshDevice, console_script
@@ -45,7 +45,7 @@ def summarise(msg: codec.Message) -> dict[str, Any]:
 
 
 class RecorderComponent(Component):
-    kind = "recorder"
+    kind = protocol.Kind.RECORDER
 
     def __init__(
         self,

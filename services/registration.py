@@ -13,6 +13,8 @@ import threading
 import time
 from typing import Any, Callable, Protocol
 
+from services import protocol
+
 log = logging.getLogger(__name__)
 
 DEFAULT_TOPOLOGY_DEVICE = "tangomesh/topology/manager"
@@ -86,7 +88,7 @@ def master_proxy(link: ManagerLink, pipeline: str, timeout_ms: int = 15000) -> A
     control system sends StartScan / EndScan / AbortScan."""
     import tango
 
-    names = [s["name"] for s in link.lookup({"kind": "master", "pipeline": pipeline})]
+    names = [s["name"] for s in link.lookup({"kind": protocol.Kind.MASTER, "pipeline": pipeline})]
     if len(names) != 1:
         raise RuntimeError(f"pipeline {pipeline} has {len(names)} registered masters, expected 1 "
                            "(is it declared in the mesh file and running?)")

@@ -33,7 +33,7 @@ class SourceClient:
         self.endpoint = bind(self.socket, host, host)
         self.blocked_seconds = 0.0
         self.registration = RegistrationClient(link, {
-            "name": f"{prefix}/{pipeline}-{stream}/{os.getpid()}", "kind": protocol.KIND_SOURCE, "pipeline": pipeline,
+            "name": f"{prefix}/{pipeline}-{stream}/{os.getpid()}", "kind": protocol.Kind.SOURCE, "pipeline": pipeline,
             "host": host, "pid": os.getpid(), "endpoints": {protocol.SOURCE_OUT: self.endpoint},
             "capabilities": {"stream": stream}})
         self.registration.start()

@@ -18,14 +18,13 @@ from typing import Callable
 
 import zmq
 
-from services import protocol
-from services import codec
+from services import codec, protocol
 from services.component import Component
 from services.dataplane import PullInlet
 from services.scan import ScanError, parse_scan
 from services.schema import preload
 from sink.lavue import LavuePublisher
-from sink.queries import KIND_SINK, QUERY, QueryServer
+from sink.queries import QUERY, QueryServer
 from sink.store import Product, ScanEntry, ScanStore, StoreError
 from sink.views import LiveFrame, live_frame
 
@@ -60,7 +59,7 @@ class Progress:
 
 
 class SinkComponent(Component):
-    kind = KIND_SINK
+    kind = protocol.Kind.SINK
 
     def __init__(self, name: str, pipeline: str, bind_host: str, advertised_host: str, config: SinkConfig,
                  thread_factory: Callable[..., threading.Thread] = threading.Thread,

@@ -17,7 +17,7 @@ from typing import Any, Callable
 import numpy as np
 import zmq
 
-from services import codec
+from services import codec, protocol
 from services.component import Counters
 from services.dataplane import BoundSocketThread
 from services.registration import ManagerLink
@@ -28,7 +28,6 @@ log = logging.getLogger("tangomesh.sink.query")
 
 SCHEMA = "sink-query"
 QUERY = "query"  # role of the endpoint in the service's registration
-KIND_SINK = "sink"
 
 
 class QueryError(RuntimeError):
@@ -206,5 +205,5 @@ class SinkClient:
 
 def find_sinks(link: ManagerLink) -> list[dict[str, Any]]:
     """Registered sinks with a query endpoint, by name."""
-    return sorted((s for s in link.lookup({"kind": KIND_SINK}) if QUERY in s.get("endpoints", {})),
+    return sorted((s for s in link.lookup({"kind": protocol.Kind.SINK}) if QUERY in s.get("endpoints", {})),
                   key=lambda s: s["name"])

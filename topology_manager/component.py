@@ -6,6 +6,7 @@ import logging
 import threading
 from typing import Any, Callable
 
+from services import protocol
 from services.component import Component
 from topology_manager.registry import Registry
 
@@ -13,7 +14,7 @@ log = logging.getLogger("tangomesh.topology")
 
 
 class TopologyComponent(Component):
-    kind = "topology"
+    kind = protocol.Kind.TOPOLOGY
 
     def __init__(
         self,

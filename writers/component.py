@@ -25,8 +25,7 @@ from typing import Any, Callable
 import numpy as np
 import zmq
 
-from services import protocol
-from services import codec
+from services import codec, protocol
 from services.component import Component
 from services.dataplane import PullInlet
 from services.ledger import PointLedger
@@ -34,7 +33,6 @@ from services.scan import ScanError, ScanMeta, parse_scan
 from services.schema import preload
 from writers.layout import OutputLayout, WriterError
 
-KIND_WRITER = "writer"
 FILES_KEPT = 1000
 REFUSED_KEPT = 1000
 HOUSEKEEPING_SECONDS = 0.5
@@ -111,7 +109,7 @@ class WriterComponent(Component):
     """A writer of one format: ``open_file`` makes the format's
     :class:`ScanFile` for a scan (``"nexus"``, ``"fio"``, ``"images"``)."""
 
-    kind = KIND_WRITER
+    kind = protocol.Kind.WRITER
 
     def __init__(self, name: str, pipeline: str, bind_host: str, advertised_host: str, layout: OutputLayout,
                  file_format: str, open_file: Callable[[ScanRun], ScanFile], config: WriterConfig,
