@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import logging
 import threading
+from typing import Iterator
 
 import zmq
 
-from services import schema
+from services import codec, schema
 from services.component import Component
 from services.registration import ManagerLink
 
@@ -35,3 +36,27 @@ class PipelineComponent(Component):
         for thread in self.threads:
             if thread.is_alive():
                 thread.join(5)
+
+    def drain(self, sock: zmq.Socket, where: str, limit: int = 256) -> Iterator[codec.Message]:
+        """Up to ``limit`` messages waiting on ``sock`` (then the loop serves its
+        other sockets). A malformed one is counted, logged and skipped, never
+        raised: one bad peer must not stop a stage."""
+        for _ in range(limit):
+            try:
+                msg = codec.recv(sock, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except codec.CodecError as exc:
+                self.counters.error(f"refused message on {where}: {exc}")
+                continue
+            yield msg
+
+    def drain_routed(self, sock: zmq.Socket, where: str, limit: int = 256) -> Iterator[tuple[bytes, codec.Message]]:
+        """:meth:`drain` for a ROUTER socket: (peer identity, message)."""
+        for _ in range(limit):
+            try:
+                yield codec.recv_routed(sock, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except codec.CodecError as exc:
+                self.counters.error(f"refused message on {where}: {exc}")

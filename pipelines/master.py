@@ -331,22 +331,20 @@ class MasterComponent(PipelineComponent):
         return readable
 
     def _drain_source(self, link: SourceLink, now: float) -> None:
-        for _ in range(64):  # then let the other sockets have a turn
-            if self.queue_bytes >= self.config.max_queue_bytes and link.socket not in self._readable_sources():
-                return
-            try:
-                msg = codec.recv(link.socket, zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            except codec.CodecError as exc:
-                self.counters.error(f"refused message from {link.stream} source: {exc}")
-                continue
+        def held() -> bool:
+            return self.queue_bytes >= self.config.max_queue_bytes and link.socket not in self._readable_sources()
+
+        if held():
+            return
+        for msg in self.drain(link.socket, f"the {link.stream} source", limit=64):  # then the other sockets
             self.counters.events_in += 1
             try:
                 self._accept_source(link, msg, now)
             except ValueError as exc:
                 self.counters.error(f"refused {msg.type} scan={msg.scan!r} stream={msg.stream!r} "
                                     f"index={msg.index} count={msg.count}: {exc}")
+            if held():
+                return
 
     def _accept_source(self, link: SourceLink, msg: codec.Message, now: float) -> None:
         if msg.stream != link.stream:
@@ -362,14 +360,7 @@ class MasterComponent(PipelineComponent):
             raise ValueError(f"sources send data and scan_end, not {msg.type}")
 
     def _drain_workers(self, now: float) -> None:
-        for _ in range(256):
-            try:
-                identity, msg = codec.recv_routed(self.router, zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            except codec.CodecError as exc:
-                self.counters.error(f"refused message on the work socket: {exc}")
-                continue
+        for identity, msg in self.drain_routed(self.router, "the work socket"):
             try:
                 worker, role, units = protocol.check_credit(msg)
             except ValueError as exc:
@@ -381,14 +372,7 @@ class MasterComponent(PipelineComponent):
                     self._to_worker(identity, self._scan_start_message(run))
 
     def _drain_acks(self) -> None:
-        for _ in range(256):
-            try:
-                msg = codec.recv(self.acks, zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            except codec.CodecError as exc:
-                self.counters.error(f"refused message on the ack socket: {exc}")
-                continue
+        for msg in self.drain(self.acks, "the ack socket"):
             try:
                 if msg.type != codec.ACK:
                     raise ValueError(f"the ack socket takes ack messages, not {msg.type}")

@@ -109,14 +109,7 @@ class SorterComponent(PipelineComponent):
             now = time.monotonic()
             try:
                 if self.inlet in ready:
-                    for _ in range(256):
-                        try:
-                            msg = codec.recv(self.inlet, zmq.NOBLOCK)
-                        except zmq.Again:
-                            break
-                        except codec.CodecError as exc:
-                            self.counters.error(f"refused message on {protocol.RESULTS_IN}: {exc}")
-                            continue
+                    for msg in self.drain(self.inlet, protocol.RESULTS_IN):
                         self.counters.events_in += 1
                         try:
                             self._accept(msg, now)

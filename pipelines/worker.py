@@ -160,14 +160,7 @@ class WorkerComponent(PipelineComponent):
             # (unreachable in practice: DEALER queues up to its HWM of 1000 messages)
 
     def _drain_master(self, dealer: zmq.Socket) -> None:
-        for _ in range(256):
-            try:
-                msg = codec.recv(dealer, zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            except codec.CodecError as exc:
-                self.counters.error(f"refused message from the master: {exc}")
-                continue
+        for msg in self.drain(dealer, "the link from the master"):
             self.counters.events_in += 1
             if msg.type == codec.SCAN_START:
                 try:
