@@ -71,14 +71,20 @@ class Dispatcher:
         self._rr = itertools.count()
 
     # ------------------------------------------------------------ workers
-    def seen(self, identity: bytes, name: str, role: str, credit: int, now: float) -> bool:
-        """A credit or heartbeat from a worker; True if the worker is new."""
+    def seen(self, identity: bytes, name: str, role: str, credit: int, now: float,
+             open_units: int | None = None) -> bool:
+        """A credit or heartbeat from a worker; True if the worker is new. A new
+        worker (or one given up earlier, heard again) starts from the credit it
+        says it holds open; a known one adds the increment (its ``open_units``
+        lags the units already on their way to it)."""
         w = self.workers.get(identity)
         new = w is None
         if new:
             w = self.workers[identity] = WorkerState(identity, name, role, now)
+            w.credit = credit if open_units is None else max(credit, open_units)
+        else:
+            w.credit += credit
         w.last_seen = now
-        w.credit += credit
         return new
 
     def expire(self, now: float) -> list[WorkerState]:

@@ -362,11 +362,11 @@ class MasterComponent(PipelineComponent):
     def _drain_workers(self, now: float) -> None:
         for identity, msg in self.drain_routed(self.router, "the work socket"):
             try:
-                worker, role, units = protocol.check_credit(msg)
+                worker, role, units, open_units = protocol.check_credit(msg)
             except ValueError as exc:
                 self.counters.error(str(exc))
                 continue
-            if self.dispatcher.seen(identity, worker, role, units, now):
+            if self.dispatcher.seen(identity, worker, role, units, now, open_units):
                 log.info("worker %s joined (role %r)", worker, role)
                 for run in self.runs.values():
                     self._to_worker(identity, self._scan_start_message(run))

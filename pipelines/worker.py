@@ -71,6 +71,7 @@ class WorkerComponent(PipelineComponent):
         self.master_endpoint = ""
         self.sorter_endpoint = ""
         self.units = 0
+        self.in_hand = 0  # units received and not yet finished; the link thread alone changes it
         self.points = 0
         self.failed_points = 0
         self.copies = 0
@@ -128,12 +129,13 @@ class WorkerComponent(PipelineComponent):
                         finished += 1
                     except zmq.Again:
                         break
-                self._send(dealer, protocol.credit(finished, self.name, self.config.role))
+                self.in_hand -= finished
+                self._send(dealer, self._credit(finished))
                 last_sent = time.monotonic()
             if dealer in ready:
                 self._drain_master(dealer)
             if time.monotonic() - last_sent >= self.config.heartbeat:
-                self._send(dealer, protocol.credit(0, self.name, self.config.role))
+                self._send(dealer, self._credit(0))
                 last_sent = time.monotonic()
         if dealer is not None:
             dealer.close(0)
@@ -147,10 +149,17 @@ class WorkerComponent(PipelineComponent):
         dealer.connect(endpoint)
         # Work still queued here from an earlier master connection stays valid:
         # only units not yet received are asked for.
-        self._send(dealer, protocol.credit(max(0, self.config.prefetch - self.todo.qsize()), self.name,
-                                           self.config.role))
+        self._send(dealer, self._credit(self.open_units))
         log.info("connected to master %s", endpoint)
         return dealer
+
+    @property
+    def open_units(self) -> int:
+        """Credit this worker holds open: the window less the units it has in hand."""
+        return max(0, self.config.prefetch - self.in_hand)
+
+    def _credit(self, count: int) -> codec.Message:
+        return protocol.credit(count, self.name, self.config.role, self.open_units)
 
     def _send(self, dealer: zmq.Socket, msg: codec.Message) -> None:
         try:
@@ -173,6 +182,7 @@ class WorkerComponent(PipelineComponent):
                 while len(self.scans) > SCANS_KEPT:
                     self.scans.popitem(last=False)
             elif msg.type in (codec.DATA, codec.SCAN_END, codec.SCAN_ABORT):
+                self.in_hand += msg.type == codec.DATA
                 self.todo.put(msg)
                 self.counters.queue_depth = self.todo.qsize()
             else:

@@ -56,6 +56,7 @@ META_ERRORS = "errors"  # result: {"index": "why this point failed"}
 META_INCOMPLETE = "incomplete"  # result/chunk: {stream: [[start, stop], ...]} of points formed without it
 META_RANGES = "ranges"  # ack: [[start, stop], ...] delivered (or declared gaps)
 META_POINTS = "points"  # scan_end: how many acquisition indices the scan has
+META_OPEN = "open"  # credit: all the credit the worker holds open
 
 
 def array_key(stream: str, name: str) -> str:
@@ -63,22 +64,29 @@ def array_key(stream: str, name: str) -> str:
     return f"{stream}/{name}"
 
 
-def credit(count: int, worker: str, role: str = "") -> codec.Message:
-    """A worker asks for ``count`` more units (0: a heartbeat)."""
-    return codec.Message(codec.CREDIT, count=count, meta={"worker": worker, "role": role})
+def credit(count: int, worker: str, role: str = "", open_units: int | None = None) -> codec.Message:
+    """A worker asks for ``count`` more units (0: a heartbeat). ``open_units``
+    is all the credit the worker holds open after this message: a master that
+    had given the worker up (it was silent too long) starts it from there,
+    since increments alone would leave it at 0 for good."""
+    meta: dict[str, Any] = {"worker": worker, "role": role}
+    if open_units is not None:
+        meta[META_OPEN] = open_units
+    return codec.Message(codec.CREDIT, count=count, meta=meta)
 
 
 MAX_CREDIT = 10_000  # units one credit message may ask for
 
 
-def check_credit(msg: codec.Message) -> tuple[str, str, int]:
-    """(worker, role, units) of a credit message; ValueError naming the problem."""
-    worker, role = msg.meta.get("worker"), msg.meta.get("role", "")
+def check_credit(msg: codec.Message) -> tuple[str, str, int, int | None]:
+    """(worker, role, units, open units or None) of a credit message; ValueError naming the problem."""
+    worker, role, open_units = msg.meta.get("worker"), msg.meta.get("role", ""), msg.meta.get(META_OPEN)
     if msg.type != codec.CREDIT or not isinstance(worker, str) or not isinstance(role, str) \
-            or not 0 <= msg.count <= MAX_CREDIT:
+            or not 0 <= msg.count <= MAX_CREDIT \
+            or not (open_units is None or (type(open_units) is int and 0 <= open_units <= MAX_CREDIT)):
         raise ValueError(f"refused {msg.type} on the work socket: workers send credit "
                          f"with a worker name and 0..{MAX_CREDIT} units")
-    return worker, role, msg.count
+    return worker, role, msg.count, open_units
 
 
 def check_result_meta(meta: dict[str, Any]) -> None:

@@ -41,6 +41,18 @@ def test_seen_registers_once_and_accumulates_credit() -> None:
     assert d.workers[b"w2"].role == "debug" and len(d.workers) == 2
 
 
+def test_a_worker_heard_again_after_expiry_starts_from_the_credit_it_holds_open() -> None:
+    d = Dispatcher(TIMEOUT)
+    d.seen(b"w1", "worker/1", "", 2, now=0.0, open_units=2)
+    assert [w.name for w in d.expire(now=TIMEOUT + 1)] == ["worker/1"]
+    # its next heartbeat asks for nothing new, but it still waits for its 2 units
+    assert d.seen(b"w1", "worker/1", "", 0, now=TIMEOUT + 2, open_units=2) is True
+    assert d.workers[b"w1"].credit == 2
+    # a known worker's open count lags what is already on its way: only increments count
+    d.seen(b"w1", "worker/1", "", 1, now=TIMEOUT + 3, open_units=2)
+    assert d.workers[b"w1"].credit == 3
+
+
 def test_choose_prefers_the_worker_with_most_credit() -> None:
     d = Dispatcher(TIMEOUT)
     d.seen(b"a", "a", "", 1, 0.0)

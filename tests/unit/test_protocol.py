@@ -17,11 +17,14 @@ def test_kinds_travel_as_plain_words():
 
 
 def test_a_credit_names_its_worker_and_asks_for_a_bounded_number_of_units():
-    assert protocol.check_credit(protocol.credit(3, "w1", "debug")) == ("w1", "debug", 3)
+    assert protocol.check_credit(protocol.credit(3, "w1", "debug")) == ("w1", "debug", 3, None)
+    assert protocol.check_credit(protocol.credit(0, "w1", open_units=2)) == ("w1", "", 0, 2)
     with pytest.raises(ValueError, match="worker name"):
         protocol.check_credit(codec.Message(codec.CREDIT, count=1, meta={"worker": 7}))
     with pytest.raises(ValueError, match="0..10000"):
         protocol.check_credit(protocol.credit(protocol.MAX_CREDIT + 1, "w1"))
+    with pytest.raises(ValueError, match="0..10000"):
+        protocol.check_credit(protocol.credit(1, "w1", open_units=-1))
     with pytest.raises(ValueError, match="refused ack"):
         protocol.check_credit(protocol.ack("s1", [(0, 1)]))
 
