@@ -12,6 +12,16 @@ import threading
 from typing import Any
 
 
+BRIEF_CHARS = 300
+
+
+def brief(text: str, limit: int = BRIEF_CHARS) -> str:
+    """``text`` cut to ``limit`` characters with the length said: an error
+    message may quote what it refuses, but never echo a huge argument into a
+    reply, the Status or the log."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 class Counters:
     """Monotonic counters every service exposes as attributes.
 
@@ -32,8 +42,8 @@ class Counters:
     def error(self, message: str) -> None:
         """Count, remember and log one refused input or failed operation."""
         self.errors += 1
-        self.last_error = message
-        self._log.error(message)
+        self.last_error = brief(message, 4 * BRIEF_CHARS)
+        self._log.error(self.last_error)
 
     def to_json(self) -> dict[str, Any]:
         return {

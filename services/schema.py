@@ -13,6 +13,16 @@ from typing import Any
 
 import jsonschema
 
+from services.component import brief
+
+
+#: Largest JSON text accepted per document name: a scan document with a long
+#: point list is megabytes; every other argument is small.
+TEXT_LIMITS = {"scan": 8 * 2**20}
+DEFAULT_TEXT_LIMIT = 64 * 2**10
+#: Deepest nesting of maps and lists accepted in any document.
+MAX_DEPTH = 64
+
 
 class SchemaError(ValueError):
     """A document that does not match its schema; the message says where and why."""
@@ -36,12 +46,14 @@ def preload(*names: str) -> None:
 
 def validate(name: str, document: Any) -> Any:
     """Raise SchemaError naming the first offending path; return the document."""
+    check_depth(name, document)
     return _check(_validator(name), name, document)
 
 
 def validate_against(schema: dict[str, Any], label: str, document: Any) -> Any:
     """Like :func:`validate` for a schema that lives in code (a processor's
     settings schema); ``label`` names the document in the message."""
+    check_depth(label, document)
     return _check(_validator_for(json.dumps(schema, sort_keys=True)), label, document)
 
 
@@ -62,13 +74,34 @@ def _check(validator: jsonschema.protocols.Validator, label: str, document: Any)
     return document
 
 
-def load_json(name: str, text: str) -> Any:
+def check_depth(name: str, document: Any, limit: int = MAX_DEPTH) -> None:
+    """SchemaError if maps and lists nest deeper than ``limit``: validators and
+    consumers recurse, and a hostile document must not reach them."""
+    level = [document]
+    for depth in range(limit + 1):
+        level = [v for item in level if isinstance(item, (dict, list))
+                 for v in (item.values() if isinstance(item, dict) else item)]
+        if not level:
+            return
+    raise SchemaError(f"invalid {name}: nested deeper than {limit} levels")
+
+
+def load_json(name: str, text: str | bytes) -> Any:
     """Decode JSON text meant to be a ``name`` document (validated by the
-    consumer); a decode failure raises SchemaError like a validation failure."""
+    consumer); too long a text, a decode failure or too deep a nesting raise
+    SchemaError like a validation failure, and the message never quotes the
+    text at length."""
+    limit = TEXT_LIMITS.get(name, DEFAULT_TEXT_LIMIT)
+    if isinstance(text, (str, bytes, bytearray)) and len(text) > limit:
+        raise SchemaError(f"invalid {name}: {len(text)} characters exceed the limit of {limit}")
     try:
-        return json.loads(text)
+        document = json.loads(text)
+    except RecursionError:
+        raise SchemaError(f"invalid {name}: nested deeper than {MAX_DEPTH} levels") from None
     except (TypeError, ValueError) as exc:
-        raise SchemaError(f"invalid {name}: not JSON: {exc}") from exc
+        raise SchemaError(f"invalid {name}: not JSON: {brief(str(exc))}") from None
+    check_depth(name, document)
+    return document
 
 
 def parse(name: str, text: str) -> Any:
