@@ -149,3 +149,25 @@ def test_the_passthrough_processor_carries_the_chosen_arrays(make_chain) -> None
     _, tally = chain.run_scan(1000)
     assert tally.end["delivered"] == 1000 and (tally.counts == 1).all() and tally.out_of_order == 0, tally.end
     np.testing.assert_allclose(tally.arrays()["counters/t"], np.arange(1000) * 1e-3)
+
+
+def test_results_that_overtake_their_scan_start_are_kept_even_behind_a_refused_one(make_chain) -> None:
+    """A worker's result can reach the sorter before the master's scan_start
+    (two senders, no order between them): the sorter keeps it until the scan
+    starts. One refused early result must not take the others down with it."""
+    chain = make_chain(workers=0)  # nobody processes: the early result is the only one for its indices
+    scan_id = "chain-early-results"
+    with pusher(chain.sorter.endpoints[protocol.RESULTS_IN]) as sorter_in:
+        codec.send(sorter_in, codec.Message(codec.RESULT, scan=scan_id, stream="p1", index=50, count=10,
+                                            arrays={"sum": np.zeros(10)}, meta={protocol.META_ERRORS: ["bad"]}))
+        codec.send(sorter_in, codec.Message(codec.RESULT, scan=scan_id, stream="p1", index=0, count=50,
+                                            arrays={"sum": np.arange(50.0)}))
+    wait_for(lambda: len(chain.sorter.orphans.get(scan_id, [])) == 2, PATIENCE, "the sorter to hold both")
+    chain.start_scan(100, scan_id=scan_id)
+    wait_for(lambda: chain.sorter.counters.errors == 1, PATIENCE, "the malformed early result to be refused")
+    assert "result errors must map" in chain.sorter.counters.last_error
+    assert "refused scan_start" not in chain.sorter.counters.last_error, "the scan_start itself was fine"
+    wait_for(lambda: chain.consumer.tallies[scan_id].counts[:50].all(), PATIENCE, "the good early result delivered")
+    chain.master.abort_scan(scan_id)
+    tally = chain.wait_scan_end(scan_id)
+    np.testing.assert_array_equal(tally.arrays()["sum"], np.arange(50.0))
