@@ -12,9 +12,11 @@ import contextlib
 from typing import Iterator
 
 import numpy as np
+import pytest
 import zmq
 
 from pipelines import sorter as sorter_module
+from pipelines.master import MasterConfig
 from pipelines.worker import WorkerConfig
 from services import codec, protocol
 from support import wait_for
@@ -171,3 +173,18 @@ def test_results_that_overtake_their_scan_start_are_kept_even_behind_a_refused_o
     chain.master.abort_scan(scan_id)
     tally = chain.wait_scan_end(scan_id)
     np.testing.assert_array_equal(tally.arrays()["sum"], np.arange(50.0))
+
+
+@pytest.mark.xfail(strict=True, reason="known bug: a live worker the master expired while idle comes back with "
+                   "credit 0 and is never given work again (credit is sent only as increments)")
+def test_a_live_worker_the_master_gave_up_on_gets_work_again(make_chain) -> None:
+    """The master forgets a worker it has not heard of for WorkerTimeoutSeconds
+    (a network blip, a stalled process; here: heartbeats slower than the
+    timeout). When the worker is heard again it is a worker like any other."""
+    chain = make_chain(workers=[WorkerConfig(heartbeat=0.6)],
+                       master_config=MasterConfig(max_unit_points=100, worker_timeout=0.3))
+    (worker,) = chain.workers
+    wait_for(lambda: not chain.master_knows(worker), PATIENCE, "the master to give the worker up")
+    wait_for(lambda: chain.master_knows(worker), PATIENCE, "the worker's next heartbeat")
+    _, tally = chain.run_scan(500, timeout=3.0)  # a few units: well under a second when the worker takes them
+    assert tally.end["delivered"] == 500
