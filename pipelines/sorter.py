@@ -182,7 +182,11 @@ class SorterComponent(PipelineComponent):
         self._deliver(run, forwarded)
         log.info("scan %s: delivering to %s", msg.scan, [c.name for c in consumers])
         for _, orphan in self.orphans.pop(msg.scan, []):
-            self._accept(orphan, now)
+            try:  # each early result on its own: one refused must not drop the others, nor read as a bad scan_start
+                self._accept(orphan, now)
+            except ValueError as exc:
+                self.counters.error(f"refused result [{orphan.index}, {orphan.stop}) of scan {msg.scan!r}, "
+                                    f"received before its scan_start: {exc}")
 
     def _find_consumers(self) -> list[Consumer]:
         try:

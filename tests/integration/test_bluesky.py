@@ -13,7 +13,7 @@ from bluesky import RunEngine
 from bluesky.plans import grid_scan
 from ophyd.sim import det4, motor1, motor2
 
-from conftest import ServerPool, topology_props, wait_for
+from support import ServerPool, topology_props, wait_for
 from services.ops.bluesky_feed import MeshFeed
 from services.registration import TangoManagerLink
 from sink.queries import QUERY, SinkClient

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import wait_for
+from support import wait_for
 from services.ops.home import bin_dir, pid_alive
 from writers.layout import read_checksums
 

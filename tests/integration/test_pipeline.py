@@ -16,7 +16,7 @@ import pytest
 import tango
 import zmq
 
-from conftest import ServerHandle, ServerPool, topology_props, wait_for
+from support import ServerHandle, ServerPool, topology_props, wait_for
 from services import protocol
 from services import codec
 from services.ops import simulate

@@ -16,7 +16,7 @@ import pytest
 import tango
 import zmq
 
-from conftest import ServerPool, topology_props, wait_for
+from support import ServerPool, topology_props, wait_for
 from services import codec
 from services.ops import cli, simulate
 from services.registration import TangoManagerLink

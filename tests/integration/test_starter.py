@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import tango
 
-from conftest import topology_props, wait_for
+from support import topology_props, wait_for
 from services.ops.home import pid_alive
 from services.ops.mesh import STARTER_PATH, ServerSpec, StarterLauncher, exported_pid, put_server_info, short_hostname
 

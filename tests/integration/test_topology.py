@@ -11,7 +11,7 @@ import pytest
 import tango
 import zmq
 
-from conftest import topology_props, wait_for
+from support import topology_props, wait_for
 from services import codec
 
 MANAGER = "tangomesh/topology/manager"

@@ -18,7 +18,7 @@ import tango
 import zmq
 from matplotlib.image import imread
 
-from conftest import ServerPool, topology_props, wait_for
+from support import ServerPool, topology_props, wait_for
 from services import protocol
 from services import codec
 from services.ops import simulate

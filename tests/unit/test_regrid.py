@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import scan_geometry
+from support import scan_geometry
 from services.ops import simulate
 from services.scan import axis_values, parse_scan
 from sink.regrid import RegridError, regrid

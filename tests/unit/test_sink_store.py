@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from services.ops import simulate
-from conftest import map_by_hand, scan_geometry
+from support import map_by_hand, scan_geometry
 from services.scan import map_cells, parse_scan
 from services.schema import SchemaError
 from sink.queries import answer

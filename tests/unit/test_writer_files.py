@@ -15,7 +15,7 @@ import pytest
 import zmq
 from matplotlib.image import imread
 
-from conftest import map_by_hand, scan_geometry
+from support import map_by_hand, scan_geometry
 from services import protocol
 from services import codec
 from services.ops import simulate
