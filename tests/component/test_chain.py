@@ -12,7 +12,6 @@ import contextlib
 from typing import Iterator
 
 import numpy as np
-import pytest
 import zmq
 
 from pipelines import sorter as sorter_module
@@ -175,8 +174,6 @@ def test_results_that_overtake_their_scan_start_are_kept_even_behind_a_refused_o
     np.testing.assert_array_equal(tally.arrays()["sum"], np.arange(50.0))
 
 
-@pytest.mark.xfail(strict=True, reason="known bug: a live worker the master expired while idle comes back with "
-                   "credit 0 and is never given work again (credit is sent only as increments)")
 def test_a_live_worker_the_master_gave_up_on_gets_work_again(make_chain) -> None:
     """The master forgets a worker it has not heard of for WorkerTimeoutSeconds
     (a network blip, a stalled process; here: heartbeats slower than the
