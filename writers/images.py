@@ -89,7 +89,7 @@ class ImageFiles(ScanFile):
     def __init__(self, run: ScanRun, settings: ImageSettings) -> None:
         super().__init__(run)
         self.settings = settings
-        self.claim = FileClaim(run.stem.with_name(run.stem.name + SUFFIX), owner_info(run.owner))
+        self.claim = FileClaim(run.stem.with_name(run.stem.name + SUFFIX), owner_info(run.owner), part=False)
         self.products: dict[str, Accumulator] = {}
         self.refused: set[str] = set()
         self._rendered = time.monotonic()

@@ -19,6 +19,15 @@ Crash safety
     rename. A final name therefore always holds a complete file; a killed
     writer leaves only a ``.part``. Each final file's SHA-256 is appended to the
     directory's ``SHA256SUMS`` (``sha256sum -c SHA256SUMS`` verifies them).
+
+Links
+    Inside the scan directory nothing is followed: the lock, the part file,
+    ``SHA256SUMS`` and temporary image files are opened with ``O_NOFOLLOW``
+    (the part file created with ``O_EXCL``), only regular files are accepted,
+    and a part file is published only if it is still the file the claim
+    created. A link planted there (``<file>.lock`` -> a file elsewhere) is
+    refused with :class:`WriterError`, counted by the writer, and the file it
+    points to is never opened for writing.
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ import json
 import os
 import re
 import socket
+import stat
 import string
 import time
 from dataclasses import dataclass
@@ -106,15 +116,38 @@ def owner_info(device: str) -> dict[str, Any]:
             "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
-class FileClaim:
-    """The exclusive right to write ``final`` (see the module doc)."""
+NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
 
-    def __init__(self, final: Path, owner: dict[str, Any]) -> None:
+
+def open_regular(path: Path, flags: int, mode: int = 0o644) -> int:
+    """``os.open`` that follows no link at ``path`` and accepts only a regular
+    file: WriterError otherwise, naming the path (the link's target is never
+    opened)."""
+    try:
+        fd = os.open(path, flags | NOFOLLOW | os.O_NONBLOCK, mode)
+    except OSError as exc:
+        if os.path.islink(path):
+            raise WriterError(f"{path} is a symbolic link; writers follow no link in the scan directory") from None
+        raise WriterError(f"{path}: {exc.strerror}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise WriterError(f"{path} is not a regular file; refused")
+    os.set_blocking(fd, True)
+    return fd
+
+
+class FileClaim:
+    """The exclusive right to write ``final`` (see the module doc); with
+    ``part`` (the default) the empty part file is created for the writer to
+    open by name. The image writer claims its name only, and replaces its
+    files whole (:func:`write_atomically`)."""
+
+    def __init__(self, final: Path, owner: dict[str, Any], part: bool = True) -> None:
         self.final = final
         self.part = final.with_name(final.name + PART)
         self.lock = final.with_name(final.name + LOCK)
         final.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = open_regular(self.lock, os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -122,18 +155,38 @@ class FileClaim:
             os.close(fd)
             raise WriterError(f"{final} is being written by {holder}; one writer per file") from None
         self._fd: int | None = fd
-        if final.exists():
+        if os.path.lexists(final):
             self.release()
             raise WriterError(f"{final} exists already; a finished file is never overwritten")
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(owner).encode(), 0)
-        if self.part.exists():  # left by a writer that was killed: keep it for inspection
+        if os.path.lexists(self.part):  # left by a writer that was killed (or planted): kept, renamed, not opened
             stale = self.part.with_name(f"{self.part.name}.crashed-{time.strftime('%Y%m%dT%H%M%S')}")
             self.part.rename(stale)
+        self._part_id: tuple[int, int] | None = None
+        if part:
+            try:
+                fd_part = open_regular(self.part, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+            except WriterError:
+                self.release()
+                raise
+            self._part_id = _identity(fd_part)
+            os.close(fd_part)
+
+    def check_part(self) -> None:
+        """WriterError unless the part file is still the regular file this
+        claim created (not replaced by a link or another file meanwhile)."""
+        try:
+            now = os.lstat(self.part)
+        except FileNotFoundError:
+            raise WriterError(f"{self.part} has disappeared") from None
+        if self._part_id is None or not stat.S_ISREG(now.st_mode) or (now.st_dev, now.st_ino) != self._part_id:
+            raise WriterError(f"{self.part} was replaced while being written; not published")
 
     def publish(self) -> str:
         """Make the part file final (fsync, rename, directory fsync), record its
         checksum, and give up the claim. Returns the SHA-256."""
+        self.check_part()
         fsync_path(self.part)
         os.rename(self.part, self.final)
         fsync_path(self.final.parent)
@@ -151,8 +204,13 @@ class FileClaim:
             self._fd = None
 
 
+def _identity(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
 def fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+    fd = os.open(path, os.O_RDONLY | NOFOLLOW)
     try:
         os.fsync(fd)
     finally:
@@ -172,7 +230,7 @@ def record_checksum(path: Path) -> str:
     with O_APPEND: lines of several writers never interleave)."""
     digest = sha256_file(path)
     line = f"{digest}  {path.name}\n".encode()
-    fd = os.open(path.parent / CHECKSUMS, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+    fd = open_regular(path.parent / CHECKSUMS, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
     try:
         os.write(fd, line)
         os.fsync(fd)
@@ -198,7 +256,9 @@ def write_atomically(final: Path, data: bytes) -> None:
     """Replace ``final`` with ``data`` so that readers see the old or the new
     file, never a half-written one (images refreshed during a scan)."""
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
+    if os.path.lexists(tmp):
+        tmp.unlink()  # a left-over (or planted) temporary: the name is removed, never written through
+    with os.fdopen(open_regular(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL), "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
