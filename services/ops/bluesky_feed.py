@@ -41,7 +41,8 @@ from typing import Any
 
 import numpy as np
 
-from services.registration import ManagerLink, master_proxy, wait_registered
+from services.ops.masters import ScanMasters
+from services.registration import ManagerLink, wait_registered
 from services.scan_document import (axis, line_geometry, points_geometry, raster_geometry, scan_document, start_time,
                                     stream_declaration)
 from services.source import SourceClient
@@ -80,7 +81,7 @@ class MeshFeed:
         self.scan_id: str | None = None
         self.primary: str | None = None  # the primary descriptor's uid
         self.keys: dict[str, dict[str, str]] = {}  # stream -> data key -> dtype
-        self.masters: dict[str, Any] = {}
+        self.masters: ScanMasters | None = None
         self.sent = 0
         self.scans: list[str] = []  # ids of the scans started, for the caller
 
@@ -99,13 +100,11 @@ class MeshFeed:
         self.primary = doc["uid"]
         self.keys = self._stream_keys(doc["data_keys"])
         document = self.document(self.start, doc)
+        self.masters = ScanMasters(self.link, self.analysis)
+        self.masters.start(document)  # on every master or, raising, on none
         self.scan_id = document["scan"]["id"]
-        self.masters = {p: master_proxy(self.link, p) for p in self.analysis}
-        text = json.dumps(document)
-        for pipeline, master in self.masters.items():
-            master.StartScan(text)
         self.scans.append(self.scan_id)
-        log.info("scan %s started on %s", self.scan_id, ", ".join(self.masters))
+        log.info("scan %s started on %s", self.scan_id, ", ".join(self.masters.proxies))
 
     def _on_event(self, doc: dict[str, Any]) -> None:
         if doc.get("descriptor") == self.primary and self.scan_id:
@@ -129,11 +128,9 @@ class MeshFeed:
                 points = int(doc.get("num_events", {}).get("primary", 0))
                 for source in self.sources.values():
                     source.end(self.scan_id, points)
-                for master in self.masters.values():
-                    master.EndScan(self.scan_id)
+                self.masters.end(self.scan_id)
             else:
-                for master in self.masters.values():
-                    master.AbortScan(self.scan_id)
+                self.masters.abort(self.scan_id)
         finally:
             self.start, self.scan_id, self.primary = None, None, None
 

@@ -20,7 +20,6 @@ Nothing on the data path touches Tango: the masters are called twice per scan.
 from __future__ import annotations
 
 import heapq
-import json
 import threading
 import time
 from dataclasses import dataclass, field
@@ -29,7 +28,8 @@ from typing import Any, Callable, Collection, Iterable, Iterator, Mapping, Proto
 import numpy as np
 
 from services.ops.probe import Probe, Tally, summarise
-from services.registration import ManagerLink, master_proxy, wait_registered
+from services.ops.masters import ScanMasters
+from services.registration import ManagerLink, wait_registered
 from services.source import SourceClient
 
 #: Called while a scan runs: (points sent, points delivered per pipeline).
@@ -133,9 +133,6 @@ class ScanDriver:
             raise ValueError(f"the scan has no pipelines {unknown} (it has {sorted(data.pipelines)})")
         return cls(link, {p: data.streams_of(p) for p in chosen}, host, keep)
 
-    def masters(self) -> dict[str, Any]:
-        return {pipeline: master_proxy(self.link, pipeline) for pipeline in self.pipelines}
-
     def delivered(self, scan_id: str) -> dict[str, int]:
         """Points each pipeline's probe has seen so far."""
         return {pipeline: probe.points_seen(scan_id) for pipeline, probe in self.probes.items()}
@@ -160,18 +157,15 @@ class ScanDriver:
             raise ValueError(f"need a block size >= 1 for each of the streams {sorted(targets)} "
                              f"(got {block!r}) and rate >= 0")
         points = data.points
-        masters = self.masters()
-        document = json.dumps(data.document(scan_id, number, command, self.pipelines))
+        masters = ScanMasters(self.link, self.pipelines)
+        document = data.document(scan_id, number, command, self.pipelines)
         sent_at = np.full(points, np.nan)
         sent_bytes = 0
         blocked0 = {p: self._blocked(p) for p in self.pipelines}
-        started: list[str] = []
         helper: threading.Thread | None = None
         t0 = time.monotonic()
         try:
-            for pipeline, master in masters.items():
-                master.StartScan(document)
-                started.append(pipeline)
+            masters.start(document)
             if before:
                 before(scan_id)
             helper = threading.Thread(target=during, name="during-scan", daemon=True) if during else None
@@ -193,15 +187,10 @@ class ScanDriver:
                     progress(stop, self.delivered(scan_id))
             for source in self.sources.values():
                 source.end(scan_id, points)
-            for master in masters.values():
-                master.EndScan(scan_id)
+            masters.end(scan_id)
             tallies = self._wait(scan_id, points, time.monotonic() + timeout, progress)
         except BaseException:
-            for pipeline in started:
-                try:
-                    masters[pipeline].AbortScan(scan_id)
-                except Exception:  # the scan is failing already (or has ended there); report the first error
-                    pass
+            masters.abort(scan_id)
             raise
         wall = time.monotonic() - t0
         if helper:
