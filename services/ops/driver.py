@@ -159,8 +159,6 @@ class ScanDriver:
         points = data.points
         masters = ScanMasters(self.link, self.pipelines)
         document = data.document(scan_id, number, command, self.pipelines)
-        sent_at = np.full(points, np.nan)
-        sent_bytes = 0
         blocked0 = {p: self._blocked(p) for p in self.pipelines}
         helper: threading.Thread | None = None
         t0 = time.monotonic()
@@ -171,20 +169,8 @@ class ScanDriver:
             helper = threading.Thread(target=during, name="during-scan", daemon=True) if during else None
             if helper:
                 helper.start()
-            pace0 = last_report = time.monotonic()
-            for start, stop, stream in acquisition_order(points, sizes, skip or {}):
-                if rate > 0:
-                    delay = pace0 + stop / rate - time.monotonic()
-                    if delay > 0:
-                        time.sleep(delay)
-                arrays = data.arrays(stream, start, stop)
-                for source in targets[stream]:
-                    source.block(scan_id, start, arrays)
-                    sent_bytes += sum(a.nbytes for a in arrays.values())
-                sent_at[start:stop] = time.monotonic()
-                if progress and time.monotonic() - last_report > PROGRESS_PERIOD_S:
-                    last_report = time.monotonic()
-                    progress(stop, self.delivered(scan_id))
+            sent_at, sent_bytes = self._send(data, scan_id, acquisition_order(points, sizes, skip or {}), targets,
+                                             rate, progress)
             for source in self.sources.values():
                 source.end(scan_id, points)
             masters.end(scan_id)
@@ -201,6 +187,28 @@ class ScanDriver:
             outcome.per_pipeline[pipeline] = summarise(tally, points, wall, sent_at, blocked)
             outcome.blocked_s += blocked
         return outcome
+
+    def _send(self, data: ScanData, scan_id: str, blocks: Iterable[Block], targets: Mapping[str, list[SourceClient]],
+              rate: float, progress: Progress | None) -> tuple[np.ndarray, int]:
+        """Every block to every source of its stream, paced at ``rate``; when
+        each point was sent (for the latency), and the bytes sent."""
+        sent_at = np.full(data.points, np.nan)
+        sent_bytes = 0
+        t0 = last_report = time.monotonic()
+        for start, stop, stream in blocks:
+            if rate > 0:
+                delay = t0 + stop / rate - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+            arrays = data.arrays(stream, start, stop)
+            for source in targets[stream]:
+                source.block(scan_id, start, arrays)
+                sent_bytes += sum(a.nbytes for a in arrays.values())
+            sent_at[start:stop] = time.monotonic()
+            if progress and time.monotonic() - last_report > PROGRESS_PERIOD_S:
+                last_report = time.monotonic()
+                progress(stop, self.delivered(scan_id))
+        return sent_at, sent_bytes
 
     def _targets(self, data: ScanData) -> dict[str, list[SourceClient]]:
         """stream -> the sources (one per pipeline taking it) its blocks go to."""
