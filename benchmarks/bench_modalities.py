@@ -43,7 +43,7 @@ from pipelines.processors import Batch  # noqa: E402
 from pipelines.processors.xrf import Xrf  # noqa: E402
 from services.ops import mesh  # noqa: E402
 from services.sim.agreement import pearson  # noqa: E402
-from services.ops.run import ScanRunner  # noqa: E402
+from services.ops.driver import ScanDriver  # noqa: E402
 from services.sim.sims import Simulation, make_simulation  # noqa: E402
 from services.ops.home import EmbeddedDatabase, home  # noqa: E402
 from services.registration import TangoManagerLink  # noqa: E402
@@ -172,11 +172,11 @@ def bench_xrd(link: TangoManagerLink, points: int) -> dict[str, Any]:
             ai.integrate1d(frame, settings["npt_radial"], unit=settings["unit"], method=method)
 
     bare_rate = best_rate(bare, len(frames), repeats=2)
-    runner = ScanRunner(sim, link, pipelines=["xrd"])
+    driver = ScanDriver.for_data(sim, link, pipelines=["xrd"])
     try:
-        outcome = runner.run(f"bench-xrd-{time.time_ns()}", 1, rate=0.0, block=BLOCK, timeout=600)
+        outcome = driver.run(sim, f"bench-xrd-{time.time_ns()}", 1, rate=0.0, block=BLOCK, timeout=600)
     finally:
-        runner.close()
+        driver.close()
     mesh_rate = points / outcome.wall_s
     return {"frames": len(frames), "shape": list(frames.shape[1:]), "bare_pyfai_per_s": round(bare_rate, 1),
             "pipeline_per_s": round(mesh_rate, 1), "overhead_pct": round(100 * (1 - mesh_rate / bare_rate), 1),
@@ -188,11 +188,11 @@ def bench_full(spec, launcher, root, link: TangoManagerLink, points: int) -> dic
         mesh.scale_workers(spec, pipeline, 2, launcher, root)
     time.sleep(2.0)  # new workers find their masters
     sim = replay("full", (points // 40, 40))
-    runner = ScanRunner(sim, link)
+    driver = ScanDriver.for_data(sim, link)
     try:
-        outcome = runner.run(f"bench-full-{time.time_ns()}", 2, rate=0.0, block=1, timeout=900)
+        outcome = driver.run(sim, f"bench-full-{time.time_ns()}", 2, rate=0.0, block=1, timeout=900)
     finally:
-        runner.close()
+        driver.close()
     return {"points": points, "workers_per_pipeline": 2, "wall_s": round(outcome.wall_s, 2),
             "points_per_s": round(points / outcome.wall_s, 1), "MiB_sent": round(outcome.sent_bytes / 2**20),
             "lossless": outcome.lossless,

@@ -3,7 +3,7 @@
 
 The whole mesh runs on this host as real device servers (embedded Tango DB,
 ``tangomesh up`` machinery, one process per server); the simulated sources and
-the consumer that checks every index (services/ops/simulate.py) run in this
+the consumer that checks every index (services/ops/driver.py) run in this
 process. Every case is paired with its baseline, measured in the same run: a
 raw pyzmq PUSH/PULL hop between two processes carrying messages of the same
 size as the case's source messages. The ratio compares events per second
@@ -38,9 +38,10 @@ import numpy as np  # noqa: E402
 import zmq  # noqa: E402
 
 from services import codec  # noqa: E402
-from services.ops import mesh, simulate
+from services.ops import mesh, simulate  # noqa: E402
 from services.ops.home import EmbeddedDatabase, home  # noqa: E402
 from services.registration import TangoManagerLink  # noqa: E402
+from services.sim import profiles  # noqa: E402
 
 PIPELINE = "bench"
 LOOP = "127.0.0.1"
@@ -131,7 +132,7 @@ def raw_hop(sizes: list[int], seconds: float) -> float:
     return rate
 
 
-def wire_sizes(profile: simulate.Profile, block: int) -> list[list[int]]:
+def wire_sizes(profile: profiles.Profile, block: int) -> list[list[int]]:
     """Frame sizes of one source message per stream, as the codec sends them."""
     out = []
     for stream in profile.streams:
@@ -196,7 +197,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     seconds = 1.0 if args.quick else 2.0
     baseline: dict[tuple[str, int], float] = {}
     for name, profile_name, block, *_ in CASES:
-        sizes = wire_sizes(simulate.PROFILES[profile_name], block)
+        sizes = wire_sizes(profiles.PROFILES[profile_name], block)
         # one hop per stream message; the slowest stream bounds the events a bare hop carries
         per_stream = [raw_hop(s, seconds) for s in sizes]
         baseline[(name, block)] = min(per_stream) * block

@@ -37,7 +37,7 @@ import zmq  # noqa: E402
 
 from services import protocol  # noqa: E402
 from services import codec  # noqa: E402
-from services.ops import simulate
+from services.sim.profiles import PROFILES, ProfileScan  # noqa: E402
 from sink.component import SinkComponent, SinkConfig  # noqa: E402
 from sink.queries import SinkClient  # noqa: E402
 
@@ -49,7 +49,7 @@ def scan_doc(scan_id: str, points: int, cols: int = 100) -> dict[str, Any]:
     geometry = {"type": "raster", "snake": True, "axes": [
         {"name": "samx", "units": "um", "start": 0.0, "stop": cols - 1.0, "points": cols},
         {"name": "samy", "units": "um", "start": 0.0, "stop": points // cols - 1.0, "points": points // cols}]}
-    return simulate.scan_document(scan_id, 1, points, PIPE, simulate.PROFILES["counters"], geometry=geometry)
+    return ProfileScan(PROFILES["counters"], PIPE, points, geometry).document(scan_id, 1)
 
 
 def chunks(case: str, scan_id: str, points: int, per_chunk: int) -> list[list[bytes]]:

@@ -45,7 +45,7 @@ import zmq  # noqa: E402
 from bench_sink import run_sender  # noqa: E402
 from services import protocol  # noqa: E402
 from services import codec  # noqa: E402
-from services.ops import simulate
+from services.sim.profiles import PROFILES, ProfileScan  # noqa: E402
 from writers.component import WriterComponent, WriterConfig  # noqa: E402
 from writers.layout import OutputLayout  # noqa: E402
 from writers.nexus import NexusFile, NexusSettings, chunk_shape  # noqa: E402
@@ -58,7 +58,7 @@ def scan_doc(scan_id: str, points: int, cols: int) -> dict[str, Any]:
     geometry = {"type": "raster", "snake": False, "axes": [
         {"name": "samx", "units": "um", "start": 0.0, "stop": cols - 1.0, "points": cols},
         {"name": "samy", "units": "um", "start": 0.0, "stop": points // cols - 1.0, "points": points // cols}]}
-    return simulate.scan_document(scan_id, 1, points, PIPE, simulate.PROFILES["counters"], geometry=geometry)
+    return ProfileScan(PROFILES["counters"], PIPE, points, geometry).document(scan_id, 1)
 
 
 def blocks(case: str, per_message: int) -> list[np.ndarray]:

@@ -37,12 +37,14 @@ from __future__ import annotations
 
 import json
 import logging
-from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
 
-from services.registration import ManagerLink, master_proxy, wait_registered
+from services.ops.masters import ScanMasters
+from services.registration import ManagerLink, wait_registered
+from services.scan_document import (axis, line_geometry, points_geometry, raster_geometry, scan_document, start_time,
+                                    stream_declaration)
 from services.source import SourceClient
 
 log = logging.getLogger("tangomesh.bluesky")
@@ -79,7 +81,7 @@ class MeshFeed:
         self.scan_id: str | None = None
         self.primary: str | None = None  # the primary descriptor's uid
         self.keys: dict[str, dict[str, str]] = {}  # stream -> data key -> dtype
-        self.masters: dict[str, Any] = {}
+        self.masters: ScanMasters | None = None
         self.sent = 0
         self.scans: list[str] = []  # ids of the scans started, for the caller
 
@@ -98,13 +100,11 @@ class MeshFeed:
         self.primary = doc["uid"]
         self.keys = self._stream_keys(doc["data_keys"])
         document = self.document(self.start, doc)
+        self.masters = ScanMasters(self.link, self.analysis)
+        self.masters.start(document)  # on every master or, raising, on none
         self.scan_id = document["scan"]["id"]
-        self.masters = {p: master_proxy(self.link, p) for p in self.analysis}
-        text = json.dumps(document)
-        for pipeline, master in self.masters.items():
-            master.StartScan(text)
         self.scans.append(self.scan_id)
-        log.info("scan %s started on %s", self.scan_id, ", ".join(self.masters))
+        log.info("scan %s started on %s", self.scan_id, ", ".join(self.masters.proxies))
 
     def _on_event(self, doc: dict[str, Any]) -> None:
         if doc.get("descriptor") == self.primary and self.scan_id:
@@ -128,11 +128,9 @@ class MeshFeed:
                 points = int(doc.get("num_events", {}).get("primary", 0))
                 for source in self.sources.values():
                     source.end(self.scan_id, points)
-                for master in self.masters.values():
-                    master.EndScan(self.scan_id)
+                self.masters.end(self.scan_id)
             else:
-                for master in self.masters.values():
-                    master.AbortScan(self.scan_id)
+                self.masters.abort(self.scan_id)
         finally:
             self.start, self.scan_id, self.primary = None, None, None
 
@@ -172,24 +170,18 @@ class MeshFeed:
         sample = json_safe(sample) if isinstance(sample, dict) and "name" in sample else {"name": str(sample)}
         configuration = json_safe({k: v.get("data", {}) for k, v in descriptor.get("configuration", {}).items()})
         detectors = list(start.get("detectors", []))
-        return {
-            "schema_version": 1,
-            "beamtime": beamtime,
-            "scan": {"id": f"bluesky-{number}-{uid[:8]}", "number": number,
-                     "name": f"{start.get('plan_name', 'run')}_{number}",
-                     "command": f"{start.get('plan_name', '?')}({json.dumps(json_safe(start.get('plan_args', {})))})",
-                     "start_time": datetime.fromtimestamp(start["time"], timezone.utc).isoformat(
-                         timespec="milliseconds"),
-                     "geometry": self.geometry(start, units)},
-            "sample": sample,
-            "acquisition": {"detectors": {d: configuration.get(d, {}) for d in detectors}},
-            "devices": {k: v for k, v in configuration.items() if k not in detectors},
-            "analysis": self.analysis,
-            "streams": {s: {"arrays": {k: {"dtype": dt, "shape": list(data_keys[k].get("shape", [])),
-                                           **({"units": units[k]} if units[k] else {})} for k, dt in keys.items()}}
-                        for s, keys in self.keys.items()},
-            "user": {"bluesky_start": json_safe(start)},
-        }
+        return scan_document(
+            beamtime=beamtime, scan_id=f"bluesky-{number}-{uid[:8]}", number=number,
+            name=f"{start.get('plan_name', 'run')}_{number}",
+            command=f"{start.get('plan_name', '?')}({json.dumps(json_safe(start.get('plan_args', {})))})",
+            started=start_time(start["time"]), geometry=self.geometry(start, units), sample=sample,
+            acquisition={"detectors": {d: configuration.get(d, {}) for d in detectors}},
+            devices={k: v for k, v in configuration.items() if k not in detectors},
+            analysis=self.analysis,
+            streams={s: stream_declaration({k: (dt, tuple(data_keys[k].get("shape", []))) for k, dt in keys.items()},
+                                           units)
+                     for s, keys in self.keys.items()},
+            user={"bluesky_start": json_safe(start)})
 
     @staticmethod
     def geometry(start: dict[str, Any], units: dict[str, str]) -> dict[str, Any]:
@@ -199,20 +191,18 @@ class MeshFeed:
         if start.get("plan_pattern") == "outer_product" and len(motors) == 2 == len(shape) == len(extents):
             (slow, fast), (n_slow, n_fast), (e_slow, e_fast) = motors, shape, extents
             snaking = list(start.get("snaking", [False, False]))
-            return {"type": "raster", "snake": bool(snaking[1]) if len(snaking) > 1 else False, "axes": [
-                {"name": fast, "units": units.get(fast, ""), "start": float(e_fast[0]), "stop": float(e_fast[1]),
-                 "points": int(n_fast)},
-                {"name": slow, "units": units.get(slow, ""), "start": float(e_slow[0]), "stop": float(e_slow[1]),
-                 "points": int(n_slow)}]}
+            return raster_geometry(
+                axis(fast, float(e_fast[0]), float(e_fast[1]), int(n_fast), units.get(fast, "")),
+                axis(slow, float(e_slow[0]), float(e_slow[1]), int(n_slow), units.get(slow, "")),
+                snake=bool(snaking[1]) if len(snaking) > 1 else False)
         points = int(start.get("num_points", 0))
         args = start.get("plan_pattern_args", {}).get("args", [])
         if start.get("plan_pattern") == "inner_product" and len(motors) == 1 and len(args) == 3 and points:
-            return {"type": "line", "axes": [{"name": motors[0], "units": units.get(motors[0], ""),
-                                              "start": float(args[1]), "stop": float(args[2]), "points": points}]}
+            return line_geometry(axis(motors[0], float(args[1]), float(args[2]), points, units.get(motors[0], "")))
         if not points:
             raise ValueError(f"run {start.get('uid')}: num_points is not in the start document; "
                              "the mesh needs the number of points at scan start")
-        return {"type": "points", "points": points, "axes": [{"name": m, "units": units.get(m, "")} for m in motors]}
+        return points_geometry(points, ({"name": m, "units": units.get(m, "")} for m in motors))
 
     def close(self) -> None:
         for source in self.sources.values():

@@ -27,7 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 from services.ops import mesh
-from services.ops.run import ScanRunner
+from services.ops.driver import ScanDriver
 from services.sim.sims import SIM_NAMES, Simulation, make_simulation, parse_shape
 from services.ops.demo import demo
 from services.ops.home import EmbeddedDatabase, home, resolve_tango_host
@@ -186,13 +186,13 @@ def cmd_scan(args: argparse.Namespace) -> int:
     resolve_tango_host(home(), start=False)
     link = TangoManagerLink(spec.topology_device)
     pipelines = args.pipelines.split(",") if args.pipelines else None
-    runner = ScanRunner(sim, link, pipelines=pipelines)
+    driver = ScanDriver.for_data(sim, link, pipelines)
     try:
         scan_id = f"sim-{args.sim}-{time.time_ns() // 1000}"
-        outcome = runner.run(scan_id, int(time.time()) % 100_000, args.rate, args.block, args.timeout,
-                             command=" ".join(["tangomesh scan", *sys.argv[2:]]))
+        outcome = driver.run(sim, scan_id, int(time.time()) % 100_000, rate=args.rate, block=args.block,
+                             timeout=args.timeout, command=" ".join(["tangomesh scan", *sys.argv[2:]]))
     finally:
-        runner.close()
+        driver.close()
     if args.json:
         print(json.dumps(outcome.to_json(), indent=1))
     else:

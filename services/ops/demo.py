@@ -22,7 +22,7 @@ from rich.table import Table
 
 from services.ops import mesh
 from services.sim import agreement
-from services.ops.run import ScanOutcome, ScanRunner
+from services.ops.driver import ScanDriver, ScanOutcome
 from services.sim.sims import Simulation
 from services.ops.home import EmbeddedDatabase, resolve_tango_host
 from services.registration import TangoManagerLink
@@ -110,11 +110,11 @@ def run_scan(sim: Simulation, link: TangoManagerLink, console: Console, rate: fl
     """One simulated scan through the running mesh, checked against the phantom."""
     scan_id = scan_id or f"demo-{sim.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     client, lavue = sink_client(link)
-    runner = ScanRunner(sim, link)
+    driver = ScanDriver.for_data(sim, link)
     try:
         if not quiet:
             console.print(f"[bold]scan {scan_id}[/]: {sim.name}, {' x '.join(map(str, sim.pattern.map_shape[::-1]))} "
-                          f"points{' snake' if sim.pattern.snake else ''}, pipelines {', '.join(runner.pipelines)}")
+                          f"points{' snake' if sim.pattern.snake else ''}, pipelines {', '.join(driver.pipelines)}")
             if lavue:
                 console.print(f"Lavue: source [cyan]ZMQ Stream[/], address [cyan]{lavue}:<product>[/] "
                               f"(e.g. {lavue}:counters/transmission); products also as Tango image attributes "
@@ -124,7 +124,7 @@ def run_scan(sim: Simulation, link: TangoManagerLink, console: Console, rate: fl
         with Progress(*columns, console=console, disable=quiet, transient=False) as bar:
             points = sim.pattern.points
             sent = bar.add_task("sent", total=points, rate="-")
-            tasks = {p: bar.add_task(f"{p} delivered", total=points, rate="-") for p in runner.pipelines}
+            tasks = {p: bar.add_task(f"{p} delivered", total=points, rate="-") for p in driver.pipelines}
             t0 = time.monotonic()
 
             def progress(n_sent: int, delivered: dict[str, int]) -> None:
@@ -134,17 +134,17 @@ def run_scan(sim: Simulation, link: TangoManagerLink, console: Console, rate: fl
                     bar.update(tasks[p], completed=n, rate=f"{n / elapsed:.0f}")
 
             number = int(time.time()) % 100_000
-            outcome = runner.run(scan_id, number, rate, block, timeout, progress)
-            progress(points, runner.delivered(scan_id))
+            outcome = driver.run(sim, scan_id, number, rate=rate, block=block, timeout=timeout, progress=progress)
+            progress(points, driver.delivered(scan_id))
         info = wait_sink_complete(client, scan_id, 30.0)
-        files, missing = wait_for_files(link, scan_id, runner.pipelines, file_timeout)
+        files, missing = wait_for_files(link, scan_id, driver.pipelines, file_timeout)
 
         def fetch(product: str, regrid: str | None) -> np.ndarray:
             return np.asarray(client.get(scan_id, product, regrid=regrid), dtype=np.float64)
 
         results = agreement.evaluate(sim, fetch)
     finally:
-        runner.close()
+        driver.close()
         client.close()
     return DemoReport(outcome, info, files, missing, results, lavue)
 

@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from services.scan_document import stream_declaration
+
 
 @dataclass(frozen=True)
 class Acquisition:
@@ -53,9 +55,7 @@ class SimDetector:
 
     def stream_spec(self) -> dict[str, Any]:
         """This stream's entry in the scan document's ``streams``."""
-        units = self.units()
-        return {"arrays": {n: {"dtype": dt, "shape": list(shape), **({"units": units[n]} if n in units else {})}
-                           for n, (dt, shape) in self.arrays().items()}}
+        return stream_declaration(self.arrays(), self.units())
 
 
 def block_rng(seed: int, stream: str, start: int) -> np.random.Generator:

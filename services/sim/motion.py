@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from services.scan_document import axis, line_geometry, raster_geometry
 from services.sim.detector import Acquisition, SimDetector
 
 
@@ -38,7 +39,7 @@ class ScanAxis:
     units: str = "um"
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "units": self.units, "start": self.start, "stop": self.stop, "points": self.points}
+        return axis(self.name, self.start, self.stop, self.points, self.units)
 
 
 @dataclass(frozen=True)
@@ -63,8 +64,8 @@ class ScanPattern:
     def geometry(self) -> dict[str, Any]:
         """The scan document's ``scan.geometry``."""
         if self.slow is None:
-            return {"type": "line", "axes": [self.fast.to_json()]}
-        return {"type": "raster", "snake": self.snake, "axes": [self.fast.to_json(), self.slow.to_json()]}
+            return line_geometry(self.fast.to_json())
+        return raster_geometry(self.fast.to_json(), self.slow.to_json(), self.snake)
 
     def nominal(self, index: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Commanded (x, y) and the fast axis' direction of motion (+1 / -1) per index."""

@@ -5,7 +5,8 @@ and a set of detectors together. It writes the StartScan document a control
 system would send (beamtime, scan, sample, acquisition with every detector's
 settings, a device snapshot, analysis settings per pipeline, stream
 declarations) and produces any stream's arrays for any range of points,
-deterministically from its seed.
+deterministically from its seed: it is the ``ScanData`` the scan driver
+(``services/ops/driver.py``) sends.
 
 Catalogue (``tangomesh scan --sim NAME``):
 
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from functools import cached_property
 from typing import Any
 
@@ -41,6 +41,7 @@ from services.sim.phantom import ELEMENTS, PHASES, Phantom, make_phantom
 from services.sim.xrd import Eiger, XrdModel
 from services.sim.xrf import Xspress3
 from services.scan import map_cells, parse_scan
+from services.scan_document import pipeline_analysis, scan_document, start_time
 
 SIM_NAMES = ("counters", "xrf", "xrd", "dpc", "full")
 MODALITIES = ("xrf", "xrd", "dpc")  # pipelines beyond counters and position
@@ -58,7 +59,7 @@ class PipelinePlan:
     streams: tuple[str, ...]
 
     def analysis(self) -> dict[str, Any]:
-        return {"processor": self.processor, "settings": self.settings, "streams": list(self.streams)}
+        return pipeline_analysis(self.processor, self.settings, self.streams)
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -142,6 +143,10 @@ class Simulation:
     def streams_of(self, pipeline: str) -> tuple[str, ...]:
         return self.pipelines[pipeline].streams
 
+    @property
+    def points(self) -> int:
+        return self.pattern.points
+
     # ------------------------------------------------------------ metadata
     def document(self, scan_id: str, number: int, command: str | None = None,
                  pipelines: list[str] | None = None) -> dict[str, Any]:
@@ -150,31 +155,28 @@ class Simulation:
         chosen = pipelines or list(self.pipelines)
         streams = sorted({s for p in chosen for s in self.pipelines[p].streams})
         p = self.pattern
-        return {
-            "schema_version": 1,
-            "beamtime": {"id": "sim", "beamline": "SIM-NANO", "proposal": "simulated",
-                         "paths": {"raw": "raw/sim", "processed": "processed"}},
-            "scan": {"id": scan_id, "number": number, "name": f"{self.name}_{number:05d}",
-                     "command": command or f"tangomesh scan --sim {self.name}",
-                     "start_time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
-                     "geometry": p.geometry()},
-            "sample": {"name": f"phantom-{self.seed}",
-                       "description": f"tangomesh phantom, seed {self.seed}, {self.phantom.size_um:g} um field: "
-                                      f"elements {', '.join(ELEMENTS)}; phases {', '.join(ph.name for ph in PHASES)}",
-                       "seed": self.seed},
-            "acquisition": {"dwell_s": p.dwell_s, "rate_hz": 1.0 / p.dwell_s, "energy_keV": 15.0, "mode": "step",
-                            "trigger": "simulated", "detectors": {s: self.detectors[s].metadata() for s in streams}},
-            "devices": {
+        return scan_document(
+            beamtime={"id": "sim", "beamline": "SIM-NANO", "proposal": "simulated",
+                      "paths": {"raw": "raw/sim", "processed": "processed"}},
+            scan_id=scan_id, number=number, name=f"{self.name}_{number:05d}",
+            command=command or f"tangomesh scan --sim {self.name}", started=start_time(),
+            geometry=p.geometry(),
+            sample={"name": f"phantom-{self.seed}",
+                    "description": f"tangomesh phantom, seed {self.seed}, {self.phantom.size_um:g} um field: "
+                                   f"elements {', '.join(ELEMENTS)}; phases {', '.join(ph.name for ph in PHASES)}",
+                    "seed": self.seed},
+            acquisition={"dwell_s": p.dwell_s, "rate_hz": 1.0 / p.dwell_s, "energy_keV": 15.0, "mode": "step",
+                         "trigger": "simulated", "detectors": {s: self.detectors[s].metadata() for s in streams}},
+            devices={
                 "samx": {"position": p.fast.start, "units": "um"},
                 "samy": {"position": p.slow.start if p.slow else p.line_y, "units": "um"},
                 "dcm_energy": {"position": 15.0, "units": "keV"},
                 "ring_current": {"value": 100.0, "units": "mA", "mode": f"top-up every {self.beam.topup_s:g} s"},
                 "flux": {"value": self.beam.photons_per_s, "units": "ph/s"},
             },
-            "analysis": {name: self.pipelines[name].analysis() for name in chosen},
-            "streams": {s: self.detectors[s].stream_spec() for s in streams},
-            "user": {"simulated": True, "created": time.strftime("%Y-%m-%d %H:%M:%S")},
-        }
+            analysis={name: self.pipelines[name].analysis() for name in chosen},
+            streams={s: self.detectors[s].stream_spec() for s in streams},
+            user={"simulated": True, "created": time.strftime("%Y-%m-%d %H:%M:%S")})
 
 
 def make_simulation(name: str, shape: tuple[int, ...] = (60, 40), snake: bool = False, dwell_s: float = 0.01,

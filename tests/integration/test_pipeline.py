@@ -20,6 +20,7 @@ from support import ServerHandle, ServerPool, topology_props, wait_for
 from services import protocol
 from services import codec
 from services.ops import simulate
+from services.sim import profiles
 from services.registration import TangoManagerLink
 
 MANAGER = "tangomesh/topology/manager"
@@ -92,7 +93,7 @@ def test_ten_thousand_points_three_streams_three_workers(mesh) -> None:
     assert summary["failed_points"] == 0 and summary["incomplete_points"] == 0
     np.testing.assert_array_equal(tally.delivered_indices(), np.arange(10_000))
     got = tally.arrays()
-    for name, want in simulate.expected_counters(np.arange(10_000)).items():
+    for name, want in profiles.expected_counters(np.arange(10_000)).items():
         np.testing.assert_allclose(got[name], want, rtol=1e-13, err_msg=name)
 
     # the Recorder, a separate consumer, got the same scan: start, chunks tiling every index in order, end
@@ -103,7 +104,7 @@ def test_ten_thousand_points_three_streams_three_workers(mesh) -> None:
     assert [r["index"] for r in chunks] == list(np.cumsum([0] + [r["count"] for r in chunks[:-1]]))
     assert sum(r["count"] for r in chunks) == 10_000
     assert len(chunks) < 10_000 / 100  # chunking cuts downstream messages
-    expected_sum = simulate.expected_counters(np.arange(10_000))["sum"].sum()
+    expected_sum = profiles.expected_counters(np.arange(10_000))["sum"].sum()
     assert sum(r["arrays"]["sum"]["sum"] for r in chunks) == pytest.approx(expected_sum, rel=1e-12)
     assert records[-1]["type"] == "scan_end"
     assert all(w["points"] > 0 for w in mesh.worker_table()), "every worker got a share"
@@ -137,7 +138,7 @@ def test_kill_minus_9_worker_at_random_moments(mesh) -> None:
         summary, tally = mesh.beamline.scan(points, rate=rate, block=20, during=kill)
         assert_lossless(summary, points)
         got = tally.arrays()["sum_norm"]
-        np.testing.assert_allclose(got, simulate.expected_counters(np.arange(points))["sum_norm"], rtol=1e-13)
+        np.testing.assert_allclose(got, profiles.expected_counters(np.arange(points))["sum_norm"], rtol=1e-13)
         mesh.restart_worker(victim)
     assert len(held_at_kill) >= 3, "most kills hit a worker holding work"
     assert mesh.master.Redispatched > redispatched0, "the killed workers' units went to others"
@@ -158,7 +159,7 @@ def test_source_that_skips_an_index_gives_incomplete_events(mesh) -> None:
     # those events come without values; every other one is complete and right
     indices = tally.delivered_indices()
     np.testing.assert_array_equal(indices, np.delete(np.arange(3000), np.s_[500:600]))
-    np.testing.assert_allclose(tally.arrays()["sum_norm"], simulate.expected_counters(indices)["sum_norm"], rtol=1e-13)
+    np.testing.assert_allclose(tally.arrays()["sum_norm"], profiles.expected_counters(indices)["sum_norm"], rtol=1e-13)
 
 
 class RogueWorker:
@@ -254,7 +255,7 @@ def test_bad_input_on_every_data_endpoint(mesh) -> None:
     # the sources' own sockets, during a real scan: every kind of bad block, then the good data
     def bad_blocks(scan_id: str) -> None:
         src = mesh.beamline.sources["scaler"]
-        good = simulate.counter_values("scaler", np.arange(10))
+        good = profiles.counter_values("scaler", np.arange(10))
         src.socket.send_multipart(garbage)
         src.block("not-this-scan", 0, good)  # wrong scan id
         src.block(scan_id, 10**6, good)  # index beyond the scan's points
@@ -262,7 +263,7 @@ def test_bad_input_on_every_data_endpoint(mesh) -> None:
         src.block(scan_id, 0, {"i0": np.zeros((10, 2)), "i1": good["i1"]})  # wrong shape
         src.block(scan_id, 0, {"i0": good["i0"]})  # an array missing
         src.send(codec.Message(codec.DATA, scan=scan_id, stream="diode", index=0, count=10,
-                               arrays=simulate.counter_values("diode", np.arange(10))))  # not its stream
+                               arrays=profiles.counter_values("diode", np.arange(10))))  # not its stream
         src.send(codec.Message(codec.SCAN_START, scan=scan_id))  # sources do not send scan control
 
     summary, tally = mesh.beamline.scan(1000, block=10, before=bad_blocks)
@@ -290,8 +291,8 @@ def test_bad_input_on_every_data_endpoint(mesh) -> None:
         mesh.master.EndScan("no-such-scan")
     assert "no scan 'no-such-scan'" in exc.value.args[0].desc
     with pytest.raises(tango.DevFailed) as exc:
-        mesh.master.StartScan(json.dumps(simulate.scan_document(summary["scan"], 1, 10, PIPE,
-                                                                 mesh.beamline.profile)))
+        mesh.master.StartScan(json.dumps(profiles.ProfileScan(mesh.beamline.profile, PIPE, 10)
+                                         .document(summary["scan"], 1)))
     assert "already started" in exc.value.args[0].desc
 
 

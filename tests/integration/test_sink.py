@@ -19,6 +19,7 @@ import zmq
 from support import ServerPool, topology_props, wait_for
 from services import codec
 from services.ops import cli, simulate
+from services.sim import profiles
 from services.registration import TangoManagerLink
 from sink.queries import QUERY, QueryError, SinkClient
 
@@ -26,8 +27,8 @@ MANAGER = "tangomesh/topology/manager"
 PIPE = "s1"
 SINK = "test/sink/main"
 LOOP = "127.0.0.1"
-SPECTRA = simulate.Profile({"xspress3": {"mca": ("<u4", (4096,))}}, "passthrough", {"arrays": ["xspress3/mca"]},
-                           simulate._noise_values({"xspress3": {"mca": ("<u4", (4096,))}}))
+SPECTRA = profiles.Profile({"xspress3": {"mca": ("<u4", (4096,))}}, "passthrough", {"arrays": ["xspress3/mca"]},
+                           profiles.noise_values({"xspress3": {"mca": ("<u4", (4096,))}}))
 
 
 def raster(rows: int, cols: int, snake: bool = False) -> dict:
@@ -84,7 +85,7 @@ def test_maps_equal_the_simulated_truth_point_by_point(mesh, geometry, capsys) -
     info = client.info(scan)
     assert (info["expected"], info["received"], info["missing"], info["duplicates"]) == (points, points, 0, 0)
     assert info["metadata"]["scan"]["geometry"] == geometry
-    truth = simulate.expected_counters(np.arange(points))
+    truth = profiles.expected_counters(np.arange(points))
     assert sorted(info["products"]) == sorted(f"{PIPE}/{n}" for n in truth)
     for name, values in truth.items():
         np.testing.assert_allclose(client.get(scan, f"{PIPE}/{name}"), truth_map(geometry, values), rtol=1e-13,

@@ -22,6 +22,7 @@ from support import ServerPool, topology_props, wait_for
 from services import protocol
 from services import codec
 from services.ops import simulate
+from services.sim.profiles import PROFILES, ProfileScan
 from services.registration import TangoManagerLink
 from sink.queries import QUERY, SinkClient
 from writers.fio import read_fio
@@ -200,7 +201,7 @@ def test_a_second_writer_on_the_same_files_is_refused(mesh) -> None:
 
 def test_paths_outside_the_beamtime_root_are_refused(mesh, tmp_path) -> None:
     _, root, _, beamline, _ = mesh
-    doc = simulate.scan_document("evil-1", 1, 20, PIPE, simulate.PROFILES["counters"])
+    doc = ProfileScan(PROFILES["counters"], PIPE, 20).document("evil-1", 1)
     doc["beamtime"]["paths"]["processed"] = "../../etc"
     with pytest.raises(tango.DevFailed, match="contains '..'"):
         beamline.master().StartScan(json.dumps(doc))  # refused where it enters the mesh
@@ -210,7 +211,7 @@ def test_paths_outside_the_beamtime_root_are_refused(mesh, tmp_path) -> None:
     outside = tmp_path / "outside"
     outside.mkdir()
     (root / "escape").symlink_to(outside)
-    escape = simulate.scan_document("evil-2", 2, 20, PIPE, simulate.PROFILES["counters"])
+    escape = ProfileScan(PROFILES["counters"], PIPE, 20).document("evil-2", 2)
     escape["beamtime"]["paths"]["processed"] = "escape"
     push = zmq.Context.instance().socket(zmq.PUSH)
     push.linger = 2000

@@ -30,9 +30,9 @@ from support.waiting import wait_for
 from topology_manager.component import TopologyComponent
 from topology_manager.local import LocalManagerLink
 
-# The one import of the simulated scans' profiles, document builder and probe
-# (services/ops/driver.py and the kit's document builder replace it: change this line only).
-from services.ops.simulate import PROFILES, Probe, Profile, Tally, expected_counters, scan_document
+# The simulated scans: profiles (values, expected results, documents) and the checking probe.
+from services.ops.probe import Probe, Tally
+from services.sim.profiles import PROFILES, Profile, ProfileScan, expected_counters
 
 __all__ = ["Chain", "HOST", "PROFILES", "Tally", "build_chain", "expected_counters"]
 
@@ -123,7 +123,7 @@ class Chain:
         """What the master does on StartScan: validate, find sources and sorter, start."""
         number = next(_scan_numbers)
         scan_id = scan_id or f"chain-{self.pipeline}-{number}"
-        document = scan_document(scan_id, number, points, self.pipeline, self.profile, list(self.sources))
+        document = ProfileScan(self.profile, self.pipeline, points, streams=list(self.sources)).document(scan_id, number)
         self.master.start_scan(self.master.plan_scan(json.dumps(document)))
         return scan_id
 
@@ -145,7 +145,8 @@ class Chain:
 
     def wait_scan_end(self, scan_id: str, timeout: float = SCAN_TIMEOUT) -> Tally:
         """The consumer's tally once it has seen the scan's scan_end or scan_abort."""
-        return self.consumer.wait_end(scan_id, timeout)
+        return wait_for(lambda: self.consumer.ended(scan_id), timeout,
+                        f"scan {scan_id} to end at the consumer")
 
     def run_scan(self, points: int, block: int | dict[str, int] = 100,
                  during: Callable[[str], None] | None = None, timeout: float = SCAN_TIMEOUT) -> tuple[str, Tally]:

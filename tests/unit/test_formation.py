@@ -16,10 +16,10 @@ import pytest
 from services import protocol
 from pipelines.formation import EventFormer
 from services import codec
-from services.ops import simulate
+from services.sim.profiles import PROFILES, ProfileScan
 from services.scan import ScanMeta, parse_scan
 
-PROFILE = simulate.PROFILES["counters"]
+PROFILE = PROFILES["counters"]
 STREAMS = list(PROFILE.streams)  # pandabox, scaler, diode
 TIMEOUT = 2.0
 #: Extra streams some tests declare besides the counters profile: a per-point spectrum.
@@ -30,7 +30,7 @@ def scan_meta(points: int = 100, extra: dict[str, dict[str, tuple[str, tuple[int
               declared: list[str] | None = None) -> ScanMeta:
     """A valid scan of ``points`` points declaring the counters profile's streams
     (or only ``declared`` of them) plus ``extra`` ones."""
-    doc = simulate.scan_document("s1", 1, points, "p1", PROFILE, declared)
+    doc = ProfileScan(PROFILE, "p1", points, streams=declared).document("s1", 1)
     for stream, arrays in (extra or {}).items():
         doc["streams"][stream] = {"arrays": {n: {"dtype": dt, "shape": list(shape)} for n, (dt, shape) in arrays.items()}}
     return parse_scan(doc)

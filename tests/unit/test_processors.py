@@ -16,16 +16,16 @@ from pipelines.processors.counters import Counters
 from pipelines.processors.passthrough import Passthrough
 from pipelines.processors.position import Position
 from pipelines.worker import run_isolated
-from services.ops import simulate
+from services.sim import profiles
 from services.scan import ScanMeta, parse_scan
 from services.schema import SchemaError
 
-PROFILE = simulate.PROFILES["counters"]
+PROFILE = profiles.PROFILES["counters"]
 STREAMS = ("pandabox", "scaler", "diode")
 
 
 def scan_meta() -> ScanMeta:
-    return parse_scan(simulate.scan_document("s1", 1, 1000, "p1", PROFILE))
+    return parse_scan(profiles.ProfileScan(PROFILE, "p1", 1000).document("s1", 1))
 
 
 META = scan_meta()
@@ -34,7 +34,7 @@ META = scan_meta()
 def counter_batch(start: int, stop: int, streams: tuple[str, ...] = STREAMS, **extra: np.ndarray) -> Batch:
     """A unit of the counters profile for [start, stop), as the master forms it."""
     idx = np.arange(start, stop)
-    arrays = {f"{s}/{n}": a for s in streams for n, a in simulate.counter_values(s, idx).items()}
+    arrays = {f"{s}/{n}": a for s in streams for n, a in profiles.counter_values(s, idx).items()}
     arrays.update(extra)
     return Batch(META, start, stop - start, arrays)
 
@@ -142,7 +142,7 @@ def test_check_results_refuses(results: Any, match: str) -> None:
 def test_counters_match_the_profile_s_expected_values() -> None:
     batch = counter_batch(250, 750)
     out = check_results(counters().process(batch), batch.count)
-    expected = simulate.expected_counters(np.arange(250, 750))
+    expected = profiles.expected_counters(np.arange(250, 750))
     assert out.keys() == expected.keys()
     for name, values in expected.items():
         assert out[name].dtype == np.float64
@@ -156,7 +156,7 @@ def test_counters_are_nan_where_the_monitor_reads_zero() -> None:
     batch = Batch(META, 0, 20, {**batch.arrays, "scaler/i0": i0})
     out = counters().process(batch)
     zero = i0 == 0
-    expected = simulate.expected_counters(np.arange(20))
+    expected = profiles.expected_counters(np.arange(20))
     for name in ("i1_norm", "diode_norm", "sum_norm"):
         assert np.isnan(out[name][zero]).all(), name
         np.testing.assert_allclose(out[name][~zero], expected[name][~zero], rtol=1e-13, err_msg=name)
@@ -168,7 +168,7 @@ def test_counters_are_nan_where_the_monitor_reads_zero() -> None:
 def test_counters_without_a_monitor() -> None:
     batch = counter_batch(0, 20)
     out = counters({"counters": ["i1", "diode"]}).process(batch)
-    expected = simulate.expected_counters(np.arange(20))
+    expected = profiles.expected_counters(np.arange(20))
     assert out.keys() == {"i1", "diode", "sum"}
     np.testing.assert_allclose(out["sum"], expected["sum"], rtol=1e-13)
 
@@ -180,7 +180,7 @@ def test_a_counter_in_two_streams_must_be_named_with_its_stream() -> None:
     with pytest.raises(KeyError, match="'i1' is in 2 streams"):
         counters().process(batch)
     out = counters({"counters": ["scaler/i1", "diode"], "normalise_by": "i0"}).process(batch)
-    expected = simulate.expected_counters(idx)
+    expected = profiles.expected_counters(idx)
     for name, values in expected.items():
         np.testing.assert_allclose(out[name], values, rtol=1e-13, err_msg=name)
 

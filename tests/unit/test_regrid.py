@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from support import scan_geometry
-from services.ops import simulate
+from services.sim.profiles import PROFILES, ProfileScan
 from services.scan import axis_values, parse_scan
 from sink.regrid import RegridError, regrid
 from sink.store import ScanStore, StoreError
@@ -46,8 +46,8 @@ def test_positions_that_cannot_carry_a_regrid_are_refused() -> None:
 
 def snake_store(scan_id: str, rows: int, cols: int, *pipelines: str):
     """A store with a snake raster started for ``pipelines``, and each index's (row, col) by hand."""
-    doc = simulate.scan_document(scan_id, 1, rows * cols, pipelines[0], simulate.PROFILES["counters"],
-                                 geometry=scan_geometry("snake", rows, cols))
+    doc = ProfileScan(PROFILES["counters"], pipelines[0], rows * cols,
+                      geometry=scan_geometry("snake", rows, cols)).document(scan_id, 1)
     meta = parse_scan(doc)
     store = ScanStore(64 * 2**20)
     for pipeline in pipelines:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from services.ops import simulate
+from services.sim import profiles
 from support import map_by_hand, scan_geometry
 from services.scan import map_cells, parse_scan
 from services.schema import SchemaError
@@ -18,12 +18,12 @@ PIPE = "counters"
 
 
 def meta(scan_id: str, kind: str = "raster", rows: int = 5, cols: int = 7):
-    return parse_scan(simulate.scan_document(scan_id, 1, rows * cols, PIPE, simulate.PROFILES["counters"],
-                                             geometry=scan_geometry(kind, rows, cols)))
+    return parse_scan(profiles.ProfileScan(profiles.PROFILES["counters"], PIPE, rows * cols,
+                                           geometry=scan_geometry(kind, rows, cols)).document(scan_id, 1))
 
 
 def feed(store: ScanStore, scan_id: str, points: int, sizes: list[int], names=("i0", "i1_norm")) -> None:
-    truth = simulate.expected_counters(np.arange(points))
+    truth = profiles.expected_counters(np.arange(points))
     start = 0
     for size in sizes:
         stop = min(points, start + size)
@@ -39,7 +39,7 @@ def test_maps_follow_the_geometry_point_by_point(kind) -> None:
     store = ScanStore(10**6)
     store.start(meta("a", kind, rows, cols), PIPE)
     feed(store, "a", rows * cols, [3, 1, 9, 4, 30])  # chunks cut across rows
-    truth = simulate.expected_counters(np.arange(rows * cols))
+    truth = profiles.expected_counters(np.arange(rows * cols))
     for name in ("i0", "i1_norm"):
         _, product = store.product("a", f"{PIPE}/{name}")
         want = map_by_hand(kind, truth[name], rows, cols)
@@ -198,7 +198,7 @@ def test_queries_answer_slices_and_latest_points() -> None:
     np.testing.assert_array_equal(arrays["data"], full[1:3, 2:6])
     _, arrays = answer(store, {"op": "latest", "scan": "a", "product": f"{PIPE}/i0", "n": 4})
     np.testing.assert_array_equal(arrays["indices"], [18, 19, 20, 21])
-    truth = simulate.expected_counters(np.arange(20))["i0"]
+    truth = profiles.expected_counters(np.arange(20))["i0"]
     np.testing.assert_array_equal(arrays["values"], [truth[18], truth[19], 1, 1])
     _, arrays = answer(store, {"op": "latest", "scan": "a", "product": f"{PIPE}/spec", "n": 5})
     assert arrays["values"].shape == (5, 4)  # the pipeline's last five points; three lack this result
@@ -234,7 +234,7 @@ def test_cols_on_a_one_dimensional_product_is_refused() -> None:
     store.start(meta("l", "line"), PIPE)
     feed(store, "l", 35, [35])
     _, arrays = answer(store, {"op": "get", "scan": "l", "product": f"{PIPE}/i0"})
-    np.testing.assert_array_equal(arrays["data"], simulate.expected_counters(np.arange(35))["i0"])
+    np.testing.assert_array_equal(arrays["data"], profiles.expected_counters(np.arange(35))["i0"])
     with pytest.raises(StoreError, match="1-D product"):
         answer(store, {"op": "get", "scan": "l", "product": f"{PIPE}/i0", "cols": [0, 1]})
 

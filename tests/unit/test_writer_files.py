@@ -18,7 +18,7 @@ from matplotlib.image import imread
 from support import map_by_hand, scan_geometry
 from services import protocol
 from services import codec
-from services.ops import simulate
+from services.sim.profiles import PROFILES, ProfileScan
 from services.ledger import FAILED, GAP, RECEIVED, PointLedger
 from services.scan import map_blocks, parse_scan
 from writers.component import ScanRun, WriterComponent, WriterConfig
@@ -33,8 +33,8 @@ BITSHUFFLE = "32008"  # HDF5 filter id registered for Bitshuffle
 
 
 def document(scan_id: str, kind: str = "raster", rows: int = 5, cols: int = 7, **changes) -> dict:
-    doc = simulate.scan_document(scan_id, 42, rows * cols, PIPE, simulate.PROFILES["counters"],
-                                 geometry=scan_geometry(kind, rows, cols))
+    doc = ProfileScan(PROFILES["counters"], PIPE, rows * cols,
+                      geometry=scan_geometry(kind, rows, cols)).document(scan_id, 42)
     doc["sample"] = {"name": "cell-7", "description": "NMC cathode", "temperature_K": 295.5}
     doc["acquisition"].update({"dwell_s": 0.01, "energy_keV": 17.5})
     doc["devices"] = {"ring": {"current_mA": 99.7}, "undulator_gap_mm": 8.25, "shutter": "open"}

@@ -16,7 +16,7 @@ import zmq
 
 from support import scan_geometry
 from services import codec, protocol
-from services.ops import simulate
+from services.sim.profiles import PROFILES, ProfileScan
 from writers.component import WriterComponent, WriterConfig
 from writers.layout import CHECKSUMS, FileClaim, OutputLayout, WriterError, record_checksum, write_atomically
 from writers.nexus import NexusFile, NexusSettings
@@ -88,8 +88,7 @@ def test_the_writer_counts_a_planted_lock_and_goes_on(outside):
     push.connect(component.endpoints[protocol.DATA_IN])
     try:
         for scan in ("evil", "good"):
-            doc = simulate.scan_document(scan, 1, 6, PIPE, simulate.PROFILES["counters"],
-                                         geometry=scan_geometry("line", 2, 3))
+            doc = ProfileScan(PROFILES["counters"], PIPE, 6, geometry=scan_geometry("line", 2, 3)).document(scan, 1)
             if scan == "evil":
                 directory = root / "processed" / scan
                 directory.mkdir(parents=True)
