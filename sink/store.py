@@ -41,7 +41,8 @@ from typing import Any, Callable
 import numpy as np
 
 from services.ledger import GAP, PENDING, RECEIVED, PointLedger
-from services.scan import ScanMeta, axis_values, map_cells
+from services.placement import cells, place
+from services.scan import ScanMeta, axis_values
 from sink.phase import integrate_gradients
 from sink.regrid import RegridError, regrid
 
@@ -87,30 +88,6 @@ def allocate(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
 def _column_sum(arr: np.ndarray) -> np.ndarray:
     """Sum over the points (axis 0) in float64, without copying: integers cannot be NaN."""
     return arr.sum(axis=0, dtype=np.float64) if arr.dtype.kind in "biu" else np.nansum(arr, axis=0, dtype=np.float64)
-
-
-def segments(meta: ScanMeta, index: int, stop: int) -> list[tuple[slice, slice]]:
-    """(flat cells, chunk rows) pairs covering indices [index, stop): one slice
-    for a plain raster or a line, one per map row for a snake raster (odd rows
-    as reversed slices). Slice copies are several times cheaper than fancy
-    indexing for spectra and frames."""
-    if not meta.snake:
-        return [(slice(index, stop), slice(0, stop - index))]
-    cols = meta.map_shape[1]
-    out = []
-    start = index
-    while start < stop:
-        row, col = divmod(start, cols)
-        end = min(stop, (row + 1) * cols)
-        rows = slice(start - index, end - index)
-        if row % 2 == 0:
-            out.append((slice(start, end), rows))
-        else:  # cells run right to left: the chunk's first point lands in the row's last cell
-            first = row * cols + (cols - 1 - col)
-            last = first - (end - start)
-            out.append((slice(first, last if last >= 0 else None, -1), rows))
-        start = end
-    return out
 
 
 @dataclass
@@ -282,17 +259,14 @@ class ScanStore:
             self._check_arrays(entry, pipeline, count, arrays)  # before anything changes
             run.mark_result(index, stop, failed, meta, on_duplicate=lambda again: self._on_error(
                 f"scan {scan_id}/{pipeline}: {again} points of [{index}, {stop}) delivered again"))
-            parts = segments(entry.meta, index, stop)
-            failed_cells = map_cells(entry.meta, failed) if entry.meta.snake and failed.size else failed
+            failed_cells = cells(entry.meta, failed)
             for result, arr in arrays.items():
                 product = self._product(entry, pipeline, result, arr)
                 if product is None:
                     continue
-                flat = product.flat
-                for cells, rows in parts:
-                    flat[cells] = arr[rows]
+                place(product.data, entry.meta, index, arr)
                 if failed.size:
-                    flat[failed_cells] = np.nan
+                    product.flat[failed_cells] = np.nan
                 if product.total is not None:
                     product.total += _column_sum(arr) - (_column_sum(arr[failed - index]) if failed.size else 0.0)
                     product.summed += stop - index - failed.size
@@ -503,9 +477,7 @@ class ScanStore:
             entry, product = self.product(scan_id, name)
             state = entry.runs[product.pipeline].state
             indices = np.flatnonzero(state == RECEIVED)[-n:] if n > 0 else np.zeros(0, np.int64)
-            flat = product.flat
-            cells = indices if not entry.meta.snake else map_cells(entry.meta, indices)
-            return indices.astype(np.int64), flat[cells]
+            return indices.astype(np.int64), product.flat[cells(entry.meta, indices)]
 
     def stats(self) -> dict[str, Any]:
         with self.lock:

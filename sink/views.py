@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from services.scan import axis_values
 from services.ledger import RECEIVED
-from services.scan import map_cells
+from services.placement import cells
+from services.scan import axis_values
 from sink.store import Product, ScanEntry
 
 
@@ -75,7 +75,7 @@ def live_frame(entry: ScanEntry, product: Product) -> LiveFrame | None:
         if not received.size:
             return None
         last = int(received[-1])
-        cell = int(map_cells(meta, np.array([last]))[0])
+        cell = int(cells(meta, last))
         value = product.flat[cell]
         xy = np.ascontiguousarray(value.T)
         info |= {"index": last, "axislabels": ["channel" if point_ndim == 1 else "x", "y", "", ""]}

@@ -42,7 +42,8 @@ from typing import Any, Mapping, TextIO
 
 import numpy as np
 
-from services.scan import axis_values, grid_position
+from services.placement import cells
+from services.scan import axis_values
 from writers.component import ScanFile, ScanRun
 from writers.layout import FileClaim, owner_info
 
@@ -118,9 +119,10 @@ class FioFile(ScanFile):
         indices = np.arange(index, stop)
         motors: list[np.ndarray] = []
         if self.motor_names:
-            cells = grid_position(self.run.meta, indices)
-            if self.run.meta.geometry_type == "raster":  # (rows, cols): fast axis values by column
-                motors = [self._positions[0][cells[1]], self._positions[1][cells[0]]]
+            meta = self.run.meta
+            if meta.geometry_type == "raster":  # (rows, cols): fast axis values by column
+                rows, cols = np.unravel_index(cells(meta, indices), meta.map_shape)
+                motors = [self._positions[0][cols], self._positions[1][rows]]
             else:
                 motors = [p[indices] for p in self._positions]
         table = np.column_stack([*motors, *values]) if motors or values else np.empty((stop - index, 0))

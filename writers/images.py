@@ -29,7 +29,8 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
 from services.ledger import PENDING
-from services.scan import axis_values, map_cells
+from services.placement import cells
+from services.scan import axis_values
 from writers.component import ScanFile, ScanRun
 from writers.layout import FileClaim, owner_info, record_checksum, safe_file_part, write_atomically
 
@@ -101,13 +102,13 @@ class ImageFiles(ScanFile):
             if acc is not None and arr.shape[1:] != acc.point_shape:
                 raise ValueError(f"result {result!r}: per-point shape {arr.shape[1:]} differs from the "
                                  f"{acc.point_shape} of this scan's earlier points")
-        cells = map_cells(meta, np.arange(index, stop))
+        where = cells(meta, np.arange(index, stop))
         good = self.run.ledger.state[index:stop] == PENDING  # a point delivered twice is summed once
         good[failed - index] = False
         for result, arr in arrays.items():
             acc = self.products.get(result) or self._accumulator(result, arr)
             if acc is not None:
-                acc.add(cells, arr, good)
+                acc.add(where, arr, good)
 
     def _accumulator(self, result: str, arr: np.ndarray) -> Accumulator | None:
         if result in self.refused or arr.ndim > 3:

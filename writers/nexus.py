@@ -35,7 +35,8 @@ import hdf5plugin
 import numpy as np
 
 from services.ledger import STATE_NAMES
-from services.scan import axis_values, map_blocks, map_cells
+from services.placement import place
+from services.scan import axis_values
 from writers.component import ScanFile, ScanRun
 from writers.layout import FileClaim, owner_info
 
@@ -282,20 +283,13 @@ class NexusFile(ScanFile):
 
     def write(self, index: int, stop: int, arrays: dict[str, np.ndarray], failed: np.ndarray) -> None:
         targets = [(self._dataset(result, arr), arr) for result, arr in arrays.items()]  # all checked first
-        blocks = map_blocks(self.run.meta, index, stop)
         for ds, arr in targets:
             if arr.dtype == np.bool_:
                 arr = arr.view(np.uint8)
             if failed.size and arr.dtype.kind in "fc":
                 arr = arr.copy()
                 arr[failed - index] = np.nan
-            point_shape = arr.shape[1:]
-            for region, rows, reverse in blocks:
-                shape = tuple(s.stop - s.start for s in region)
-                block = arr[rows].reshape(*shape, *point_shape)
-                if reverse:
-                    block = block[:, ::-1]
-                ds[region] = block
+            place(ds, self.run.meta, index, arr)
 
     def tick(self, now: float) -> None:
         if now - self._flushed >= self.settings.flush_seconds:
@@ -315,7 +309,7 @@ class NexusFile(ScanFile):
             if key != "errors":
                 process[f"points_{key}" if key != "points" else "points_expected"] = value
         status = np.zeros(meta.map_shape, np.uint8)
-        status.reshape(-1)[map_cells(meta, np.arange(meta.points))] = ledger.state
+        place(status, meta, 0, ledger.state)
         ds = process.create_dataset("point_status", data=status, chunks=True, compression="gzip")
         ds.attrs["states"] = json.dumps(STATE_NAMES)
         ds.attrs["description"] = "per map cell: " + ", ".join(f"{k} {v}" for k, v in STATE_NAMES.items())

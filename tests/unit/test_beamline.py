@@ -20,7 +20,8 @@ from services.sim.dpc import shift_px_per_rad_per_um
 from services.sim.phantom import PHASES
 from services.sim.sims import SIM_NAMES, make_simulation, parse_shape
 from services.physics.powder import reflections, wavelength_A
-from services.scan import map_cells, parse_scan
+from services.placement import cells
+from services.scan import parse_scan
 from services.physics.xraylines import compton_keV
 
 
@@ -140,12 +141,12 @@ def run_pipeline(sim, pipeline: str, processor, unit: int = 100) -> dict[str, np
         stop = min(meta.points, start + unit)
         arrays = {f"{s}/{n}": a for s in sim.streams_of(pipeline) for n, a in sim.arrays(s, start, stop).items()}
         chunks.append(processor.process(Batch(meta, start, stop - start, arrays)))
-    cells = map_cells(meta, np.arange(meta.points))
+    where = cells(meta, np.arange(meta.points))
     out = {}
     for name in chunks[0]:
         values = np.concatenate([c[name] for c in chunks]).astype(np.float64)
         grid = np.empty((meta.points, *values.shape[1:]))
-        grid[cells] = values
+        grid[where] = values
         out[name] = grid.reshape(*meta.map_shape, *values.shape[1:])
     return out
 

@@ -8,10 +8,10 @@ import pytest
 
 from services.ops import simulate
 from conftest import map_by_hand, scan_geometry
-from services.scan import map_cells, parse_scan
+from services.scan import parse_scan
 from services.schema import SchemaError
 from sink.queries import answer
-from sink.store import EvictedError, ScanStore, StoreError, segments, storage_dtype
+from sink.store import EvictedError, ScanStore, StoreError, storage_dtype
 from sink.views import live_frame, preview_image
 
 PIPE = "counters"
@@ -259,21 +259,6 @@ def test_live_frames_are_in_lavue_orientation_with_motor_axes() -> None:
     store.add_result("l", PIPE, 0, 3, {"spec": np.arange(12.0).reshape(3, 4)})
     frame = live_frame(*store.product("l", f"{PIPE}/spec"))
     assert frame.xy.shape == (35, 4) and frame.meta["axisscales"][:3] == pytest.approx([1.0, 0.0, 1 / 34])
-
-
-@pytest.mark.parametrize("rows, cols", [(3, 4), (5, 1), (4, 7)])
-def test_snake_segments_place_every_chunk_like_grid_position(rows, cols) -> None:
-    m = meta("s", "snake", rows, cols)
-    n = rows * cols
-    for start in range(n):
-        for stop in range(start + 1, n + 1):
-            src = np.arange(start, stop)
-            got = np.full(n, -1)
-            for cells, part in segments(m, start, stop):
-                got[cells] = src[part]
-            want = np.full(n, -1)
-            want[map_cells(m, src)] = src
-            np.testing.assert_array_equal(got, want, err_msg=f"[{start}, {stop})")
 
 
 def test_spectra_on_a_raster_keep_a_running_sum_without_failed_points() -> None:
