@@ -9,10 +9,9 @@ Products
     ``<pipeline>/<result>`` (``counters/i0``, ``xrf/Fe-K``), shaped
     ``map_shape + point_shape``: a 2-D map of a scalar for a raster (snake rows
     unfolded), a 1-D trace for a line, a stack of 1-D patterns for a line of
-    spectra. Points not received (yet) are NaN, so products are stored as
-    floating point: float and complex results keep their dtype; integers and
-    bools become float32 up to 16 bits (exact) and float64 above (exact to
-    2**53). Failed points stay NaN.
+    spectra. Points without a value (not received yet, failed, gaps) show it
+    in the value, so products are stored in services.ledger.nan_dtype and
+    hold its fill_value there (the one rule, docs/sink.md).
 
 Memory
     Budget accounting counts the real bytes of every product array and of the
@@ -40,7 +39,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from services.ledger import GAP, PENDING, RECEIVED, PointLedger
+from services.ledger import GAP, PENDING, RECEIVED, PointLedger, fill_value, nan_dtype
 from services.placement import cells, place
 from services.scan import ScanMeta, axis_values
 from sink.phase import integrate_gradients
@@ -63,25 +62,23 @@ class EvictedError(StoreError):
 
 
 def storage_dtype(dtype: np.dtype) -> np.dtype:
-    """A dtype that holds ``dtype`` exactly and has NaN for "not measured"."""
-    dtype = np.dtype(dtype)
-    if dtype.kind in "fc":
-        return dtype.newbyteorder("=")
-    if dtype.kind in "biu":
-        return np.dtype(np.float32) if dtype.itemsize <= 2 else np.dtype(np.float64)
-    raise StoreError(f"dtype {dtype} cannot be stored")
+    """The dtype the sink stores a result of ``dtype`` in (services.ledger.nan_dtype)."""
+    try:
+        return nan_dtype(dtype)
+    except ValueError:
+        raise StoreError(f"dtype {np.dtype(dtype)} cannot be stored") from None
 
 
 def allocate(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-    """A NaN-filled array; big ones in their own anonymous mmap (see module doc)."""
+    """An array holding the fill value; big ones in their own anonymous mmap (see module doc)."""
     nbytes = math.prod(shape) * dtype.itemsize
     if nbytes < MMAP_MIN_BYTES:
-        return np.full(shape, np.nan, dtype=dtype)
+        return np.full(shape, fill_value(dtype), dtype=dtype)
     buf = mmap.mmap(-1, nbytes)
     if hasattr(mmap, "MADV_HUGEPAGE"):
         buf.madvise(mmap.MADV_HUGEPAGE)  # the NaN fill faults in 2 MB pages, not 4 KB: about twice as fast
     arr = np.frombuffer(buf, dtype=dtype).reshape(shape)
-    arr.fill(np.nan)
+    arr.fill(fill_value(dtype))
     return arr
 
 
@@ -266,7 +263,7 @@ class ScanStore:
                     continue
                 place(product.data, entry.meta, index, arr)
                 if failed.size:
-                    product.flat[failed_cells] = np.nan
+                    product.flat[failed_cells] = fill_value(product.data.dtype)
                 if product.total is not None:
                     product.total += _column_sum(arr) - (_column_sum(arr[failed - index]) if failed.size else 0.0)
                     product.summed += stop - index - failed.size

@@ -42,6 +42,7 @@ from typing import Any, Mapping, TextIO
 
 import numpy as np
 
+from services.ledger import blank_failed, fill_value
 from services.placement import cells
 from services.scan import axis_values
 from writers.component import ScanFile, ScanRun
@@ -50,6 +51,11 @@ from writers.layout import FileClaim, owner_info
 SUFFIX = ".fio"
 log = logging.getLogger("tangomesh.writer.fio")
 FLUSH_SECONDS = 2.0
+
+
+def blank(count: int) -> np.ndarray:
+    """A column of ``count`` points without a value (services.ledger.fill_value)."""
+    return np.full(count, fill_value(np.float64))
 
 
 def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -134,7 +140,7 @@ class FioFile(ScanFile):
         """Rows of nan for points skipped (never expected from a sorter: it
         declares gaps), so that every index keeps its row."""
         if index > self.next_index:
-            self._rows(self.next_index, index, [np.full(index - self.next_index, np.nan)] * len(self.columns))
+            self._rows(self.next_index, index, [blank(index - self.next_index)] * len(self.columns))
             self.next_index = index
 
     def write(self, index: int, stop: int, arrays: dict[str, np.ndarray], failed: np.ndarray) -> None:
@@ -154,12 +160,8 @@ class FioFile(ScanFile):
         columns = []
         for name in self.columns:
             arr = scalars.get(name)
-            column = np.full(count, np.nan) if arr is None else np.asarray(arr[start - index:], dtype=np.float64)
-            columns.append(column)
-        if failed.size:
-            rows = failed[failed >= start] - start
-            for column in columns:
-                column[rows] = np.nan
+            column = blank(count) if arr is None else np.asarray(arr[start - index:], dtype=np.float64)
+            columns.append(blank_failed(column, failed[failed >= start] - start))
         self._rows(start, stop, columns)
         self.next_index = stop
 
@@ -168,7 +170,7 @@ class FioFile(ScanFile):
             return  # rows follow once the columns are known (finish writes them at the latest)
         self._catch_up(index)
         if stop > self.next_index:
-            self._rows(self.next_index, stop, [np.full(stop - self.next_index, np.nan)] * len(self.columns))
+            self._rows(self.next_index, stop, [blank(stop - self.next_index)] * len(self.columns))
             self.next_index = stop
 
     def tick(self, now: float) -> None:

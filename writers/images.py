@@ -28,7 +28,7 @@ import numpy as np
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
-from services.ledger import PENDING
+from services.ledger import PENDING, fill_value
 from services.placement import cells
 from services.scan import axis_values
 from writers.component import ScanFile, ScanRun
@@ -68,7 +68,7 @@ class Accumulator:
             self.total = np.zeros(point_shape, np.float64)
             self.count = 0
         else:
-            self.map = np.full(map_shape, np.nan)
+            self.map = np.full(map_shape, fill_value(np.float64))
 
     @property
     def nbytes(self) -> int:
@@ -82,7 +82,7 @@ class Accumulator:
                 self.count += int(kept.shape[0])
         else:
             column = values.astype(np.float64)
-            column[~good] = np.nan
+            column[~good] = fill_value(column.dtype)
             self.map.reshape(-1)[cells] = column
 
 

@@ -13,10 +13,9 @@ Layout (docs/writers.md has the full tree)::
 
 Products are stored in map shape (``map_shape + point_shape``; snake rows
 unfolded, so a viewer shows the map as the sample lies) and in the dtype the
-processor produced. Points without a value hold the fill value (NaN for
-floating point, 0 otherwise); failed points are NaN in floating-point
-products and keep what the processor sent in integer ones;
-``process/point_status`` says which points are which.
+processor produced. Points without a value hold services.ledger.fill_value
+(NaN for floating point; blank_failed for failed points: integers keep what
+the worker sent, its fill); ``process/point_status`` says which points are which.
 Chunks follow the acquisition order (whole map rows, or single points for
 big ones), so each HDF5 chunk is completed once and compressed once.
 """
@@ -34,7 +33,7 @@ import h5py
 import hdf5plugin
 import numpy as np
 
-from services.ledger import STATE_NAMES
+from services.ledger import STATE_NAMES, blank_failed, fill_value
 from services.placement import place
 from services.scan import axis_values
 from writers.component import ScanFile, ScanRun
@@ -240,8 +239,7 @@ class NexusFile(ScanFile):
         group = self.h5["entry"].create_group(name)
         group.attrs["NX_class"] = "NXdata"
         group.attrs["signal"] = name
-        fill = np.nan if dtype.kind == "f" else None
-        ds = group.create_dataset(name, shape=shape, dtype=dtype, fillvalue=fill,
+        ds = group.create_dataset(name, shape=shape, dtype=dtype, fillvalue=fill_value(dtype),
                                   chunks=chunk_shape(meta.map_shape, point_shape, dtype.itemsize,
                                                      self.settings.chunk_bytes),
                                   **self.settings.filter_args(dtype))
@@ -286,10 +284,7 @@ class NexusFile(ScanFile):
         for ds, arr in targets:
             if arr.dtype == np.bool_:
                 arr = arr.view(np.uint8)
-            if failed.size and arr.dtype.kind in "fc":
-                arr = arr.copy()
-                arr[failed - index] = np.nan
-            place(ds, self.run.meta, index, arr)
+            place(ds, self.run.meta, index, blank_failed(arr, failed - index))
 
     def tick(self, now: float) -> None:
         if now - self._flushed >= self.settings.flush_seconds:
