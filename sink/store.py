@@ -42,14 +42,12 @@ import numpy as np
 from services.ledger import GAP, PENDING, RECEIVED, PointLedger, fill_value, nan_dtype
 from services.placement import cells, place
 from services.scan import ScanMeta, axis_values
-from sink.phase import integrate_gradients
+from sink.derived import MAP_PRODUCTS, REDUCTIONS, MapProduct, Running, map_product, reduction
 from sink.regrid import RegridError, regrid
 
 log = logging.getLogger("tangomesh.sink")
 
 MMAP_MIN_BYTES = 256 * 1024
-GRADIENTS = ("gradient_x", "gradient_y")  # DPC results the sink integrates into a phase map
-PHASE = "phase"
 EVICTED_KEPT = 10_000
 
 
@@ -82,11 +80,6 @@ def allocate(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     return arr
 
 
-def _column_sum(arr: np.ndarray) -> np.ndarray:
-    """Sum over the points (axis 0) in float64, without copying: integers cannot be NaN."""
-    return arr.sum(axis=0, dtype=np.float64) if arr.dtype.kind in "biu" else np.nansum(arr, axis=0, dtype=np.float64)
-
-
 @dataclass
 class Product:
     name: str  # <pipeline>/<result>
@@ -96,8 +89,7 @@ class Product:
     point_shape: tuple[int, ...]
     source_dtype: str
     version: int = 0  # bumped on every write, for the viewers
-    total: np.ndarray | None = None  # 1-D results: running sum over the points received (sum spectrum/pattern)
-    summed: int = 0  # points in ``total``
+    running: dict[str, Running] = field(default_factory=dict)  # the reductions of sink.derived it has
 
     @property
     def flat(self) -> np.ndarray:
@@ -264,9 +256,9 @@ class ScanStore:
                 place(product.data, entry.meta, index, arr)
                 if failed.size:
                     product.flat[failed_cells] = fill_value(product.data.dtype)
-                if product.total is not None:
-                    product.total += _column_sum(arr) - (_column_sum(arr[failed - index]) if failed.size else 0.0)
-                    product.summed += stop - index - failed.size
+                for name, running in product.running.items():
+                    reduction(name).add(running.value, arr, failed - index)
+                    running.points += stop - index - failed.size
                 product.version += 1
             entry.version += 1
             entry.updated = time.time()
@@ -304,32 +296,59 @@ class ScanStore:
             entry.version += 1
             entry.updated = time.time()
             self._touch(entry)
-            if not aborted and self.has_gradients(entry, pipeline):
-                phase = self.phase(scan_id, pipeline)
-                product = self._product(entry, pipeline, PHASE, phase.reshape(-1)[:1])
-                if product is not None:
-                    product.data[...] = phase
-                    product.version += 1
+            if aborted:
+                return
+            for derived in MAP_PRODUCTS:
+                if self._can_derive(entry, pipeline, derived):
+                    self._store_derived(entry, pipeline, derived, self.derive(scan_id, pipeline, derived.name))
+
+    def _store_derived(self, entry: ScanEntry, pipeline: str, derived: MapProduct, value: np.ndarray) -> None:
+        point_shape = value.shape[len(entry.meta.map_shape):]
+        product = self._product(entry, pipeline, derived.name, value.reshape(-1, *point_shape)[:1])
+        if product is not None:
+            product.data[...] = value
+            product.version += 1
 
     @staticmethod
-    def has_gradients(entry: ScanEntry, pipeline: str) -> bool:
-        """Whether ``pipeline`` delivers DPC gradients of a raster (see :meth:`phase`)."""
-        return entry.meta.geometry_type == "raster" and all(
-            f"{pipeline}/{g}" in entry.products for g in GRADIENTS)
+    def _can_derive(entry: ScanEntry, pipeline: str, derived: MapProduct) -> bool:
+        return derived.applies(entry.meta) and all(f"{pipeline}/{name}" in entry.products for name in derived.inputs)
 
-    def phase(self, scan_id: str, pipeline: str) -> np.ndarray:
-        """The phase map integrated from ``<pipeline>/gradient_x`` and
-        ``gradient_y`` (rad/µm along the fast and slow axes) as they are now;
-        stored as ``<pipeline>/phase`` when the pipeline ends (sink.phase)."""
+    def derivable(self, scan_id: str, name: str) -> bool:
+        """Whether product ``name`` (``<pipeline>/<result>``) is a map product of
+        sink.derived not stored yet whose inputs are there: a query computes it."""
         with self.lock:
             entry = self.entry(scan_id)
-            if not self.has_gradients(entry, pipeline):
-                raise StoreError(f"scan {scan_id} has no DPC gradients {', '.join(GRADIENTS)} from {pipeline!r} "
-                                 "on a raster: no phase to integrate")
-            gx, gy = (entry.products[f"{pipeline}/{g}"].data.copy() for g in GRADIENTS)
-        fast, slow = axis_values(entry.meta)
-        step = [float(v[1] - v[0]) if len(v) > 1 else 1.0 for v in (fast, slow)]
-        return integrate_gradients(gx, gy, *step)
+            pipeline, _, result = name.partition("/")
+            derived = map_product(result)
+            return (name not in entry.products and derived is not None
+                    and self._can_derive(entry, pipeline, derived))
+
+    def derive(self, scan_id: str, pipeline: str, name: str) -> np.ndarray:
+        """Map product ``name`` of sink.derived computed from ``pipeline``'s
+        products as they are now; the store keeps it as ``<pipeline>/<name>``
+        when the pipeline ends the scan."""
+        derived = map_product(name)
+        if derived is None:
+            raise StoreError(f"the sink derives no product {name!r}")
+        with self.lock:
+            entry = self.entry(scan_id)
+            if not self._can_derive(entry, pipeline, derived):
+                raise StoreError(f"scan {scan_id} has no {derived.needs} from {pipeline!r}: "
+                                 f"no {derived.name} to compute")
+            maps = [entry.products[f"{pipeline}/{result}"].data.copy() for result in derived.inputs]
+        return derived.compute(entry.meta, maps)
+
+    def reduced(self, scan_id: str, name: str, how: str) -> tuple[ScanEntry, Product, np.ndarray, int]:
+        """A copy of the running reduction ``how`` (sink.derived) of product
+        ``name`` and the points in it."""
+        with self.lock:
+            entry, product = self.product(scan_id, name)
+            running = product.running.get(how)
+            if running is None:
+                known = reduction(how)
+                why = known.refusal if known else f"the sink keeps no {how!r}"
+                raise StoreError(f"{product.name} has {len(product.point_shape)}-D points; {why}")
+            return entry, product, running.value.copy(), running.points
 
     def _open_run(self, scan_id: str, pipeline: str) -> tuple[ScanEntry, PipelineRun]:
         entry = self._entry(scan_id)
@@ -357,9 +376,9 @@ class ScanStore:
             self.refused_products += 1
             self._on_error(str(exc))
             return None
-        product = Product(name, pipeline, result, allocate(shape, dtype), tuple(arr.shape[1:]), arr.dtype.str)
-        if arr.ndim == 2:
-            product.total = np.zeros(arr.shape[1])
+        point_shape = tuple(arr.shape[1:])
+        product = Product(name, pipeline, result, allocate(shape, dtype), point_shape, arr.dtype.str,
+                          running={r.name: Running(r.start(point_shape)) for r in REDUCTIONS if r.kept_for(point_shape)})
         entry.products[name] = product
         self.resident += nbytes
         self.peak = max(self.peak, self.resident)

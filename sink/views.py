@@ -23,6 +23,7 @@ import numpy as np
 from services.ledger import RECEIVED
 from services.placement import cells
 from services.scan import axis_values
+from sink.derived import SUM
 from sink.store import Product, ScanEntry
 
 
@@ -66,10 +67,11 @@ def live_frame(entry: ScanEntry, product: Product) -> LiveFrame | None:
         info |= {"axisscales": [x0, 0.0, dx, 1.0],
                  "axislabels": [names[0] if names else "point", "channel", units[0] if units else "", ""]}
     elif point_ndim == 1:  # spectra or patterns on a raster: the scan's sum so far, what users watch
-        if not product.summed:
+        running = product.running.get(SUM)
+        if running is None or not running.points:
             return None
-        xy = product.total.copy()
-        info |= {"points": product.summed, "axislabels": ["channel", "", "", ""]}
+        xy = running.value.copy()
+        info |= {"points": running.points, "axislabels": ["channel", "", "", ""]}
     elif point_ndim == 2:
         received = np.flatnonzero(entry.runs[product.pipeline].state == RECEIVED)
         if not received.size:
