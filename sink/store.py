@@ -377,8 +377,8 @@ class ScanStore:
             self._on_error(str(exc))
             return None
         point_shape = tuple(arr.shape[1:])
-        product = Product(name, pipeline, result, allocate(shape, dtype), point_shape, arr.dtype.str,
-                          running={r.name: Running(r.start(point_shape)) for r in REDUCTIONS if r.kept_for(point_shape)})
+        running = {r.name: Running(r.start(point_shape)) for r in REDUCTIONS if r.kept_for(point_shape)}
+        product = Product(name, pipeline, result, allocate(shape, dtype), point_shape, arr.dtype.str, running=running)
         entry.products[name] = product
         self.resident += nbytes
         self.peak = max(self.peak, self.resident)

@@ -234,10 +234,10 @@ def test_images_decode_at_the_configured_size(tmp_path) -> None:
         assert sums[path.name] == digest
     summed = out.products["xrd/pattern"]
     assert summed.count == n - 1
-    np.testing.assert_allclose(summed.total, np.delete(arrays["xrd/pattern"], 4, axis=0).sum(axis=0))
+    np.testing.assert_allclose(summed.values, np.delete(arrays["xrd/pattern"], 4, axis=0).sum(axis=0))
     expect = arrays["Fe-K"].copy()
     expect[4] = np.nan
-    np.testing.assert_array_equal(out.products["Fe-K"].map, map_by_hand("raster", expect, rows, cols))
+    np.testing.assert_array_equal(out.products["Fe-K"].values, map_by_hand("raster", expect, rows, cols))
 
 
 def test_images_are_refreshed_during_a_scan_when_asked(tmp_path) -> None:
