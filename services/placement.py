@@ -15,16 +15,16 @@ uses this module, so a map can never disagree with another about a cell.
 Two forms, both vectorised because whole blocks arrive at kHz rates:
 
 * :func:`cells` for scattered indices (failed points, the latest point);
-* :func:`place` for a chunk of consecutive indices, written as a few
-  rectangular regions (:func:`blocks`): slice copies are several times cheaper
-  than fancy indexing for spectra and frames, and an HDF5 dataset takes a
-  region as one hyperslab.
+* :func:`blocks` and :func:`place` for a chunk of consecutive indices,
+  written as a few rectangular regions: slice copies are several times
+  cheaper than fancy indexing for spectra and frames, and an HDF5 dataset
+  takes a region as one hyperslab. ``place(map, blocks(meta, index, stop),
+  values)``; a chunk's blocks serve all its products.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -53,27 +53,24 @@ def cells(meta: ScanMeta, indices: Any) -> np.ndarray:
     return np.where(rows % 2 == 1, rows * n_fast + (n_fast - 1 - cols), idx)
 
 
-@dataclass(frozen=True)
-class Block:
+class Block(NamedTuple):
     """A rectangular map region filled by consecutive points of a chunk."""
 
     region: tuple[slice, ...]  # indexes the map: (rows, cols) slices for a raster, one slice otherwise
+    shape: tuple[int, ...]  # the region's shape
     points: slice  # the chunk's points (positions within the chunk) that fill it
     reverse: bool  # they run right to left (a snake's odd row)
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(s.stop - s.start for s in self.region)
 
 
 def blocks(meta: ScanMeta, index: int, stop: int) -> list[Block]:
     """Rectangular map regions covering acquisition indices [index, stop):
     one for a line or points, at most three for a plain raster (head row,
-    whole rows, tail row), one per row touched for a snake."""
+    whole rows, tail row), one per row touched for a snake. A chunk's blocks
+    serve every product of the chunk: compute them once."""
     if not 0 <= index < stop <= meta.points:
         raise ScanError(f"scan {meta.scan_id}: points [{index}, {stop}) outside [0, {meta.points})")
     if meta.geometry_type != "raster":
-        return [Block((slice(index, stop),), slice(0, stop - index), False)]
+        return [Block((slice(index, stop),), (stop - index,), slice(0, stop - index), False)]
     cols = meta.map_shape[1]
     out: list[Block] = []
     start = index
@@ -82,21 +79,24 @@ def blocks(meta: ScanMeta, index: int, stop: int) -> list[Block]:
         if col == 0 and not meta.snake and stop - start >= cols:
             rows = (stop - start) // cols  # whole rows at once
             end = start + rows * cols
-            out.append(Block((slice(row, row + rows), slice(0, cols)), slice(start - index, end - index), False))
+            out.append(Block((slice(row, row + rows), slice(0, cols)), (rows, cols),
+                             slice(start - index, end - index), False))
         else:
             end = min(stop, (row + 1) * cols)
             backwards = meta.snake and row % 2 == 1
             span = slice(cols - (end - row * cols), cols - col) if backwards else slice(col, col + end - start)
-            out.append(Block((slice(row, row + 1), span), slice(start - index, end - index), backwards))
+            out.append(Block((slice(row, row + 1), span), (1, end - start), slice(start - index, end - index),
+                             backwards))
         start = end
     return out
 
 
-def place(target: Any, meta: ScanMeta, index: int, values: np.ndarray) -> None:
-    """Write the values of points [index, index + len(values)) into ``target``,
-    shaped ``map_shape + point_shape``: a numpy array or an h5py dataset (each
-    block is one slice assignment, so one hyperslab)."""
+def place(target: Any, parts: list[Block], values: np.ndarray) -> None:
+    """Write a chunk's ``values`` (one row per point) into ``target``, shaped
+    ``map_shape + point_shape``: a numpy array or an h5py dataset (each block
+    is one slice assignment, so one hyperslab). ``parts`` are the chunk's
+    :func:`blocks`."""
     point_shape = values.shape[1:]
-    for block in blocks(meta, index, index + len(values)):
+    for block in parts:
         part = values[block.points].reshape(*block.shape, *point_shape)
         target[block.region] = part[:, ::-1] if block.reverse else part

@@ -40,7 +40,7 @@ from typing import Any, Callable
 import numpy as np
 
 from services.ledger import GAP, PENDING, RECEIVED, PointLedger, fill_value, nan_dtype
-from services.placement import cells, place
+from services.placement import blocks, cells, place
 from services.scan import ScanMeta, axis_values
 from sink.derived import MAP_PRODUCTS, REDUCTIONS, MapProduct, Running, map_product, reduction
 from sink.regrid import RegridError, regrid
@@ -248,12 +248,13 @@ class ScanStore:
             self._check_arrays(entry, pipeline, count, arrays)  # before anything changes
             run.mark_result(index, stop, failed, meta, on_duplicate=lambda again: self._on_error(
                 f"scan {scan_id}/{pipeline}: {again} points of [{index}, {stop}) delivered again"))
-            failed_cells = cells(entry.meta, failed)
+            parts = blocks(entry.meta, index, stop)
+            failed_cells = cells(entry.meta, failed) if failed.size else failed
             for result, arr in arrays.items():
                 product = self._product(entry, pipeline, result, arr)
                 if product is None:
                     continue
-                place(product.data, entry.meta, index, arr)
+                place(product.data, parts, arr)
                 if failed.size:
                     product.flat[failed_cells] = fill_value(product.data.dtype)
                 for name, running in product.running.items():

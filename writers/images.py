@@ -33,7 +33,7 @@ from matplotlib.figure import Figure
 
 from services import display
 from services.ledger import PENDING, blank_failed, fill_value
-from services.placement import place
+from services.placement import Block, blocks, place
 from services.scan import ScanMeta
 from writers.component import ScanFile, ScanRun
 from writers.layout import FileClaim, owner_info, record_checksum, safe_file_part, write_atomically
@@ -80,9 +80,10 @@ class Accumulator:
     def nbytes(self) -> int:
         return self.values.nbytes
 
-    def add(self, meta: ScanMeta, index: int, values: np.ndarray, failed: np.ndarray, fresh: np.ndarray) -> None:
-        """Points [index, index + len(values)); ``failed`` rows have no value,
-        ``fresh`` rows were not delivered before (a point is summed once)."""
+    def add(self, parts: list[Block], values: np.ndarray, failed: np.ndarray, fresh: np.ndarray) -> None:
+        """A chunk's points (``parts``: its placement blocks); ``failed`` rows
+        have no value, ``fresh`` rows were not delivered before (a point is
+        summed once)."""
         if self.picture.source == display.SUM:
             good = fresh.copy()
             good[failed] = False
@@ -91,7 +92,7 @@ class Accumulator:
                 self.values += np.nansum(kept, axis=0, dtype=np.float64)
                 self.count += int(kept.shape[0])
         else:
-            place(self.values, meta, index, blank_failed(values.astype(np.float64), failed))
+            place(self.values, parts, blank_failed(values.astype(np.float64), failed))
 
 
 class ImageFiles(ScanFile):
@@ -110,11 +111,12 @@ class ImageFiles(ScanFile):
             if acc is not None and arr.shape[1:] != acc.point_shape:
                 raise ValueError(f"result {result!r}: per-point shape {arr.shape[1:]} differs from the "
                                  f"{acc.point_shape} of this scan's earlier points")
+        parts = blocks(meta, index, stop)
         fresh = self.run.ledger.state[index:stop] == PENDING  # a point delivered twice is summed once
         for result, arr in arrays.items():
             acc = self.products.get(result) or self._accumulator(result, arr)
             if acc is not None:
-                acc.add(meta, index, arr, failed - index, fresh)
+                acc.add(parts, arr, failed - index, fresh)
 
     def _accumulator(self, result: str, arr: np.ndarray) -> Accumulator | None:
         picture = display.picture(self.run.meta, arr.shape[1:], live=False)

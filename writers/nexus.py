@@ -34,7 +34,7 @@ import hdf5plugin
 import numpy as np
 
 from services.ledger import STATE_NAMES, blank_failed, fill_value
-from services.placement import place
+from services.placement import blocks, place
 from services.scan import axis_values
 from writers.component import ScanFile, ScanRun
 from writers.layout import FileClaim, owner_info
@@ -281,10 +281,11 @@ class NexusFile(ScanFile):
 
     def write(self, index: int, stop: int, arrays: dict[str, np.ndarray], failed: np.ndarray) -> None:
         targets = [(self._dataset(result, arr), arr) for result, arr in arrays.items()]  # all checked first
+        parts = blocks(self.run.meta, index, stop)
         for ds, arr in targets:
             if arr.dtype == np.bool_:
                 arr = arr.view(np.uint8)
-            place(ds, self.run.meta, index, blank_failed(arr, failed - index))
+            place(ds, parts, blank_failed(arr, failed - index))
 
     def tick(self, now: float) -> None:
         if now - self._flushed >= self.settings.flush_seconds:
@@ -304,7 +305,7 @@ class NexusFile(ScanFile):
             if key != "errors":
                 process[f"points_{key}" if key != "points" else "points_expected"] = value
         status = np.zeros(meta.map_shape, np.uint8)
-        place(status, meta, 0, ledger.state)
+        place(status, blocks(meta, 0, meta.points), ledger.state)
         ds = process.create_dataset("point_status", data=status, chunks=True, compression="gzip")
         ds.attrs["states"] = json.dumps(STATE_NAMES)
         ds.attrs["description"] = "per map cell: " + ", ".join(f"{k} {v}" for k, v in STATE_NAMES.items())

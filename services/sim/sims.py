@@ -40,7 +40,7 @@ from services.sim.motion import Encoders, Interferometer, ScanAxis, ScanPattern,
 from services.sim.phantom import ELEMENTS, PHASES, Phantom, make_phantom
 from services.sim.xrd import Eiger, XrdModel
 from services.sim.xrf import Xspress3
-from services.placement import place
+from services.placement import blocks, place
 from services.scan import parse_scan
 
 SIM_NAMES = ("counters", "xrf", "xrd", "dpc", "full")
@@ -104,11 +104,12 @@ class Simulation:
         (``x_um``, ``y_um``), in map shape."""
         tr = self.trajectory
         meta = parse_scan(self.document("truth", 0))
+        parts = blocks(meta, 0, meta.points)
         out = {}
         values_at_points = {**self.phantom.truth(tr.x, tr.y), "x_um": tr.x, "y_um": tr.y}
         for name, values in values_at_points.items():
             grid = np.empty(meta.map_shape)
-            place(grid, meta, 0, values)
+            place(grid, parts, values)
             out[name] = grid
         return out
 

@@ -50,7 +50,7 @@ def test_placement_matches_the_hand_written_map(kind: str) -> None:
         got = np.full(meta.map_shape, -1)
         start = 0
         for size in chunks:
-            place(got, meta, start, values[start:start + size])
+            place(got, blocks(meta, start, start + size), values[start:start + size])
             start += size
         np.testing.assert_array_equal(got, want * 10, err_msg=f"{kind} in chunks {chunks}")
     flat = np.full(12, -1)
@@ -63,7 +63,7 @@ def test_place_writes_spectra_and_frames_like_single_cells(kind: str) -> None:
     meta = geometry(kind, 6, 5)
     spectra = np.random.default_rng(4).random((30, 3, 2))
     got = np.full((*meta.map_shape, 3, 2), np.nan)
-    place(got, meta, 7, spectra[7:23])
+    place(got, blocks(meta, 7, 23), spectra[7:23])
     want = np.full((30, 3, 2), np.nan)
     want[cells(meta, np.arange(7, 23))] = spectra[7:23]
     np.testing.assert_array_equal(got, want.reshape(got.shape))
@@ -78,7 +78,7 @@ def test_blocks_of_every_chunk_agree_with_cells(rows: int, cols: int, snake: boo
         for stop in range(start + 1, n + 1):
             src = np.arange(start, stop)
             got = np.full(meta.map_shape, -1)
-            place(got, meta, start, src)
+            place(got, blocks(meta, start, stop), src)
             want = np.full(n, -1)
             want[cells(meta, src)] = src
             np.testing.assert_array_equal(got.reshape(-1), want, err_msg=f"[{start}, {stop})")
