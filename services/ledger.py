@@ -6,8 +6,9 @@ received from one that failed in the processor, one the sorter gave up on
 scan or with failures outside the chunk before anything changes. This is the
 one place that bookkeeping lives, and the one place that decides what value a
 point without one (failed, a gap, not received yet) holds in a product:
-:func:`fill_value`, :func:`nan_dtype` and :func:`blank_failed`; the rule is
-written out for users in docs/sink.md ("Points without a value").
+:func:`fill_value`, :func:`nan_dtype`, :func:`blank_failed` and, for running
+sums, :func:`sum_of_points`; the rule is written out for users in
+docs/sink.md ("Points without a value").
 """
 
 from __future__ import annotations
@@ -72,6 +73,17 @@ def blank_failed(values: np.ndarray, rows: np.ndarray) -> np.ndarray:
     return out
 
 
+def sum_of_points(values: np.ndarray, skip: np.ndarray) -> np.ndarray:
+    """Sum over the points (axis 0), in float64, of a chunk's points that count:
+    the rows ``skip`` (failed, delivered before: :meth:`PointLedger.unsummed`)
+    are left out, NaN values ignored. The chunk is not copied: the few skipped
+    rows are subtracted instead."""
+    def total(a: np.ndarray) -> np.ndarray:
+        return a.sum(axis=0, dtype=np.float64) if a.dtype.kind in "biu" else np.nansum(a, axis=0, dtype=np.float64)
+
+    return total(values) - total(values[skip]) if len(skip) else total(values)
+
+
 @dataclass
 class PointLedger:
     state: np.ndarray  # uint8 per acquisition index: PENDING/RECEIVED/FAILED/GAP
@@ -112,6 +124,13 @@ class PointLedger:
         if index < 0 or count < 1 or stop > self.points:
             raise ValueError(f"points [{index}, {stop}) outside the scan's {self.points}")
         return stop
+
+    def unsummed(self, index: int, stop: int, failed: np.ndarray) -> np.ndarray:
+        """Rows (positions in the chunk [index, stop)) a running sum leaves out:
+        failed points, and points delivered before, which are summed once.
+        Ask before :meth:`mark_result` records the chunk."""
+        again = np.flatnonzero(self.state[index:stop] != PENDING)
+        return np.union1d(failed - index, again) if again.size else failed - index
 
     def mark_result(self, index: int, stop: int, failed: np.ndarray, meta: dict[str, Any] | None = None,
                     on_duplicate: Callable[[int], None] | None = None) -> None:

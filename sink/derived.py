@@ -9,7 +9,8 @@ one point in hundreds and could not sum them itself). A query asks for one
 with ``get``'s ``reduce`` (services/schemas/sink-query.json lists the names).
 
 * ``sum``, kept for every product of 1-D points: the chunk's points are
-  added as they arrive, failed points left out (the sum spectrum or pattern).
+  added as they arrive, failed points left out and a point delivered twice
+  summed once (the sum spectrum or pattern).
 
 ``MAP_PRODUCTS`` are computed from whole maps of the same pipeline's
 products. Each is stored as ``<pipeline>/<name>`` when that pipeline ends the
@@ -27,6 +28,7 @@ from typing import Callable
 
 import numpy as np
 
+from services.ledger import sum_of_points
 from services.scan import ScanMeta, axis_values
 from sink.phase import integrate_gradients
 
@@ -47,7 +49,7 @@ class RunningReduction:
     kept_for: Callable[[tuple[int, ...]], bool]  # per-point shapes that have it
     refusal: str  # why a product without it has none, for the error
     start: Callable[[tuple[int, ...]], np.ndarray]  # the value before any point, from the per-point shape
-    add: Callable[[np.ndarray, np.ndarray, np.ndarray], None]  # (value, chunk, failed rows of the chunk), in place
+    add: Callable[[np.ndarray, np.ndarray, np.ndarray], None]  # (value, chunk, rows left out), in place
 
 
 @dataclass(frozen=True)
@@ -59,14 +61,8 @@ class MapProduct:
     compute: Callable[[ScanMeta, list[np.ndarray]], np.ndarray]  # maps -> map_shape (+ point shape)
 
 
-def _column_sum(arr: np.ndarray) -> np.ndarray:
-    """Sum over the points (axis 0) in float64, without copying: integers cannot be NaN."""
-    return arr.sum(axis=0, dtype=np.float64) if arr.dtype.kind in "biu" else np.nansum(arr, axis=0, dtype=np.float64)
-
-
-def _add_sum(total: np.ndarray, chunk: np.ndarray, failed: np.ndarray) -> None:
-    # subtracting the few failed rows is cheaper than copying the chunk without them
-    total += _column_sum(chunk) - (_column_sum(chunk[failed]) if failed.size else 0.0)
+def _add_sum(total: np.ndarray, chunk: np.ndarray, skip: np.ndarray) -> None:
+    total += sum_of_points(chunk, skip)
 
 
 def _phase(meta: ScanMeta, maps: list[np.ndarray]) -> np.ndarray:

@@ -246,6 +246,7 @@ class ScanStore:
             except ValueError as exc:
                 raise StoreError(f"scan {scan_id}/{pipeline}: {exc}") from None
             self._check_arrays(entry, pipeline, count, arrays)  # before anything changes
+            unsummed = run.unsummed(index, stop, failed)
             run.mark_result(index, stop, failed, meta, on_duplicate=lambda again: self._on_error(
                 f"scan {scan_id}/{pipeline}: {again} points of [{index}, {stop}) delivered again"))
             parts = blocks(entry.meta, index, stop)
@@ -258,8 +259,8 @@ class ScanStore:
                 if failed.size:
                     product.flat[failed_cells] = fill_value(product.data.dtype)
                 for name, running in product.running.items():
-                    reduction(name).add(running.value, arr, failed - index)
-                    running.points += stop - index - failed.size
+                    reduction(name).add(running.value, arr, unsummed)
+                    running.points += stop - index - unsummed.size
                 product.version += 1
             entry.version += 1
             entry.updated = time.time()

@@ -32,7 +32,7 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
 from services import display
-from services.ledger import PENDING, blank_failed, fill_value
+from services.ledger import blank_failed, fill_value, sum_of_points
 from services.placement import Block, blocks, place
 from services.scan import ScanMeta
 from writers.component import ScanFile, ScanRun
@@ -80,17 +80,13 @@ class Accumulator:
     def nbytes(self) -> int:
         return self.values.nbytes
 
-    def add(self, parts: list[Block], values: np.ndarray, failed: np.ndarray, fresh: np.ndarray) -> None:
+    def add(self, parts: list[Block], values: np.ndarray, failed: np.ndarray, unsummed: np.ndarray) -> None:
         """A chunk's points (``parts``: its placement blocks); ``failed`` rows
-        have no value, ``fresh`` rows were not delivered before (a point is
-        summed once)."""
+        have no value, ``unsummed`` rows are left out of a sum
+        (services.ledger.PointLedger.unsummed)."""
         if self.picture.source == display.SUM:
-            good = fresh.copy()
-            good[failed] = False
-            kept = values[good]
-            if kept.size:
-                self.values += np.nansum(kept, axis=0, dtype=np.float64)
-                self.count += int(kept.shape[0])
+            self.values += sum_of_points(values, unsummed)
+            self.count += len(values) - len(unsummed)
         else:
             place(self.values, parts, blank_failed(values.astype(np.float64), failed))
 
@@ -112,11 +108,11 @@ class ImageFiles(ScanFile):
                 raise ValueError(f"result {result!r}: per-point shape {arr.shape[1:]} differs from the "
                                  f"{acc.point_shape} of this scan's earlier points")
         parts = blocks(meta, index, stop)
-        fresh = self.run.ledger.state[index:stop] == PENDING  # a point delivered twice is summed once
+        unsummed = self.run.ledger.unsummed(index, stop, failed)  # the component records the chunk after this
         for result, arr in arrays.items():
             acc = self.products.get(result) or self._accumulator(result, arr)
             if acc is not None:
-                acc.add(parts, arr, failed - index, fresh)
+                acc.add(parts, arr, failed - index, unsummed)
 
     def _accumulator(self, result: str, arr: np.ndarray) -> Accumulator | None:
         picture = display.picture(self.run.meta, arr.shape[1:], live=False)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from services.ledger import blank_failed, fill_value, marks_missing, nan_dtype
+from services.ledger import PointLedger, blank_failed, fill_value, marks_missing, nan_dtype, sum_of_points
 
 POLICY = [  # dtype, fill, marks the point by itself, the NaN-holding dtype
     ("<f8", np.nan, True, "<f8"),
@@ -75,3 +75,44 @@ def test_the_worker_sends_failed_rows_with_the_fill_value() -> None:
     for name, *_ in POLICY:
         np.testing.assert_array_equal(arrays[name][[1, 3]], np.full(2, fill_value(name)), err_msg=name)
         assert (arrays[name][[0, 2]] == 1).all()
+
+
+def test_a_running_sum_leaves_out_failed_points_and_counts_a_point_once() -> None:
+    ledger = PointLedger.for_points(10)
+    ledger.mark_result(0, 4, np.zeros(0, np.int64))
+    failed = np.array([5])
+    skip = ledger.unsummed(2, 7, failed)  # points 2, 3 came before, 5 failed
+    assert skip.tolist() == [0, 1, 3]
+    chunk = np.arange(5 * 3, dtype=np.uint16).reshape(5, 3)
+    np.testing.assert_array_equal(sum_of_points(chunk, skip), chunk[[2, 4]].sum(axis=0))
+    with_nan = chunk.astype(np.float64)
+    with_nan[4, 0] = np.nan
+    np.testing.assert_array_equal(sum_of_points(with_nan, np.zeros(0, np.int64)), np.nansum(with_nan, axis=0))
+
+
+def test_the_sink_and_the_image_writer_sum_the_same_points(tmp_path) -> None:
+    from services.ops import simulate
+    from services.scan import parse_scan
+    from sink.store import ScanStore
+    from writers.component import ScanRun
+    from writers.images import ImageFiles, ImageSettings
+    from writers.layout import OutputLayout
+
+    meta = parse_scan(simulate.scan_document("sum", 1, 12, "p", simulate.PROFILES["counters"]))
+    spectra = np.random.default_rng(3).random((12, 4))
+    chunks = [(0, 6, {}), (4, 4, {}), (8, 4, {"errors": {"9": "bad"}})]  # 4, 5 delivered twice; 9 failed
+    store = ScanStore(10**6)
+    store.start(meta, "p")
+    run = ScanRun(meta, "p", OutputLayout(tmp_path).stem(meta, "p"), "test/writer/unit",
+                  PointLedger.for_points(meta.points))
+    images = ImageFiles(run, ImageSettings())
+    for index, count, extra in chunks:
+        store.add_result("sum", "p", index, count, {"mca": spectra[index:index + count]}, extra)
+        stop, failed = run.ledger.check(index, count, extra)
+        images.write(index, stop, {"mca": spectra[index:stop]}, failed)
+        run.ledger.mark_result(index, stop, failed, extra)
+    _, _, total, points = store.reduced("sum", "p/mca", "sum")
+    assert points == images.products["mca"].count == 11
+    np.testing.assert_allclose(total, np.delete(spectra, 9, axis=0).sum(axis=0))
+    np.testing.assert_allclose(images.products["mca"].values, total)
+    images.abandon()
