@@ -27,6 +27,7 @@ from pipelines import processors
 from services import protocol
 from pipelines.component import PipelineComponent
 from services import codec
+from services.ledger import fill_value
 from services.registration import ManagerLink, ManagerUnavailable
 from services.scan import ScanMeta, parse_scan
 
@@ -300,8 +301,8 @@ def _why(exc: BaseException) -> str:
 
 def run_isolated(proc: processors.Processor, batch: processors.Batch) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Process a batch; if it raises, process its points one by one so that one
-    bad point fails alone. Failed rows are NaN (floats) or 0; ``errors`` maps
-    the index (as text) to the message."""
+    bad point fails alone. Failed rows hold services.ledger.fill_value (NaN for
+    floats); ``errors`` maps the index (as text) to the message."""
     try:
         return processors.check_results(proc.process(batch), batch.count), {}
     except Exception as exc:
@@ -325,7 +326,7 @@ def run_isolated(proc: processors.Processor, batch: processors.Batch) -> tuple[d
             del good[j]
     arrays = {}
     for name, (dtype, shape) in layout.items():
-        out = np.full((batch.count, *shape), np.nan if dtype.kind in "fc" else 0, dtype=dtype)
+        out = np.full((batch.count, *shape), fill_value(dtype), dtype=dtype)
         for j, res in good.items():
             out[j] = res[name][0]
         arrays[name] = out

@@ -4,7 +4,11 @@ Every consumer of sorted results (the sink, the writers) must tell a point
 received from one that failed in the processor, one the sorter gave up on
 (a gap) and one that never came; and each must refuse a chunk outside the
 scan or with failures outside the chunk before anything changes. This is the
-one place that bookkeeping lives.
+one place that bookkeeping lives, and the one place that decides what value a
+point without one (failed, a gap, not received yet) holds in a product:
+:func:`fill_value`, :func:`nan_dtype`, :func:`blank_failed` and, for running
+sums, :func:`sum_of_points`; the rule is written out for users in
+docs/sink.md ("Points without a value").
 """
 
 from __future__ import annotations
@@ -19,6 +23,65 @@ from services import protocol
 PENDING, RECEIVED, FAILED, GAP = 0, 1, 2, 3
 STATE_NAMES = {PENDING: "pending", RECEIVED: "received", FAILED: "failed", GAP: "gap"}
 ERRORS_KEPT = 20
+
+
+def fill_value(dtype: np.dtype | str | type) -> np.generic:
+    """What a point without a value holds in a product of ``dtype``: NaN for
+    floating point, NaN+NaN·j for complex (no part of it is a measurement), 0
+    for integers and False for bools, which have no "not a number". The worker
+    sends failed rows with it; the sink, NeXus, images and FIO fill with it."""
+    dtype = np.dtype(dtype)
+    if dtype.kind == "f":
+        return dtype.type(np.nan)
+    if dtype.kind == "c":
+        return dtype.type(complex(np.nan, np.nan))
+    if dtype.kind in "iub":
+        return dtype.type(0)
+    raise ValueError(f"dtype {dtype} is not numeric: no fill value")
+
+
+def marks_missing(dtype: np.dtype | str | type) -> bool:
+    """Whether :func:`fill_value` tells a missing point by itself (a NaN).
+    Integer and bool fills do not (0 is a count like any other): there the
+    point's state (the ledger; NeXus ``process/point_status``) tells."""
+    return np.dtype(dtype).kind in "fc"
+
+
+def nan_dtype(dtype: np.dtype | str | type) -> np.dtype:
+    """The smallest dtype that holds every value of ``dtype`` exactly and
+    marks a missing point (NaN), for consumers that must show missing points
+    in the values themselves (the sink's maps): float and complex keep their
+    dtype (native byte order); integers and bools become float32 up to 16 bits
+    and float64 above (exact to 2**53)."""
+    dtype = np.dtype(dtype)
+    if dtype.kind in "fc":
+        return dtype.newbyteorder("=")
+    if dtype.kind in "biu":
+        return np.dtype(np.float32) if dtype.itemsize <= 2 else np.dtype(np.float64)
+    raise ValueError(f"dtype {dtype} is not numeric: it cannot hold a missing point")
+
+
+def blank_failed(values: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``values`` (one row per point) with the failed ``rows`` set to the fill
+    value where it marks them (float, complex): a copy then, ``values`` itself
+    otherwise. Integer and bool rows keep what was sent, which from a worker is
+    the fill already; overwriting them would mark nothing."""
+    if not len(rows) or not marks_missing(values.dtype):
+        return values
+    out = values.copy()
+    out[rows] = fill_value(values.dtype)
+    return out
+
+
+def sum_of_points(values: np.ndarray, skip: np.ndarray) -> np.ndarray:
+    """Sum over the points (axis 0), in float64, of a chunk's points that count:
+    the rows ``skip`` (failed, delivered before: :meth:`PointLedger.unsummed`)
+    are left out, NaN values ignored. The chunk is not copied: the few skipped
+    rows are subtracted instead."""
+    def total(a: np.ndarray) -> np.ndarray:
+        return a.sum(axis=0, dtype=np.float64) if a.dtype.kind in "biu" else np.nansum(a, axis=0, dtype=np.float64)
+
+    return total(values) - total(values[skip]) if len(skip) else total(values)
 
 
 @dataclass
@@ -61,6 +124,13 @@ class PointLedger:
         if index < 0 or count < 1 or stop > self.points:
             raise ValueError(f"points [{index}, {stop}) outside the scan's {self.points}")
         return stop
+
+    def unsummed(self, index: int, stop: int, failed: np.ndarray) -> np.ndarray:
+        """Rows (positions in the chunk [index, stop)) a running sum leaves out:
+        failed points, and points delivered before, which are summed once.
+        Ask before :meth:`mark_result` records the chunk."""
+        again = np.flatnonzero(self.state[index:stop] != PENDING)
+        return np.union1d(failed - index, again) if again.size else failed - index
 
     def mark_result(self, index: int, stop: int, failed: np.ndarray, meta: dict[str, Any] | None = None,
                     on_duplicate: Callable[[int], None] | None = None) -> None:

@@ -3,17 +3,9 @@
 It is validated once, against ``schemas/scan.json`` plus the checks below that a
 schema cannot express, and then read through :class:`ScanMeta` so that every
 stage (master, workers, sorter, sink, writers) interprets geometry the same
-way. Nothing here needs Tango; the geometry helpers are vectorised because the
-sink and writers place whole blocks of points at kHz rates.
-
-Geometry conventions (docs/scan-metadata.md is the reference for integrators):
-
-* raster: ``axes = [fast, slow]``; the map has shape ``(rows, cols) =
-  (slow.points, fast.points)``; acquisition index ``i`` lands in row
-  ``i // cols``, column ``i % cols``, and with ``snake`` odd rows run backwards
-  (column ``cols - 1 - i % cols``). Column 0 is the fast axis' ``start``,
-  row 0 the slow axis' ``start``.
-* line and points: index ``i`` is map cell ``i`` of a 1-D map.
+way. Nothing here needs Tango. Where an acquisition index lands in the map
+is services.placement's one rule; docs/scan-metadata.md is the reference for
+integrators.
 """
 
 from __future__ import annotations
@@ -212,36 +204,6 @@ def safe_relative(path: str) -> str:
     return text
 
 
-def grid_position(meta: ScanMeta, indices: Any) -> tuple[np.ndarray, ...]:
-    """Map cells of acquisition indices: ``(rows, cols)`` for a raster (snake
-    unfolded), ``(indices,)`` for line and points. Integer int64 arrays of the
-    shape of ``indices``; ScanError for a non-integer or out-of-range index,
-    because a wrong cell would silently corrupt a map."""
-    idx = np.asarray(indices)
-    if idx.size == 0:
-        idx = idx.astype(np.int64)
-    if idx.dtype.kind not in "iu":
-        raise ScanError(f"scan {meta.scan_id}: acquisition indices must be integers, not {idx.dtype}")
-    points = meta.points
-    if idx.size and (idx.min() < 0 or idx.max() >= points):
-        bad = idx[(idx < 0) | (idx >= points)].flat[0]
-        raise ScanError(f"scan {meta.scan_id}: acquisition index {bad} outside [0, {points})")
-    idx = idx.astype(np.int64)
-    if meta.geometry_type != "raster":
-        return (idx,)
-    n_fast = meta.map_shape[1]
-    rows, cols = np.divmod(idx, n_fast)
-    if meta.snake:
-        cols = np.where(rows % 2 == 1, n_fast - 1 - cols, cols)
-    return rows, cols
-
-
-def map_cells(meta: ScanMeta, indices: Any) -> np.ndarray:
-    """Flat map cells (row-major) of acquisition indices, snake rows unfolded."""
-    position = grid_position(meta, indices)
-    return position[0] if len(position) == 1 else position[0] * meta.map_shape[1] + position[1]
-
-
 def axis_values(meta: ScanMeta) -> tuple[np.ndarray | None, ...]:
     """Nominal motor positions per axis, in :attr:`ScanMeta.axis_names` order:
     ``(fast, slow)`` for a raster (lengths cols, rows), ``(values,)`` for a line,
@@ -257,36 +219,3 @@ def axis_values(meta: ScanMeta) -> tuple[np.ndarray | None, ...]:
         else:
             values.append(None)
     return tuple(values)
-
-
-def map_blocks(meta: ScanMeta, index: int, stop: int) -> list[tuple[tuple[slice, ...], slice, bool]]:
-    """Rectangular map regions covering acquisition indices [index, stop), for
-    writers that store maps in map shape (an HDF5 hyperslab per region).
-
-    Each entry is ``(region, chunk_rows, reverse)``: ``region`` indexes the map
-    (``(rows, cols)`` slices for a raster, one slice otherwise), ``chunk_rows``
-    selects the chunk's points that fill it, and ``reverse`` says they run
-    right to left (a snake's odd row). Those points, reshaped to the region's
-    shape and, if ``reverse``, flipped along the columns, are the region's
-    values. A plain raster needs at most three regions per chunk (head row,
-    whole rows, tail row); a snake one per row touched."""
-    if not 0 <= index < stop <= meta.points:
-        raise ScanError(f"scan {meta.scan_id}: points [{index}, {stop}) outside [0, {meta.points})")
-    if meta.geometry_type != "raster":
-        return [((slice(index, stop),), slice(0, stop - index), False)]
-    cols = meta.map_shape[1]
-    blocks: list[tuple[tuple[slice, ...], slice, bool]] = []
-    start = index
-    while start < stop:
-        row, col = divmod(start, cols)
-        if col == 0 and not meta.snake and stop - start >= cols:
-            rows = (stop - start) // cols  # whole rows at once
-            end = start + rows * cols
-            blocks.append(((slice(row, row + rows), slice(0, cols)), slice(start - index, end - index), False))
-        else:
-            end = min(stop, (row + 1) * cols)
-            backwards = meta.snake and row % 2 == 1
-            cells = slice(cols - (end - row * cols), cols - col) if backwards else slice(col, col + end - start)
-            blocks.append(((slice(row, row + 1), cells), slice(start - index, end - index), backwards))
-        start = end
-    return blocks

@@ -22,7 +22,7 @@ from services.component import Counters
 from services.dataplane import BoundSocketThread
 from services.registration import ManagerLink
 from services.schema import SchemaError, validate
-from sink.store import PHASE, EvictedError, ScanStore, StoreError
+from sink.store import EvictedError, ScanStore, StoreError
 
 log = logging.getLogger("tangomesh.sink.query")
 
@@ -52,24 +52,20 @@ def answer(store: ScanStore, query: Any) -> tuple[dict[str, Any], dict[str, np.n
         indices, values = store.latest(query["scan"], query["product"], query["n"])
         return {"scan": query["scan"], "product": query["product"], "points": len(indices)}, \
             {"indices": indices, "values": values}
-    if query.get("reduce") == "sum":
-        entry, product = store.product(query["scan"], query["product"])
-        if product.total is None:
-            raise StoreError(f"{product.name} has {len(product.point_shape)}-D points; sums are kept for 1-D ones")
-        with store.lock:
-            total, points = product.total.copy(), product.summed
+    if "reduce" in query:
+        entry, product, value, points = store.reduced(query["scan"], query["product"], query["reduce"])
         return {"scan": entry.scan_id, "product": product.name, "version": product.version, "points": points,
-                "shape": list(total.shape), "reduce": "sum"}, {"data": total}
+                "shape": list(value.shape), "reduce": query["reduce"]}, {"data": value}
     if "regrid" in query:
         entry, product, data = store.regridded(query["scan"], query["product"], query["regrid"])
-    else:
+    elif store.derivable(query["scan"], query["product"]):
+        # asked while the scan runs: computed from its inputs as they are now (sink.derived)
         pipeline, _, result = query["product"].partition("/")
+        data = store.derive(query["scan"], pipeline, result)
         entry = store.entry(query["scan"])
-        if result == PHASE and query["product"] not in entry.products and store.has_gradients(entry, pipeline):
-            # asked while the scan runs: integrate the gradients as they are now
-            data = store.phase(query["scan"], pipeline)
-            return {"scan": entry.scan_id, "product": query["product"], "version": entry.version,
-                    "shape": list(data.shape), "rows": None, "cols": None, "regrid": None}, {"data": data}
+        return {"scan": entry.scan_id, "product": query["product"], "version": entry.version,
+                "shape": list(data.shape), "rows": None, "cols": None, "regrid": None}, {"data": data}
+    else:
         entry, product = store.product(query["scan"], query["product"])
         data = product.data
     selection = []

@@ -9,10 +9,9 @@ Products
     ``<pipeline>/<result>`` (``counters/i0``, ``xrf/Fe-K``), shaped
     ``map_shape + point_shape``: a 2-D map of a scalar for a raster (snake rows
     unfolded), a 1-D trace for a line, a stack of 1-D patterns for a line of
-    spectra. Points not received (yet) are NaN, so products are stored as
-    floating point: float and complex results keep their dtype; integers and
-    bools become float32 up to 16 bits (exact) and float64 above (exact to
-    2**53). Failed points stay NaN.
+    spectra. Points without a value (not received yet, failed, gaps) show it
+    in the value, so products are stored in services.ledger.nan_dtype and
+    hold its fill_value there (the one rule, docs/sink.md).
 
 Memory
     Budget accounting counts the real bytes of every product array and of the
@@ -40,16 +39,15 @@ from typing import Any, Callable
 
 import numpy as np
 
-from services.ledger import GAP, PENDING, RECEIVED, PointLedger
-from services.scan import ScanMeta, axis_values, map_cells
-from sink.phase import integrate_gradients
+from services.ledger import GAP, PENDING, RECEIVED, PointLedger, fill_value, nan_dtype
+from services.placement import blocks, cells, place
+from services.scan import ScanMeta, axis_values
+from sink.derived import MAP_PRODUCTS, REDUCTIONS, MapProduct, Running, map_product, reduction
 from sink.regrid import RegridError, regrid
 
 log = logging.getLogger("tangomesh.sink")
 
 MMAP_MIN_BYTES = 256 * 1024
-GRADIENTS = ("gradient_x", "gradient_y")  # DPC results the sink integrates into a phase map
-PHASE = "phase"
 EVICTED_KEPT = 10_000
 
 
@@ -62,55 +60,24 @@ class EvictedError(StoreError):
 
 
 def storage_dtype(dtype: np.dtype) -> np.dtype:
-    """A dtype that holds ``dtype`` exactly and has NaN for "not measured"."""
-    dtype = np.dtype(dtype)
-    if dtype.kind in "fc":
-        return dtype.newbyteorder("=")
-    if dtype.kind in "biu":
-        return np.dtype(np.float32) if dtype.itemsize <= 2 else np.dtype(np.float64)
-    raise StoreError(f"dtype {dtype} cannot be stored")
+    """The dtype the sink stores a result of ``dtype`` in (services.ledger.nan_dtype)."""
+    try:
+        return nan_dtype(dtype)
+    except ValueError:
+        raise StoreError(f"dtype {np.dtype(dtype)} cannot be stored") from None
 
 
 def allocate(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-    """A NaN-filled array; big ones in their own anonymous mmap (see module doc)."""
+    """An array holding the fill value; big ones in their own anonymous mmap (see module doc)."""
     nbytes = math.prod(shape) * dtype.itemsize
     if nbytes < MMAP_MIN_BYTES:
-        return np.full(shape, np.nan, dtype=dtype)
+        return np.full(shape, fill_value(dtype), dtype=dtype)
     buf = mmap.mmap(-1, nbytes)
     if hasattr(mmap, "MADV_HUGEPAGE"):
         buf.madvise(mmap.MADV_HUGEPAGE)  # the NaN fill faults in 2 MB pages, not 4 KB: about twice as fast
     arr = np.frombuffer(buf, dtype=dtype).reshape(shape)
-    arr.fill(np.nan)
+    arr.fill(fill_value(dtype))
     return arr
-
-
-def _column_sum(arr: np.ndarray) -> np.ndarray:
-    """Sum over the points (axis 0) in float64, without copying: integers cannot be NaN."""
-    return arr.sum(axis=0, dtype=np.float64) if arr.dtype.kind in "biu" else np.nansum(arr, axis=0, dtype=np.float64)
-
-
-def segments(meta: ScanMeta, index: int, stop: int) -> list[tuple[slice, slice]]:
-    """(flat cells, chunk rows) pairs covering indices [index, stop): one slice
-    for a plain raster or a line, one per map row for a snake raster (odd rows
-    as reversed slices). Slice copies are several times cheaper than fancy
-    indexing for spectra and frames."""
-    if not meta.snake:
-        return [(slice(index, stop), slice(0, stop - index))]
-    cols = meta.map_shape[1]
-    out = []
-    start = index
-    while start < stop:
-        row, col = divmod(start, cols)
-        end = min(stop, (row + 1) * cols)
-        rows = slice(start - index, end - index)
-        if row % 2 == 0:
-            out.append((slice(start, end), rows))
-        else:  # cells run right to left: the chunk's first point lands in the row's last cell
-            first = row * cols + (cols - 1 - col)
-            last = first - (end - start)
-            out.append((slice(first, last if last >= 0 else None, -1), rows))
-        start = end
-    return out
 
 
 @dataclass
@@ -122,8 +89,7 @@ class Product:
     point_shape: tuple[int, ...]
     source_dtype: str
     version: int = 0  # bumped on every write, for the viewers
-    total: np.ndarray | None = None  # 1-D results: running sum over the points received (sum spectrum/pattern)
-    summed: int = 0  # points in ``total``
+    running: dict[str, Running] = field(default_factory=dict)  # the reductions of sink.derived it has
 
     @property
     def flat(self) -> np.ndarray:
@@ -280,22 +246,21 @@ class ScanStore:
             except ValueError as exc:
                 raise StoreError(f"scan {scan_id}/{pipeline}: {exc}") from None
             self._check_arrays(entry, pipeline, count, arrays)  # before anything changes
+            unsummed = run.unsummed(index, stop, failed)
             run.mark_result(index, stop, failed, meta, on_duplicate=lambda again: self._on_error(
                 f"scan {scan_id}/{pipeline}: {again} points of [{index}, {stop}) delivered again"))
-            parts = segments(entry.meta, index, stop)
-            failed_cells = map_cells(entry.meta, failed) if entry.meta.snake and failed.size else failed
+            parts = blocks(entry.meta, index, stop)
+            failed_cells = cells(entry.meta, failed) if failed.size else failed
             for result, arr in arrays.items():
                 product = self._product(entry, pipeline, result, arr)
                 if product is None:
                     continue
-                flat = product.flat
-                for cells, rows in parts:
-                    flat[cells] = arr[rows]
+                place(product.data, parts, arr)
                 if failed.size:
-                    flat[failed_cells] = np.nan
-                if product.total is not None:
-                    product.total += _column_sum(arr) - (_column_sum(arr[failed - index]) if failed.size else 0.0)
-                    product.summed += stop - index - failed.size
+                    product.flat[failed_cells] = fill_value(product.data.dtype)
+                for name, running in product.running.items():
+                    reduction(name).add(running.value, arr, unsummed)
+                    running.points += stop - index - unsummed.size
                 product.version += 1
             entry.version += 1
             entry.updated = time.time()
@@ -333,32 +298,59 @@ class ScanStore:
             entry.version += 1
             entry.updated = time.time()
             self._touch(entry)
-            if not aborted and self.has_gradients(entry, pipeline):
-                phase = self.phase(scan_id, pipeline)
-                product = self._product(entry, pipeline, PHASE, phase.reshape(-1)[:1])
-                if product is not None:
-                    product.data[...] = phase
-                    product.version += 1
+            if aborted:
+                return
+            for derived in MAP_PRODUCTS:
+                if self._can_derive(entry, pipeline, derived):
+                    self._store_derived(entry, pipeline, derived, self.derive(scan_id, pipeline, derived.name))
+
+    def _store_derived(self, entry: ScanEntry, pipeline: str, derived: MapProduct, value: np.ndarray) -> None:
+        point_shape = value.shape[len(entry.meta.map_shape):]
+        product = self._product(entry, pipeline, derived.name, value.reshape(-1, *point_shape)[:1])
+        if product is not None:
+            product.data[...] = value
+            product.version += 1
 
     @staticmethod
-    def has_gradients(entry: ScanEntry, pipeline: str) -> bool:
-        """Whether ``pipeline`` delivers DPC gradients of a raster (see :meth:`phase`)."""
-        return entry.meta.geometry_type == "raster" and all(
-            f"{pipeline}/{g}" in entry.products for g in GRADIENTS)
+    def _can_derive(entry: ScanEntry, pipeline: str, derived: MapProduct) -> bool:
+        return derived.applies(entry.meta) and all(f"{pipeline}/{name}" in entry.products for name in derived.inputs)
 
-    def phase(self, scan_id: str, pipeline: str) -> np.ndarray:
-        """The phase map integrated from ``<pipeline>/gradient_x`` and
-        ``gradient_y`` (rad/µm along the fast and slow axes) as they are now;
-        stored as ``<pipeline>/phase`` when the pipeline ends (sink.phase)."""
+    def derivable(self, scan_id: str, name: str) -> bool:
+        """Whether product ``name`` (``<pipeline>/<result>``) is a map product of
+        sink.derived not stored yet whose inputs are there: a query computes it."""
         with self.lock:
             entry = self.entry(scan_id)
-            if not self.has_gradients(entry, pipeline):
-                raise StoreError(f"scan {scan_id} has no DPC gradients {', '.join(GRADIENTS)} from {pipeline!r} "
-                                 "on a raster: no phase to integrate")
-            gx, gy = (entry.products[f"{pipeline}/{g}"].data.copy() for g in GRADIENTS)
-        fast, slow = axis_values(entry.meta)
-        step = [float(v[1] - v[0]) if len(v) > 1 else 1.0 for v in (fast, slow)]
-        return integrate_gradients(gx, gy, *step)
+            pipeline, _, result = name.partition("/")
+            derived = map_product(result)
+            return (name not in entry.products and derived is not None
+                    and self._can_derive(entry, pipeline, derived))
+
+    def derive(self, scan_id: str, pipeline: str, name: str) -> np.ndarray:
+        """Map product ``name`` of sink.derived computed from ``pipeline``'s
+        products as they are now; the store keeps it as ``<pipeline>/<name>``
+        when the pipeline ends the scan."""
+        derived = map_product(name)
+        if derived is None:
+            raise StoreError(f"the sink derives no product {name!r}")
+        with self.lock:
+            entry = self.entry(scan_id)
+            if not self._can_derive(entry, pipeline, derived):
+                raise StoreError(f"scan {scan_id} has no {derived.needs} from {pipeline!r}: "
+                                 f"no {derived.name} to compute")
+            maps = [entry.products[f"{pipeline}/{result}"].data.copy() for result in derived.inputs]
+        return derived.compute(entry.meta, maps)
+
+    def reduced(self, scan_id: str, name: str, how: str) -> tuple[ScanEntry, Product, np.ndarray, int]:
+        """A copy of the running reduction ``how`` (sink.derived) of product
+        ``name`` and the points in it."""
+        with self.lock:
+            entry, product = self.product(scan_id, name)
+            running = product.running.get(how)
+            if running is None:
+                known = reduction(how)
+                why = known.refusal if known else f"the sink keeps no {how!r}"
+                raise StoreError(f"{product.name} has {len(product.point_shape)}-D points; {why}")
+            return entry, product, running.value.copy(), running.points
 
     def _open_run(self, scan_id: str, pipeline: str) -> tuple[ScanEntry, PipelineRun]:
         entry = self._entry(scan_id)
@@ -386,9 +378,9 @@ class ScanStore:
             self.refused_products += 1
             self._on_error(str(exc))
             return None
-        product = Product(name, pipeline, result, allocate(shape, dtype), tuple(arr.shape[1:]), arr.dtype.str)
-        if arr.ndim == 2:
-            product.total = np.zeros(arr.shape[1])
+        point_shape = tuple(arr.shape[1:])
+        running = {r.name: Running(r.start(point_shape)) for r in REDUCTIONS if r.kept_for(point_shape)}
+        product = Product(name, pipeline, result, allocate(shape, dtype), point_shape, arr.dtype.str, running=running)
         entry.products[name] = product
         self.resident += nbytes
         self.peak = max(self.peak, self.resident)
@@ -503,9 +495,7 @@ class ScanStore:
             entry, product = self.product(scan_id, name)
             state = entry.runs[product.pipeline].state
             indices = np.flatnonzero(state == RECEIVED)[-n:] if n > 0 else np.zeros(0, np.int64)
-            flat = product.flat
-            cells = indices if not entry.meta.snake else map_cells(entry.meta, indices)
-            return indices.astype(np.int64), flat[cells]
+            return indices.astype(np.int64), product.flat[cells(entry.meta, indices)]
 
     def stats(self) -> dict[str, Any]:
         with self.lock:

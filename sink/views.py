@@ -1,13 +1,9 @@
 """What a viewer is shown of a product: the live picture and its axes.
 
-One function decides it for Lavue's ZMQ stream and for the Tango preview
-attribute, so both show the same thing:
-
-* a scalar per point: the map (2-D for a raster, 1-D for a line or points);
-* a 1-D result per point on a line or points scan: the stack, point x channel;
-* a 1-D result per point on a raster (spectra, patterns): its sum over the
-  points received so far (the sum spectrum or pattern of the scan);
-* a 2-D result per point (frames): the latest received point's value.
+services.display decides the picture (the same decision as the image
+writer's); this module renders it for Lavue's ZMQ stream and the Tango preview
+attribute, so both show the same thing. Live, a 2-D result per point shows
+the latest received point's frame (docs/sink.md says why).
 
 Arrays come back in Lavue's orientation (``xy[x, y]``, x = fast axis); a Tango
 image attribute wants rows first, which is ``xy.T``.
@@ -20,9 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from services.scan import axis_values
+from services import display
 from services.ledger import RECEIVED
-from services.scan import map_cells
+from services.placement import cells
+from sink import derived
 from sink.store import Product, ScanEntry
 
 
@@ -32,55 +29,36 @@ class LiveFrame:
     meta: dict[str, Any]  # name, axisscales, axislabels and scan facts (Lavue passes them through)
 
 
-def _scale(values: np.ndarray | None) -> tuple[float, float]:
-    """(origin, step) of evenly spaced set points, (0, 1) without them."""
-    if values is None or len(values) == 0:
-        return 0.0, 1.0
-    step = float(values[1] - values[0]) if len(values) > 1 else 1.0
-    return float(values[0]), step or 1.0
-
-
 def live_frame(entry: ScanEntry, product: Product) -> LiveFrame | None:
     """The product's current picture; ``None`` when nothing can be shown yet
     (no point received) or the product has no picture (3-D points)."""
-    meta = entry.meta
-    names, units = meta.axis_names, meta.axis_units
+    picture = display.picture(entry.meta, product.point_shape, live=True)
+    if picture is None:
+        return None
     info: dict[str, Any] = {"scan": entry.scan_id, "product": product.name, "version": product.version,
                             **{k: v for k, v in entry.counts().items() if k in ("expected", "received")}}
-    point_ndim = len(product.point_shape)
-    if point_ndim == 0 and meta.geometry_type == "raster":
-        fast, slow = axis_values(meta)
-        (x0, dx), (y0, dy) = _scale(fast), _scale(slow)
-        xy = np.ascontiguousarray(product.data.T)
-        info |= {"axisscales": [x0, y0, dx, dy], "axislabels": [names[0], names[1], units[0], units[1]]}
-    elif point_ndim == 0:
-        values = axis_values(meta)
-        x0, dx = _scale(values[0] if values else None)
-        xy = product.data.copy()
-        info |= {"axisscales": [x0, 0.0, dx, 1.0],
-                 "axislabels": [names[0] if names else "point", "", units[0] if units else "", ""]}
-    elif point_ndim == 1 and meta.geometry_type != "raster":
-        values = axis_values(meta)
-        x0, dx = _scale(values[0] if values else None)
-        xy = product.data.copy()
-        info |= {"axisscales": [x0, 0.0, dx, 1.0],
-                 "axislabels": [names[0] if names else "point", "channel", units[0] if units else "", ""]}
-    elif point_ndim == 1:  # spectra or patterns on a raster: the scan's sum so far, what users watch
-        if not product.summed:
+    if picture.source == display.PRODUCT:
+        values = product.data
+    elif picture.source == display.SUM:
+        running = product.running.get(derived.SUM)
+        if running is None or not running.points:
             return None
-        xy = product.total.copy()
-        info |= {"points": product.summed, "axislabels": ["channel", "", "", ""]}
-    elif point_ndim == 2:
+        values = running.value
+        info["points"] = running.points
+    else:  # display.LATEST
         received = np.flatnonzero(entry.runs[product.pipeline].state == RECEIVED)
         if not received.size:
             return None
         last = int(received[-1])
-        cell = int(map_cells(meta, np.array([last]))[0])
-        value = product.flat[cell]
-        xy = np.ascontiguousarray(value.T)
-        info |= {"index": last, "axislabels": ["channel" if point_ndim == 1 else "x", "y", "", ""]}
-    else:
-        return None
+        values = product.flat[int(cells(entry.meta, last))]
+        info["index"] = last
+    image = picture.image(values)
+    xy = np.array(image.T if image.ndim == 2 else image, order="C")  # one copy, in Lavue's x-first order
+    x, y = picture.x, picture.y or display.Axis("")
+    info["axislabels"] = [x.label, y.label, x.unit, y.unit]
+    if x.values is not None or y.values is not None:
+        (x0, dx), (y0, dy) = x.scale(), y.scale()
+        info["axisscales"] = [x0, y0, dx, dy]
     info["name"] = f"{entry.scan_id} {product.name} #{product.version}"
     return LiveFrame(xy, info)
 

@@ -42,13 +42,20 @@ from typing import Any, Mapping, TextIO
 
 import numpy as np
 
-from services.scan import axis_values, grid_position
+from services.ledger import blank_failed, fill_value
+from services.placement import cells
+from services.scan import axis_values
 from writers.component import ScanFile, ScanRun
 from writers.layout import FileClaim, owner_info
 
 SUFFIX = ".fio"
 log = logging.getLogger("tangomesh.writer.fio")
 FLUSH_SECONDS = 2.0
+
+
+def blank(count: int) -> np.ndarray:
+    """A column of ``count`` points without a value (services.ledger.fill_value)."""
+    return np.full(count, fill_value(np.float64))
 
 
 def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -118,9 +125,10 @@ class FioFile(ScanFile):
         indices = np.arange(index, stop)
         motors: list[np.ndarray] = []
         if self.motor_names:
-            cells = grid_position(self.run.meta, indices)
-            if self.run.meta.geometry_type == "raster":  # (rows, cols): fast axis values by column
-                motors = [self._positions[0][cells[1]], self._positions[1][cells[0]]]
+            meta = self.run.meta
+            if meta.geometry_type == "raster":  # (rows, cols): fast axis values by column
+                rows, cols = np.unravel_index(cells(meta, indices), meta.map_shape)
+                motors = [self._positions[0][cols], self._positions[1][rows]]
             else:
                 motors = [p[indices] for p in self._positions]
         table = np.column_stack([*motors, *values]) if motors or values else np.empty((stop - index, 0))
@@ -132,7 +140,7 @@ class FioFile(ScanFile):
         """Rows of nan for points skipped (never expected from a sorter: it
         declares gaps), so that every index keeps its row."""
         if index > self.next_index:
-            self._rows(self.next_index, index, [np.full(index - self.next_index, np.nan)] * len(self.columns))
+            self._rows(self.next_index, index, [blank(index - self.next_index)] * len(self.columns))
             self.next_index = index
 
     def write(self, index: int, stop: int, arrays: dict[str, np.ndarray], failed: np.ndarray) -> None:
@@ -152,12 +160,8 @@ class FioFile(ScanFile):
         columns = []
         for name in self.columns:
             arr = scalars.get(name)
-            column = np.full(count, np.nan) if arr is None else np.asarray(arr[start - index:], dtype=np.float64)
-            columns.append(column)
-        if failed.size:
-            rows = failed[failed >= start] - start
-            for column in columns:
-                column[rows] = np.nan
+            column = blank(count) if arr is None else np.asarray(arr[start - index:], dtype=np.float64)
+            columns.append(blank_failed(column, failed[failed >= start] - start))
         self._rows(start, stop, columns)
         self.next_index = stop
 
@@ -166,7 +170,7 @@ class FioFile(ScanFile):
             return  # rows follow once the columns are known (finish writes them at the latest)
         self._catch_up(index)
         if stop > self.next_index:
-            self._rows(self.next_index, stop, [np.full(stop - self.next_index, np.nan)] * len(self.columns))
+            self._rows(self.next_index, stop, [blank(stop - self.next_index)] * len(self.columns))
             self.next_index = stop
 
     def tick(self, now: float) -> None:

@@ -1,12 +1,15 @@
 """PNG images and plots of a scan's products, for a browser or the e-log.
 
-Per scan and pipeline, one PNG per product, ``<stem>_<result>.png``:
+Per scan and pipeline, one PNG per product, ``<stem>_<result>.png``. What each
+shows is services.display's decision (the one the sink's viewers follow too),
+as the scan's final picture:
 
 * a scalar per point on a raster: the map, in motor units (row 0 = slow axis
   start at the bottom, as the sample lies), with a colour bar;
 * a scalar per point on a line or point list: a line plot against the motor
   (or the acquisition index);
-* a 1-D pattern or spectrum per point: the pattern summed over the scan;
+* a 1-D pattern or spectrum per point: on a raster the pattern summed over
+  the scan; on a line or point list the stack, point x channel;
 * a 2-D frame per point: the summed frame (log colour scale).
 
 Colour scales span the 1st to 99th percentile of the finite values, so one
@@ -28,8 +31,10 @@ import numpy as np
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
-from services.ledger import PENDING
-from services.scan import axis_values, map_cells
+from services import display
+from services.ledger import blank_failed, fill_value, sum_of_points
+from services.placement import Block, blocks, place
+from services.scan import ScanMeta
 from writers.component import ScanFile, ScanRun
 from writers.layout import FileClaim, owner_info, record_checksum, safe_file_part, write_atomically
 
@@ -58,31 +63,32 @@ class ImageSettings:
 
 
 class Accumulator:
-    """What a product's image needs: the map of a scalar, or the sum of the
-    per-point arrays (and how many points went into it)."""
+    """What a product's picture needs (services.display): the product in map
+    shape (float64, missing points NaN), or the sum of its points and how many
+    went into it."""
 
-    def __init__(self, map_shape: tuple[int, ...], point_shape: tuple[int, ...]) -> None:
+    def __init__(self, meta: ScanMeta, point_shape: tuple[int, ...], picture: display.Picture) -> None:
         self.point_shape = point_shape
-        if point_shape:
-            self.total = np.zeros(point_shape, np.float64)
-            self.count = 0
+        self.picture = picture
+        self.count = 0
+        if picture.source == display.SUM:
+            self.values = np.zeros(point_shape, np.float64)
         else:
-            self.map = np.full(map_shape, np.nan)
+            self.values = np.full((*meta.map_shape, *point_shape), fill_value(np.float64))
 
     @property
     def nbytes(self) -> int:
-        return self.total.nbytes if self.point_shape else self.map.nbytes
+        return self.values.nbytes
 
-    def add(self, cells: np.ndarray, values: np.ndarray, good: np.ndarray) -> None:
-        if self.point_shape:
-            kept = values[good]
-            if kept.size:
-                self.total += np.nansum(kept, axis=0, dtype=np.float64)
-                self.count += int(kept.shape[0])
+    def add(self, parts: list[Block], values: np.ndarray, failed: np.ndarray, unsummed: np.ndarray) -> None:
+        """A chunk's points (``parts``: its placement blocks); ``failed`` rows
+        have no value, ``unsummed`` rows are left out of a sum
+        (services.ledger.PointLedger.unsummed)."""
+        if self.picture.source == display.SUM:
+            self.values += sum_of_points(values, unsummed)
+            self.count += len(values) - len(unsummed)
         else:
-            column = values.astype(np.float64)
-            column[~good] = np.nan
-            self.map.reshape(-1)[cells] = column
+            place(self.values, parts, blank_failed(values.astype(np.float64), failed))
 
 
 class ImageFiles(ScanFile):
@@ -101,18 +107,18 @@ class ImageFiles(ScanFile):
             if acc is not None and arr.shape[1:] != acc.point_shape:
                 raise ValueError(f"result {result!r}: per-point shape {arr.shape[1:]} differs from the "
                                  f"{acc.point_shape} of this scan's earlier points")
-        cells = map_cells(meta, np.arange(index, stop))
-        good = self.run.ledger.state[index:stop] == PENDING  # a point delivered twice is summed once
-        good[failed - index] = False
+        parts = blocks(meta, index, stop)
+        unsummed = self.run.ledger.unsummed(index, stop, failed)  # the component records the chunk after this
         for result, arr in arrays.items():
             acc = self.products.get(result) or self._accumulator(result, arr)
             if acc is not None:
-                acc.add(cells, arr, good)
+                acc.add(parts, arr, failed - index, unsummed)
 
     def _accumulator(self, result: str, arr: np.ndarray) -> Accumulator | None:
-        if result in self.refused or arr.ndim > 3:
+        picture = display.picture(self.run.meta, arr.shape[1:], live=False)
+        if result in self.refused or picture is None:
             return None
-        acc = Accumulator(self.run.meta.map_shape, arr.shape[1:])
+        acc = Accumulator(self.run.meta, arr.shape[1:], picture)
         used = sum(a.nbytes for a in self.products.values())
         if used + acc.nbytes > self.settings.max_bytes:
             self.refused.add(result)
@@ -157,65 +163,61 @@ class ImageFiles(ScanFile):
         fig = Figure(figsize=(s.width / s.dpi, s.height / s.dpi), dpi=s.dpi, layout="constrained")
         ax = fig.add_subplot()
         acc = self.products[result]
-        meta = self.run.meta
-        names, units = meta.axis_names, meta.axis_units
-        if not acc.point_shape and meta.geometry_type == "raster":
-            self._draw_map(fig, ax, acc.map, result)
-        elif not acc.point_shape:
-            if meta.geometry_type == "line":
-                x, label = axis_values(meta)[0], _label(names[0], units[0])
-            else:
-                x, label = np.arange(meta.points), "acquisition index"
-            ax.plot(x, acc.map, ".-", ms=3, lw=0.8)
-            ax.set_xlabel(label)
-            ax.set_ylabel(result)
-            ax.set_title(self.title(result), fontsize=9)
-            ax.grid(alpha=0.3)
-        elif len(acc.point_shape) == 1:
-            ax.plot(np.arange(acc.point_shape[0]), acc.total, lw=0.8)
-            if acc.total.max(initial=0) > 0 and acc.total.max(initial=0) > 1000 * max(acc.total.min(initial=0), 1e-300):
-                ax.set_yscale("log")
-            ax.set_xlabel("channel")
-            ax.set_ylabel(f"{result}, summed")
-            ax.set_title(self.title(result, f" · sum of {acc.count} points"), fontsize=9)
-            ax.grid(alpha=0.3)
+        picture = acc.picture
+        summed = picture.source == display.SUM
+        label = f"{result}, summed" if summed else result
+        image = picture.image(acc.values)
+        if picture.y is None:
+            self._draw_curve(ax, picture, image, label)
         else:
-            positive = acc.total[acc.total > 0]
-            norm = LogNorm(vmin=max(positive.min(), 1e-12), vmax=positive.max()) if positive.size else None
-            image = ax.imshow(acc.total, origin="upper", cmap=s.colormap, norm=norm, interpolation="nearest")
-            fig.colorbar(image, ax=ax, label=f"{result}, summed")
-            ax.set_xlabel("pixel x")
-            ax.set_ylabel("pixel y")
-            ax.set_title(self.title(result, f" · sum of {acc.count} points"), fontsize=9)
+            self._draw_image(fig, ax, picture, image, label)
+        ax.set_title(self.title(result, f" · sum of {acc.count} points" if summed else ""), fontsize=9)
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=s.dpi)
         return buf.getvalue()
 
-    def _draw_map(self, fig: Figure, ax, data: np.ndarray, result: str) -> None:
-        meta = self.run.meta
-        (fast_name, slow_name), (fast_unit, slow_unit) = meta.axis_names, meta.axis_units
-        fast, slow = axis_values(meta)
-        extent = [*_edges(fast), *_edges(slow)]
+    @staticmethod
+    def _draw_curve(ax, picture: display.Picture, values: np.ndarray, label: str) -> None:
+        x = picture.x.values if picture.x.values is not None else np.arange(len(values))
+        ax.plot(x, values, ".-" if picture.kind == display.TRACE else "-", ms=3, lw=0.8)
+        top, bottom = values.max(initial=0), max(values.min(initial=0), 1e-300)
+        if picture.log and top > 0 and top > 1000 * bottom:
+            ax.set_yscale("log")
+        ax.set_xlabel(_label(picture.x))
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+
+    def _draw_image(self, fig: Figure, ax, picture: display.Picture, data: np.ndarray, label: str) -> None:
+        x, y = picture.x, picture.y
+        (x0, x1), (y0, y1) = _edges(x, data.shape[1]), _edges(y, data.shape[0])
+        extent = [x0, x1, y1, y0] if picture.y_down else [x0, x1, y0, y1]
         finite = data[np.isfinite(data)]
-        vmin, vmax = (np.percentile(finite, [1, 99]) if finite.size else (0.0, 1.0))
-        if vmax <= vmin:
-            vmin, vmax = vmin - 0.5, vmax + 0.5
-        width, height = abs(extent[1] - extent[0]), abs(extent[3] - extent[2])
-        equal = fast_unit == slow_unit and width > 0 and height > 0 and 1 / 20 < height / width < 20
-        image = ax.imshow(data, origin="lower", extent=extent, cmap=self.settings.colormap, vmin=vmin, vmax=vmax,
-                          aspect="equal" if equal else "auto", interpolation="nearest")
-        fig.colorbar(image, ax=ax, label=result)
-        ax.set_xlabel(_label(fast_name, fast_unit))
-        ax.set_ylabel(_label(slow_name, slow_unit))
-        ax.set_title(self.title(result), fontsize=9)
+        if picture.log:
+            positive = finite[finite > 0]
+            limits = dict(norm=LogNorm(vmin=max(positive.min(), 1e-12), vmax=positive.max())) if positive.size else {}
+        else:
+            vmin, vmax = (np.percentile(finite, [1, 99]) if finite.size else (0.0, 1.0))
+            if vmax <= vmin:
+                vmin, vmax = vmin - 0.5, vmax + 0.5
+            limits = dict(vmin=vmin, vmax=vmax)
+        width, height = abs(x1 - x0), abs(y1 - y0)
+        equal = x.unit == y.unit and width > 0 and height > 0 and 1 / 20 < height / width < 20
+        shown = ax.imshow(data, origin="upper" if picture.y_down else "lower", extent=extent,
+                          cmap=self.settings.colormap, aspect="equal" if equal else "auto",
+                          interpolation="nearest", **limits)
+        fig.colorbar(shown, ax=ax, label=label)
+        ax.set_xlabel(_label(x))
+        ax.set_ylabel(_label(y))
 
 
-def _label(name: str, unit: str) -> str:
-    return f"{name} ({unit})" if unit else name
+def _label(axis: display.Axis) -> str:
+    return f"{axis.label} ({axis.unit})" if axis.unit else axis.label
 
 
-def _edges(values: np.ndarray) -> tuple[float, float]:
-    """Outer edges of the first and last pixel centred on the nominal positions."""
+def _edges(axis: display.Axis, n: int) -> tuple[float, float]:
+    """Outer edges of the first and last pixel, centred on the axis' positions
+    (on 0 .. n - 1 without them)."""
+    values = axis.values if axis.values is not None else np.arange(n, dtype=np.float64)
     if values.size < 2:
         return float(values[0]) - 0.5, float(values[0]) + 0.5
     half = (values[-1] - values[0]) / (values.size - 1) / 2

@@ -13,10 +13,9 @@ Layout (docs/writers.md has the full tree)::
 
 Products are stored in map shape (``map_shape + point_shape``; snake rows
 unfolded, so a viewer shows the map as the sample lies) and in the dtype the
-processor produced. Points without a value hold the fill value (NaN for
-floating point, 0 otherwise); failed points are NaN in floating-point
-products and keep what the processor sent in integer ones;
-``process/point_status`` says which points are which.
+processor produced. Points without a value hold services.ledger.fill_value
+(NaN for floating point; blank_failed for failed points: integers keep what
+the worker sent, its fill); ``process/point_status`` says which points are which.
 Chunks follow the acquisition order (whole map rows, or single points for
 big ones), so each HDF5 chunk is completed once and compressed once.
 """
@@ -34,8 +33,9 @@ import h5py
 import hdf5plugin
 import numpy as np
 
-from services.ledger import STATE_NAMES
-from services.scan import axis_values, map_blocks, map_cells
+from services.ledger import STATE_NAMES, blank_failed, fill_value
+from services.placement import blocks, place
+from services.scan import axis_values
 from writers.component import ScanFile, ScanRun
 from writers.layout import FileClaim, owner_info
 
@@ -239,8 +239,7 @@ class NexusFile(ScanFile):
         group = self.h5["entry"].create_group(name)
         group.attrs["NX_class"] = "NXdata"
         group.attrs["signal"] = name
-        fill = np.nan if dtype.kind == "f" else None
-        ds = group.create_dataset(name, shape=shape, dtype=dtype, fillvalue=fill,
+        ds = group.create_dataset(name, shape=shape, dtype=dtype, fillvalue=fill_value(dtype),
                                   chunks=chunk_shape(meta.map_shape, point_shape, dtype.itemsize,
                                                      self.settings.chunk_bytes),
                                   **self.settings.filter_args(dtype))
@@ -282,20 +281,11 @@ class NexusFile(ScanFile):
 
     def write(self, index: int, stop: int, arrays: dict[str, np.ndarray], failed: np.ndarray) -> None:
         targets = [(self._dataset(result, arr), arr) for result, arr in arrays.items()]  # all checked first
-        blocks = map_blocks(self.run.meta, index, stop)
+        parts = blocks(self.run.meta, index, stop)
         for ds, arr in targets:
             if arr.dtype == np.bool_:
                 arr = arr.view(np.uint8)
-            if failed.size and arr.dtype.kind in "fc":
-                arr = arr.copy()
-                arr[failed - index] = np.nan
-            point_shape = arr.shape[1:]
-            for region, rows, reverse in blocks:
-                shape = tuple(s.stop - s.start for s in region)
-                block = arr[rows].reshape(*shape, *point_shape)
-                if reverse:
-                    block = block[:, ::-1]
-                ds[region] = block
+            place(ds, parts, blank_failed(arr, failed - index))
 
     def tick(self, now: float) -> None:
         if now - self._flushed >= self.settings.flush_seconds:
@@ -315,7 +305,7 @@ class NexusFile(ScanFile):
             if key != "errors":
                 process[f"points_{key}" if key != "points" else "points_expected"] = value
         status = np.zeros(meta.map_shape, np.uint8)
-        status.reshape(-1)[map_cells(meta, np.arange(meta.points))] = ledger.state
+        place(status, blocks(meta, 0, meta.points), ledger.state)
         ds = process.create_dataset("point_status", data=status, chunks=True, compression="gzip")
         ds.attrs["states"] = json.dumps(STATE_NAMES)
         ds.attrs["description"] = "per map cell: " + ", ".join(f"{k} {v}" for k, v in STATE_NAMES.items())

@@ -40,7 +40,8 @@ from services.sim.motion import Encoders, Interferometer, ScanAxis, ScanPattern,
 from services.sim.phantom import ELEMENTS, PHASES, Phantom, make_phantom
 from services.sim.xrd import Eiger, XrdModel
 from services.sim.xrf import Xspress3
-from services.scan import map_cells, parse_scan
+from services.placement import blocks, place
+from services.scan import parse_scan
 from services.scan_document import pipeline_analysis, scan_document, start_time
 
 SIM_NAMES = ("counters", "xrf", "xrd", "dpc", "full")
@@ -103,13 +104,14 @@ class Simulation:
         """The phantom at every point's true position, and those positions
         (``x_um``, ``y_um``), in map shape."""
         tr = self.trajectory
-        cells = map_cells(parse_scan(self.document("truth", 0)), np.arange(self.pattern.points))
+        meta = parse_scan(self.document("truth", 0))
+        parts = blocks(meta, 0, meta.points)
         out = {}
         values_at_points = {**self.phantom.truth(tr.x, tr.y), "x_um": tr.x, "y_um": tr.y}
         for name, values in values_at_points.items():
-            grid = np.empty(self.pattern.points)
-            grid[cells] = values
-            out[name] = grid.reshape(self.pattern.map_shape)
+            grid = np.empty(meta.map_shape)
+            place(grid, parts, values)
+            out[name] = grid
         return out
 
     # ------------------------------------------------------------ data

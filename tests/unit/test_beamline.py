@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import xraylib
 
-from pipelines.processors import Batch
 from pipelines.processors.counters import Counters
 from pipelines.processors.position import FROM_CALIBRATED_ENCODER, FROM_INTERFEROMETER, Position
 from services.sim import agreement
@@ -20,7 +19,8 @@ from services.sim.dpc import shift_px_per_rad_per_um
 from services.sim.phantom import PHASES
 from services.sim.sims import SIM_NAMES, make_simulation, parse_shape
 from services.physics.powder import reflections, wavelength_A
-from services.scan import map_cells, parse_scan
+from services.scan import parse_scan
+from support.documents import run_pipeline
 from services.physics.xraylines import compton_keV
 
 
@@ -128,26 +128,6 @@ def test_dpc_spot_moves_in_proportion_to_the_phase_gradient(full) -> None:
 
 
 # --------------------------------------------------------------------------- the cheap processors on simulated data
-
-
-def run_pipeline(sim, pipeline: str, processor, unit: int = 100) -> dict[str, np.ndarray]:
-    """Every point through ``processor`` in units of ``unit`` events, results in map shape
-    (plus their per-point shape)."""
-    meta = parse_scan(sim.document("sim-unit", 1))
-    processor.start_scan(meta, sim.pipelines[pipeline].settings)
-    chunks = []
-    for start in range(0, meta.points, unit):
-        stop = min(meta.points, start + unit)
-        arrays = {f"{s}/{n}": a for s in sim.streams_of(pipeline) for n, a in sim.arrays(s, start, stop).items()}
-        chunks.append(processor.process(Batch(meta, start, stop - start, arrays)))
-    cells = map_cells(meta, np.arange(meta.points))
-    out = {}
-    for name in chunks[0]:
-        values = np.concatenate([c[name] for c in chunks]).astype(np.float64)
-        grid = np.empty((meta.points, *values.shape[1:]))
-        grid[cells] = values
-        out[name] = grid.reshape(*meta.map_shape, *values.shape[1:])
-    return out
 
 
 def test_counters_and_position_recover_the_phantom() -> None:

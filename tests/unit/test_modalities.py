@@ -19,7 +19,7 @@ from services.sim.sims import make_simulation
 from services.scan import parse_scan
 from services.physics.xraylines import Calibration, Resolution, emission_lines, gaussian_counts
 from sink.phase import integrate_gradients
-from test_beamline import run_pipeline
+from support.documents import run_pipeline
 
 
 @pytest.fixture(scope="module")

@@ -91,4 +91,4 @@ def test_the_store_integrates_dpc_gradients_when_asked_and_at_scan_end() -> None
     _, stored = store.product("d1", "dpc/phase")
     np.testing.assert_allclose(stored.data, arrays["data"])
     with pytest.raises(StoreError, match="no DPC gradients"):
-        store.phase("d1", "other")
+        store.derive("d1", "other", "phase")

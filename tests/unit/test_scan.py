@@ -1,6 +1,6 @@
 """Scan metadata (services/scan.py, services/schemas/scan.json): valid documents
-of every geometry, refused documents naming their path, snake unfolding against
-a brute-force loop, and grid_position as a bijection onto the map."""
+of every geometry, refused documents naming their path. Where indices land in
+the map is tested in test_placement.py."""
 
 from __future__ import annotations
 
@@ -11,38 +11,15 @@ from typing import Any, Callable
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
-from services.scan import ScanError, ScanMeta, axis_values, grid_position, parse_scan, safe_relative
+from services.scan import ScanError, axis_values, parse_scan, safe_relative
+from support.documents import axis, minimal, raster
 
 
 def example() -> dict[str, Any]:
     """The realistic P06-like XRF+XRD raster shipped beside the schema."""
     text = resources.files("services").joinpath("schemas", "scan.example.json").read_text()
     return json.loads(text)
-
-
-def axis(name: str, points: int, start: float = 0.0, stop: float = 1.0, units: str = "um") -> dict:
-    return {"name": name, "units": units, "start": start, "stop": stop, "points": points}
-
-
-def minimal(geometry: dict) -> dict[str, Any]:
-    return {
-        "schema_version": 1,
-        "beamtime": {"id": "11012345", "beamline": "P06",
-                     "paths": {"raw": "/data/raw", "processed": "processed/scan_1"}},
-        "scan": {"id": "scan-1", "number": 1, "command": "ascan samx 0 1 10 0.1", "geometry": geometry},
-        "sample": {"name": "foil"},
-        "acquisition": {"detectors": {}},
-        "devices": {},
-        "analysis": {"counters": {"processor": "counters"}},
-    }
-
-
-def raster(n_fast: int, n_slow: int, snake: bool = False) -> ScanMeta:
-    return parse_scan(minimal({"type": "raster", "axes": [axis("samx", n_fast), axis("samy", n_slow)],
-                               "snake": snake}))
 
 
 # --------------------------------------------------------------------------- valid documents
@@ -219,80 +196,3 @@ def test_invalid_documents_are_refused_naming_the_path(mutate: Callable[[dict], 
 def test_not_json_or_not_an_object(text: Any) -> None:
     with pytest.raises(ScanError, match="invalid scan"):
         parse_scan(text)
-
-
-# --------------------------------------------------------------------------- geometry
-
-
-def brute_force(n_fast: int, n_slow: int, snake: bool) -> list[tuple[int, int]]:
-    """The scan as the motors run it: cell of every acquisition index in order."""
-    cells = []
-    for row in range(n_slow):
-        cols = range(n_fast)
-        if snake and row % 2 == 1:
-            cols = reversed(cols)
-        cells.extend((row, col) for col in cols)
-    return cells
-
-
-@pytest.mark.parametrize("snake", [False, True])
-@pytest.mark.parametrize("n_slow, n_fast", [(1, 1), (1, 6), (6, 1), (3, 4), (4, 3), (5, 7)])
-def test_snake_unfolding_matches_brute_force(n_slow: int, n_fast: int, snake: bool) -> None:
-    meta = raster(n_fast, n_slow, snake)
-    assert meta.map_shape == (n_slow, n_fast)
-    rows, cols = grid_position(meta, np.arange(meta.points))
-    assert rows.dtype == np.int64 and cols.dtype == np.int64
-    assert list(zip(rows.tolist(), cols.tolist())) == brute_force(n_fast, n_slow, snake)
-    # a block in the middle, any integer dtype, and a scalar
-    block = np.arange(meta.points // 2, meta.points, dtype=np.uint32)
-    r, c = grid_position(meta, block)
-    assert list(zip(r.tolist(), c.tolist())) == brute_force(n_fast, n_slow, snake)[meta.points // 2:]
-    r, c = grid_position(meta, meta.points - 1)
-    assert (int(r), int(c)) == brute_force(n_fast, n_slow, snake)[-1]
-
-
-def test_line_and_points_positions_are_the_indices() -> None:
-    for geometry in ({"type": "line", "axes": [axis("x", 5)]}, {"type": "points", "points": 5}):
-        meta = parse_scan(minimal(geometry))
-        (pos,) = grid_position(meta, np.array([4, 0, 2], dtype=np.int32))
-        assert pos.dtype == np.int64 and pos.tolist() == [4, 0, 2]
-
-
-@pytest.mark.parametrize("bad", [[-1], [12], [0, 5, 12], np.array([2**40], dtype=np.uint64)])
-def test_out_of_range_indices_are_refused(bad: Any) -> None:
-    meta = raster(4, 3)
-    with pytest.raises(ScanError, match=r"scan scan-1: acquisition index -?\d+ outside \[0, 12\)"):
-        grid_position(meta, bad)
-    line = parse_scan(minimal({"type": "line", "axes": [axis("x", 12)]}))
-    with pytest.raises(ScanError, match="outside"):
-        grid_position(line, bad)
-
-
-@pytest.mark.parametrize("bad", [[0.0, 1.0], [True], ["1"]])
-def test_non_integer_indices_are_refused(bad: Any) -> None:
-    with pytest.raises(ScanError, match="must be integers"):
-        grid_position(raster(4, 3), bad)
-
-
-def test_empty_indices() -> None:
-    rows, cols = grid_position(raster(4, 3, snake=True), [])
-    assert rows.shape == cols.shape == (0,)
-
-
-@settings(max_examples=200, deadline=None)
-@given(n_fast=st.integers(1, 40), n_slow=st.integers(1, 40), snake=st.booleans(), seed=st.integers(0, 2**32 - 1))
-def test_grid_position_is_a_bijection_onto_the_map(n_fast: int, n_slow: int, snake: bool, seed: int) -> None:
-    meta = raster(n_fast, n_slow, snake)
-    order = np.random.default_rng(seed).permutation(meta.points)  # arrival order does not matter
-    rows, cols = grid_position(meta, order)
-    assert ((rows >= 0) & (rows < n_slow) & (cols >= 0) & (cols < n_fast)).all()
-    hits = np.zeros(meta.map_shape, dtype=np.int64)
-    np.add.at(hits, (rows, cols), 1)
-    assert (hits == 1).all()
-    # consecutive indices are neighbouring cells: the motors never jump (except a row change without snake)
-    rows, cols = grid_position(meta, np.arange(meta.points))
-    steps = np.abs(np.diff(rows)) + np.abs(np.diff(cols))
-    same_row = np.diff(rows) == 0
-    assert (steps[same_row] == 1).all()
-    if snake:
-        assert (steps == 1).all()

@@ -8,10 +8,10 @@ import pytest
 
 from services.sim import profiles
 from support import map_by_hand, scan_geometry
-from services.scan import map_cells, parse_scan
+from services.scan import parse_scan
 from services.schema import SchemaError
 from sink.queries import answer
-from sink.store import EvictedError, ScanStore, StoreError, segments, storage_dtype
+from sink.store import EvictedError, ScanStore, StoreError, storage_dtype
 from sink.views import live_frame, preview_image
 
 PIPE = "counters"
@@ -261,21 +261,6 @@ def test_live_frames_are_in_lavue_orientation_with_motor_axes() -> None:
     assert frame.xy.shape == (35, 4) and frame.meta["axisscales"][:3] == pytest.approx([1.0, 0.0, 1 / 34])
 
 
-@pytest.mark.parametrize("rows, cols", [(3, 4), (5, 1), (4, 7)])
-def test_snake_segments_place_every_chunk_like_grid_position(rows, cols) -> None:
-    m = meta("s", "snake", rows, cols)
-    n = rows * cols
-    for start in range(n):
-        for stop in range(start + 1, n + 1):
-            src = np.arange(start, stop)
-            got = np.full(n, -1)
-            for cells, part in segments(m, start, stop):
-                got[cells] = src[part]
-            want = np.full(n, -1)
-            want[map_cells(m, src)] = src
-            np.testing.assert_array_equal(got, want, err_msg=f"[{start}, {stop})")
-
-
 def test_spectra_on_a_raster_keep_a_running_sum_without_failed_points() -> None:
     from services import protocol
     from sink.queries import answer
@@ -286,13 +271,14 @@ def test_spectra_on_a_raster_keep_a_running_sum_without_failed_points() -> None:
     store.add_result("sp", PIPE, 0, 8, {"mca": spectra[:8]})
     store.add_result("sp", PIPE, 8, 12, {"mca": spectra[8:]}, meta={protocol.META_ERRORS: {"9": "bad frame"}})
     entry, product = store.product("sp", f"{PIPE}/mca")
+    total = product.running["sum"]
     good = np.delete(np.arange(20), 9)
-    np.testing.assert_allclose(product.total, spectra[good].sum(axis=0))
-    assert product.summed == 19
-    np.testing.assert_allclose(product.total, np.nansum(product.flat, axis=0))  # the map agrees
+    np.testing.assert_allclose(total.value, spectra[good].sum(axis=0))
+    assert total.points == 19
+    np.testing.assert_allclose(total.value, np.nansum(product.flat, axis=0))  # the map agrees
     frame = live_frame(entry, product)
-    np.testing.assert_allclose(frame.xy, product.total)
+    np.testing.assert_allclose(frame.xy, total.value)
     assert frame.meta["points"] == 19
     result, arrays = answer(store, {"op": "get", "scan": "sp", "product": f"{PIPE}/mca", "reduce": "sum"})
     assert result["points"] == 19
-    np.testing.assert_allclose(arrays["data"], product.total)
+    np.testing.assert_allclose(arrays["data"], total.value)

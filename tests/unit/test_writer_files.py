@@ -20,7 +20,7 @@ from services import protocol
 from services import codec
 from services.sim.profiles import PROFILES, ProfileScan
 from services.ledger import FAILED, GAP, RECEIVED, PointLedger
-from services.scan import map_blocks, parse_scan
+from services.scan import parse_scan
 from writers.component import ScanRun, WriterComponent, WriterConfig
 from writers.fio import FioFile, read_fio
 from writers.images import ImageFiles, ImageSettings
@@ -70,26 +70,6 @@ def drive(out, run: ScanRun, arrays: dict[str, np.ndarray], sizes: list[int], fa
         run.ledger.mark_result(start, stop, bad, meta)
         start = stop
     run.status, run.end_time = "complete", "2026-11-22T10:00:00+01:00"
-
-
-# ------------------------------------------------------------------ geometry
-
-
-@pytest.mark.parametrize("kind", ["raster", "snake", "line"])
-def test_map_blocks_put_every_point_in_its_cell(kind) -> None:
-    meta = parse_scan(document("g", kind, 6, 5))
-    truth = map_by_hand(kind, np.arange(30), 6, 5)
-    rng = np.random.default_rng(1)
-    for _ in range(30):
-        index = int(rng.integers(0, 29))
-        stop = int(rng.integers(index + 1, 31))
-        placed = np.full(truth.shape, -1)
-        for region, rows, reverse in map_blocks(meta, index, stop):
-            block = np.arange(index, stop)[rows].reshape(tuple(s.stop - s.start for s in region))
-            placed[region] = block[:, ::-1] if reverse else block
-        expect = np.where((truth >= index) & (truth < stop), truth, -1)
-        np.testing.assert_array_equal(placed, expect, err_msg=f"[{index}, {stop})")
-    assert len(map_blocks(parse_scan(document("g", "raster", 50, 7)), 3, 340)) == 3  # head, whole rows, tail
 
 
 # ------------------------------------------------------------------ NeXus
@@ -254,10 +234,10 @@ def test_images_decode_at_the_configured_size(tmp_path) -> None:
         assert sums[path.name] == digest
     summed = out.products["xrd/pattern"]
     assert summed.count == n - 1
-    np.testing.assert_allclose(summed.total, np.delete(arrays["xrd/pattern"], 4, axis=0).sum(axis=0))
+    np.testing.assert_allclose(summed.values, np.delete(arrays["xrd/pattern"], 4, axis=0).sum(axis=0))
     expect = arrays["Fe-K"].copy()
     expect[4] = np.nan
-    np.testing.assert_array_equal(out.products["Fe-K"].map, map_by_hand("raster", expect, rows, cols))
+    np.testing.assert_array_equal(out.products["Fe-K"].values, map_by_hand("raster", expect, rows, cols))
 
 
 def test_images_are_refreshed_during_a_scan_when_asked(tmp_path) -> None:
