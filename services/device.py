@@ -8,6 +8,7 @@ declare their own properties, attributes and commands.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -36,6 +37,27 @@ LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 def throw_invalid(message: str, origin: str) -> NoReturn:
     """Refuse a command's input with a DevFailed that names what was wrong."""
     tango.Except.throw_exception(REASON_INVALID_INPUT, message, origin)
+
+
+def default_of(config: type, name: str) -> Any:
+    """The default of field ``name`` of the config dataclass ``config``, as a
+    device property's ``default_value``.
+
+    The component's config dataclass is the one place a default is stated:
+    the device property (what Jive shows), the component built without
+    Tango (tests, benchmarks) and the mesh files (which leave defaults out)
+    all follow it. Tuples become lists, the form Tango gives array properties.
+    """
+    for field in dataclasses.fields(config):
+        if field.name == name:
+            if field.default is not dataclasses.MISSING:
+                value = field.default
+            elif field.default_factory is not dataclasses.MISSING:
+                value = field.default_factory()
+            else:
+                raise ValueError(f"{config.__name__}.{name} has no default")
+            return list(value) if isinstance(value, tuple) else value
+    raise ValueError(f"{config.__name__} has no field {name!r}")
 
 
 class MeshDevice(Device):
@@ -169,5 +191,6 @@ def console_script(*classes: type[Device]) -> Callable[[], None]:
     def main() -> None:
         run_server(classes)
 
+    main.device_classes = classes  # type: ignore[attr-defined]  # what the server runs (mesh-file checks)
     return main
 
