@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 
-from tango import DevState
 from tango.server import attribute, command, device_property
 from tango.utils import PyTangoThread
 
@@ -54,14 +53,9 @@ class PipelineMaster(MeshDevice):
         self.component.counters.error(f"{origin}: {exc}")
         throw_invalid(str(exc), f"PipelineMaster.{origin}")
 
-    def _running(self) -> None:
-        if self.get_state() == DevState.FAULT:
-            throw_invalid(f"the master is in FAULT: {self.get_status()}", "PipelineMaster")
-
     @command(dtype_in=str, doc_in="scan metadata JSON (services/schemas/scan.json)", dtype_out=str,
              doc_out="the scan id")
     def StartScan(self, document: str) -> str:
-        self._running()
         try:
             plan = self.component.plan_scan(document)
             self.component.start_scan(plan)
@@ -73,7 +67,6 @@ class PipelineMaster(MeshDevice):
 
     @command(dtype_in=str, doc_in="scan id")
     def EndScan(self, scan_id: str) -> None:
-        self._running()
         try:
             self.component.end_scan(scan_id)
         except ValueError as exc:
@@ -81,7 +74,6 @@ class PipelineMaster(MeshDevice):
 
     @command(dtype_in=str, doc_in="scan id")
     def AbortScan(self, scan_id: str) -> None:
-        self._running()
         try:
             self.component.abort_scan(scan_id)
         except ValueError as exc:

@@ -46,10 +46,11 @@ class MasterConfig:
     affinity: Affinity = Affinity()
 
     def __post_init__(self) -> None:
-        if self.max_queue_bytes < 1 or self.max_unit_points < 1 or self.max_unit_bytes < 1:
-            raise ValueError("MaxQueueBytes, MaxUnitPoints and MaxUnitBytes must be positive")
-        if self.incomplete_timeout <= 0 or self.worker_timeout <= 0:
-            raise ValueError("IncompleteTimeoutSeconds and WorkerTimeoutSeconds must be positive")
+        for prop, value in (("MaxQueueBytes", self.max_queue_bytes), ("MaxUnitPoints", self.max_unit_points),
+                            ("MaxUnitBytes", self.max_unit_bytes), ("IncompleteTimeoutSeconds", self.incomplete_timeout),
+                            ("WorkerTimeoutSeconds", self.worker_timeout)):
+            if value <= 0:
+                raise ValueError(f"{prop} must be positive (got {value})")
 
 
 @dataclass

@@ -67,32 +67,32 @@ class WriterDevice(MeshDevice):
 
     @attribute(dtype=str, doc="Path of the last file made final (change events)")
     def LastFile(self) -> str:
-        return self.component.last_file if isinstance(self.component, WriterComponent) else ""
+        return self.component.last_file
 
     @attribute(dtype=int, doc="Files made final since start")
     def FilesWritten(self) -> int:
-        return getattr(self.component, "files_written", 0)
+        return self.component.files_written
 
     @attribute(dtype=int, doc="Bytes of the files made final since start", unit="B")
     def BytesWritten(self) -> int:
-        return getattr(self.component, "bytes_written", 0)
+        return self.component.bytes_written
 
     @attribute(dtype=int, doc="Scans being written now")
     def OpenScans(self) -> int:
-        return len(getattr(self.component, "runs", ()))
+        return len(self.component.runs)
 
     @attribute(dtype=int, doc="Messages skipped because their scan was refused (see Errors for why)")
     def SkippedMessages(self) -> int:
-        return getattr(self.component, "skipped", 0)
+        return self.component.skipped
 
     @attribute(dtype=str, doc="BeamtimeRoot in force")
     def Root(self) -> str:
-        return str(self.component.layout.root) if isinstance(self.component, WriterComponent) else ""
+        return str(self.component.layout.root)
 
     @command(dtype_in=int, doc_in="how many of the latest files (0: all kept)", dtype_out=str,
              doc_out="JSON list: path, sha256, bytes, scan, pipeline, status, written")
     def ListFiles(self, n: int) -> str:
-        return json.dumps(self.component.list_files(n) if isinstance(self.component, WriterComponent) else [])
+        return json.dumps(self.component.list_files(n))
 
 
 class NexusWriter(WriterDevice):
