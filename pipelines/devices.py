@@ -37,6 +37,10 @@ class PipelineMaster(MeshDevice):
         doc="A worker silent this long is gone: its work goes to others")
     Affinity = device_property(dtype=str, default_value="",  # empty: MasterConfig's default affinity (none)
                                doc='Default affinity, e.g. {"group": 100} or {"copy_to": "debug"}')
+    Preload = device_property(
+        dtype=(str,), default_value=default_of(MasterConfig, "preload"),
+        doc="Processors prepared at start-up, so that StartScan's check of their settings does not wait for "
+            "heavy imports (xrd: pyFAI, seconds; * = every installed one); default none")
 
     component: MasterComponent
 
@@ -45,7 +49,8 @@ class PipelineMaster(MeshDevice):
             max_queue_bytes=self.MaxQueueBytes, max_unit_points=self.MaxUnitPoints,
             max_unit_bytes=self.MaxUnitBytes, incomplete_timeout=self.IncompleteTimeoutSeconds,
             worker_timeout=self.WorkerTimeoutSeconds,
-            affinity=Affinity.from_json(json.loads(self.Affinity) if self.Affinity else None))
+            affinity=Affinity.from_json(json.loads(self.Affinity) if self.Affinity else None),
+            preload=tuple(self.Preload))
         return MasterComponent(self.get_name(), self.Pipeline, self.bind_host, self.advertised_host, config,
                                self.create_link(), PyTangoThread)
 
