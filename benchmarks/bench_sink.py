@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 import zmq  # noqa: E402
 
-from pipelines import protocol  # noqa: E402
+from services import protocol  # noqa: E402
 from services import codec  # noqa: E402
 from services.ops import simulate
 from sink.component import SinkComponent, SinkConfig  # noqa: E402

@@ -43,7 +43,7 @@ import numpy as np  # noqa: E402
 import zmq  # noqa: E402
 
 from bench_sink import run_sender  # noqa: E402
-from pipelines import protocol  # noqa: E402
+from services import protocol  # noqa: E402
 from services import codec  # noqa: E402
 from services.ops import simulate
 from writers.component import WriterComponent, WriterConfig  # noqa: E402

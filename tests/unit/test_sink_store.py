@@ -277,7 +277,7 @@ def test_snake_segments_place_every_chunk_like_grid_position(rows, cols) -> None
 
 
 def test_spectra_on_a_raster_keep_a_running_sum_without_failed_points() -> None:
-    from pipelines import protocol
+    from services import protocol
     from sink.queries import answer
 
     store = ScanStore(10**7)
