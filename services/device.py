@@ -77,6 +77,8 @@ def _allowed_unless_fault(name: str, own: Callable[..., bool] | None = None) -> 
             self.refuse_in_fault(name)
         return True if own is None else own(self, *request_type)
 
+    # PyTango files a command's hook under its function name: one name per hook, or they overwrite each other
+    allowed.__name__ = allowed.__qualname__ = f"is_{name}_allowed"
     allowed.fault_rule = True  # type: ignore[attr-defined]
     return allowed
 
