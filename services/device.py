@@ -129,15 +129,17 @@ class MeshDevice(Device):
             if vars(MeshDevice).get(key) is value:
                 continue
             if isinstance(value, attribute):
-                if getattr(value, "fisallowed", None):
-                    continue
-                name = value.attr_name or key
+                name, custom = value.attr_name or key, getattr(value, "fisallowed", None)
             elif hasattr(value, "__tango_command__"):
                 name, info = value.__tango_command__
-                if info[2].get("Is allowed"):
-                    continue
+                custom = info[2].get("Is allowed")
             else:
                 continue
+            if isinstance(custom, str) and getattr(getattr(cls, custom, None), "fault_rule", False):
+                continue  # inherited from a MeshDevice subclass: PyTango filed our hook there already
+            if custom:  # it would bypass the hook below
+                raise TypeError(f"{cls.__name__}.{name}: define is_{name}_allowed instead of fisallowed, "
+                                "so that the FAULT rule applies to it too")
             hook = f"is_{name}_allowed"
             own = getattr(cls, hook, None)
             if own is None or not getattr(own, "fault_rule", False):

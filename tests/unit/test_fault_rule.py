@@ -56,3 +56,13 @@ def test_the_faulted_component_refuses_what_the_failed_one_had_and_keeps_the_bas
     with pytest.raises(AttributeError):  # dunder probes (copy, pickle) are not device accesses
         component.__deepcopy__
 
+
+
+def test_an_is_allowed_that_would_bypass_the_rule_is_refused_when_the_class_is_made() -> None:
+    from tango.server import attribute
+
+    with pytest.raises(TypeError, match="define is_Level_allowed instead of fisallowed"):
+        class Bypass(MeshDevice):  # noqa: F841 - the class statement is the test
+            @attribute(dtype=int, fisallowed=lambda self, request: True)
+            def Level(self) -> int:
+                return 1
