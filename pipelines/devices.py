@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 
-from tango import DevState
 from tango.server import attribute, command, device_property
 from tango.utils import PyTangoThread
 
@@ -17,30 +16,41 @@ from pipelines.dispatch import Affinity
 from pipelines.master import MasterComponent, MasterConfig
 from pipelines.sorter import SorterComponent, SorterConfig
 from pipelines.worker import WorkerComponent, WorkerConfig
-from services.device import MeshDevice, console_script, throw_invalid
+from services.device import MeshDevice, console_script, default_of, throw_invalid
 from services.registration import ManagerUnavailable
 
 
 class PipelineMaster(MeshDevice):
     """Scan control, event formation and credit-based fan-out for one pipeline."""
 
-    MaxQueueBytes = device_property(dtype=int, default_value=256 * 2**20,
+    MaxQueueBytes = device_property(dtype=int, default_value=default_of(MasterConfig, "max_queue_bytes"),
                                     doc="Burst queue bound: bytes of source data and unacknowledged work held")
-    MaxUnitPoints = device_property(dtype=int, default_value=1000, doc="Most events in one unit of work")
-    MaxUnitBytes = device_property(dtype=int, default_value=8 * 2**20, doc="Most source bytes in one unit of work")
+    MaxUnitPoints = device_property(dtype=int, default_value=default_of(MasterConfig, "max_unit_points"),
+                                    doc="Most events in one unit of work")
+    MaxUnitBytes = device_property(dtype=int, default_value=default_of(MasterConfig, "max_unit_bytes"),
+                                   doc="Most source bytes in one unit of work")
     IncompleteTimeoutSeconds = device_property(
-        dtype=float, default_value=5.0, doc="How long a stream may lag before its events go on marked incomplete")
+        dtype=float, default_value=default_of(MasterConfig, "incomplete_timeout"),
+        doc="How long a stream may lag before its events go on marked incomplete")
     WorkerTimeoutSeconds = device_property(
-        dtype=float, default_value=2.0, doc="A worker silent this long is gone: its work goes to others")
-    Affinity = device_property(dtype=str, default_value="",
+        dtype=float, default_value=default_of(MasterConfig, "worker_timeout"),
+        doc="A worker silent this long is gone: its work goes to others")
+    Affinity = device_property(dtype=str, default_value="",  # empty: MasterConfig's default affinity (none)
                                doc='Default affinity, e.g. {"group": 100} or {"copy_to": "debug"}')
+    Preload = device_property(
+        dtype=(str,), default_value=default_of(MasterConfig, "preload"),
+        doc="Processors prepared at start-up, so that StartScan's check of their settings does not wait for "
+            "heavy imports (xrd: pyFAI, seconds; * = every installed one); default none")
 
     component: MasterComponent
 
     def create_component(self) -> MasterComponent:
         config = MasterConfig(
-            self.MaxQueueBytes, self.MaxUnitPoints, self.MaxUnitBytes, self.IncompleteTimeoutSeconds,
-            self.WorkerTimeoutSeconds, Affinity.from_json(json.loads(self.Affinity) if self.Affinity else None))
+            max_queue_bytes=self.MaxQueueBytes, max_unit_points=self.MaxUnitPoints,
+            max_unit_bytes=self.MaxUnitBytes, incomplete_timeout=self.IncompleteTimeoutSeconds,
+            worker_timeout=self.WorkerTimeoutSeconds,
+            affinity=Affinity.from_json(json.loads(self.Affinity) if self.Affinity else None),
+            preload=tuple(self.Preload))
         return MasterComponent(self.get_name(), self.Pipeline, self.bind_host, self.advertised_host, config,
                                self.create_link(), PyTangoThread)
 
@@ -48,14 +58,9 @@ class PipelineMaster(MeshDevice):
         self.component.counters.error(f"{origin}: {exc}")
         throw_invalid(str(exc), f"PipelineMaster.{origin}")
 
-    def _running(self) -> None:
-        if self.get_state() == DevState.FAULT:
-            throw_invalid(f"the master is in FAULT: {self.get_status()}", "PipelineMaster")
-
     @command(dtype_in=str, doc_in="scan metadata JSON (services/schemas/scan.json)", dtype_out=str,
              doc_out="the scan id")
     def StartScan(self, document: str) -> str:
-        self._running()
         try:
             plan = self.component.plan_scan(document)
             self.component.start_scan(plan)
@@ -67,7 +72,6 @@ class PipelineMaster(MeshDevice):
 
     @command(dtype_in=str, doc_in="scan id")
     def EndScan(self, scan_id: str) -> None:
-        self._running()
         try:
             self.component.end_scan(scan_id)
         except ValueError as exc:
@@ -75,7 +79,6 @@ class PipelineMaster(MeshDevice):
 
     @command(dtype_in=str, doc_in="scan id")
     def AbortScan(self, scan_id: str) -> None:
-        self._running()
         try:
             self.component.abort_scan(scan_id)
         except ValueError as exc:
@@ -127,22 +130,25 @@ class PipelineMaster(MeshDevice):
 class PipelineWorker(MeshDevice):
     """Runs the scan's processor (a modality plugin) over units of work."""
 
-    Prefetch = device_property(dtype=int, default_value=2, doc="Units asked for ahead of processing (credit window)")
-    HeartbeatSeconds = device_property(dtype=float, default_value=0.25, doc="Heartbeat period towards the master")
-    Role = device_property(dtype=str, default_value="", doc='"" for a normal worker, or e.g. "debug" for copies')
+    Prefetch = device_property(dtype=int, default_value=default_of(WorkerConfig, "prefetch"),
+                               doc="Units asked for ahead of processing (credit window)")
+    HeartbeatSeconds = device_property(dtype=float, default_value=default_of(WorkerConfig, "heartbeat"),
+                                       doc="Heartbeat period towards the master")
+    Role = device_property(dtype=str, default_value=default_of(WorkerConfig, "role"),
+                           doc='"" for a normal worker, or e.g. "debug" for copies')
     ProcessingDelaySeconds = device_property(
-        dtype=float, default_value=0.0,
+        dtype=float, default_value=default_of(WorkerConfig, "processing_delay"),
         doc="Extra time per unit, to rehearse a slow node when commissioning load balancing; leave 0")
     Preload = device_property(
-        dtype=(str,), default_value=[],
+        dtype=(str,), default_value=default_of(WorkerConfig, "preload"),
         doc="Processors loaded with their heavy imports at start-up, so the first scan does not wait "
             "(* = every installed one; pyFAI alone is ~1.7 s and ~130 MB); default none: loaded by the first scan")
 
     component: WorkerComponent
 
     def create_component(self) -> WorkerComponent:
-        config = WorkerConfig(self.Prefetch, self.HeartbeatSeconds, 2.0, self.Role, self.ProcessingDelaySeconds,
-                              tuple(self.Preload))
+        config = WorkerConfig(prefetch=self.Prefetch, heartbeat=self.HeartbeatSeconds, role=self.Role,
+                              processing_delay=self.ProcessingDelaySeconds, preload=tuple(self.Preload))
         return WorkerComponent(self.get_name(), self.Pipeline, config, self.create_link(), PyTangoThread)
 
     @attribute(dtype=str, doc="Processor of the latest scan")
@@ -165,16 +171,18 @@ class PipelineWorker(MeshDevice):
 class Sorter(MeshDevice):
     """Restores acquisition order and delivers a pipeline's results to its consumers."""
 
-    ChunkPoints = device_property(dtype=int, default_value=1000, doc="Most points merged into one chunk")
-    ChunkSeconds = device_property(dtype=float, default_value=0.005,
+    ChunkPoints = device_property(dtype=int, default_value=default_of(SorterConfig, "chunk_points"),
+                                  doc="Most points merged into one chunk")
+    ChunkSeconds = device_property(dtype=float, default_value=default_of(SorterConfig, "chunk_seconds"),
                                    doc="A chunk leaves at most this long after its first result")
-    GapTimeoutSeconds = device_property(dtype=float, default_value=30.0,
+    GapTimeoutSeconds = device_property(dtype=float, default_value=default_of(SorterConfig, "gap_timeout"),
                                         doc="How long a missing index is awaited before a gap record replaces it")
 
     component: SorterComponent
 
     def create_component(self) -> SorterComponent:
-        config = SorterConfig(self.ChunkPoints, self.ChunkSeconds, self.GapTimeoutSeconds)
+        config = SorterConfig(chunk_points=self.ChunkPoints, chunk_seconds=self.ChunkSeconds,
+                              gap_timeout=self.GapTimeoutSeconds)
         return SorterComponent(self.get_name(), self.Pipeline, self.bind_host, self.advertised_host, config,
                                self.create_link(), PyTangoThread)
 

@@ -44,12 +44,14 @@ class MasterConfig:
     incomplete_timeout: float = 5.0
     worker_timeout: float = 2.0
     affinity: Affinity = Affinity()
+    preload: tuple[str, ...] = ()  # processors whose settings checks are made ready at start-up; "*": all
 
     def __post_init__(self) -> None:
-        if self.max_queue_bytes < 1 or self.max_unit_points < 1 or self.max_unit_bytes < 1:
-            raise ValueError("MaxQueueBytes, MaxUnitPoints and MaxUnitBytes must be positive")
-        if self.incomplete_timeout <= 0 or self.worker_timeout <= 0:
-            raise ValueError("IncompleteTimeoutSeconds and WorkerTimeoutSeconds must be positive")
+        for prop, value in (("MaxQueueBytes", self.max_queue_bytes), ("MaxUnitPoints", self.max_unit_points),
+                            ("MaxUnitBytes", self.max_unit_bytes), ("IncompleteTimeoutSeconds", self.incomplete_timeout),
+                            ("WorkerTimeoutSeconds", self.worker_timeout)):
+            if value <= 0:
+                raise ValueError(f"{prop} must be positive (got {value})")
 
 
 @dataclass
@@ -133,6 +135,13 @@ class MasterComponent(PipelineComponent):
         self.threads = [thread_factory(target=self._run, name="master-loop", daemon=True)]
 
     # ------------------------------------------------------------ life cycle
+    def start(self) -> None:
+        """Prepare the ``preload`` processors first (pyFAI for xrd takes
+        seconds): their settings checks run in StartScan, whose client waits 3 s."""
+        for name, why in processors.preload(self.config.preload).items():
+            self.counters.error(f"processor {name} cannot be loaded: {why}")
+        super().start()
+
     def stop(self) -> None:
         super().stop()
         for sock in [self.router, self.acks, *self.sorters.values(), *(s.socket for s in self.sources.values())]:
@@ -150,10 +159,11 @@ class MasterComponent(PipelineComponent):
         ValueError (ScanError) for bad input, ManagerUnavailable if the topology
         manager does not answer."""
         meta = parse_scan(document)
-        processor, _ = meta.analysis_for(self.pipeline)
+        processor, settings = meta.analysis_for(self.pipeline)
         if processor not in processors.available():
             raise ScanError(f"processor {processor!r} of pipeline {self.pipeline} is not installed "
                             f"(available: {', '.join(processors.available())})")
+        self.check_settings(meta, processor, settings)
         entry = meta.raw["analysis"][self.pipeline]
         affinity = Affinity.from_json(entry["affinity"]) if "affinity" in entry else self.config.affinity
         services = self.link.lookup({"pipeline": self.pipeline})
@@ -175,6 +185,18 @@ class MasterComponent(PipelineComponent):
         if len(sorters) != 1:
             raise ScanError(f"pipeline {self.pipeline} needs exactly one registered sorter, found {len(sorters)}")
         return ScanPlan(meta, streams, sources, sorters[0], affinity)
+
+    def check_settings(self, meta: ScanMeta, processor: str, settings: dict[str, Any]) -> None:
+        """The processor's own check of the scan's settings, before anything
+        is sent: bad settings refuse the scan here, with the processor's
+        message, instead of failing every point in the workers."""
+        try:
+            processors.load(processor).check_settings(meta, settings)
+        except ValueError as exc:
+            raise ScanError(f"scan {meta.scan_id}: {processor} settings refused: {exc}") from None
+        except Exception as exc:  # a broken plugin: refuse the scan, keep the master up
+            raise ScanError(f"scan {meta.scan_id}: {processor} settings could not be checked: "
+                            f"{type(exc).__name__}: {exc}") from None
 
     def start_scan(self, plan: ScanPlan) -> None:
         self.call(lambda: self._start(plan))

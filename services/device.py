@@ -4,10 +4,18 @@ It registers the service with the topology manager, keeps the lease alive from
 a ``PyTangoThread``, deregisters on delete, and exposes the standard counters.
 Subclasses only say which component to build (:meth:`create_component`) and
 declare their own properties, attributes and commands.
+
+One FAULT rule for every device: when the component fails to start, the
+device stays exported in FAULT, and every attribute and command a subclass
+declares is refused with DevFailed ``TANGOMESH_Fault`` naming the start
+failure (Tango's own is-allowed hook, installed for each of them by
+:meth:`MeshDevice.__init_subclass__`). State, Status, Init and the base
+counters keep answering, so Jive and Astor show why and Init retries.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -24,6 +32,7 @@ from tango.utils import PyTangoThread
 from services.component import Component
 from services.registration import (
     DEFAULT_TOPOLOGY_DEVICE,
+    REASON_FAULT,
     REASON_INVALID_INPUT,
     ManagerLink,
     RegistrationClient,
@@ -36,6 +45,60 @@ LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 def throw_invalid(message: str, origin: str) -> NoReturn:
     """Refuse a command's input with a DevFailed that names what was wrong."""
     tango.Except.throw_exception(REASON_INVALID_INPUT, message, origin)
+
+
+def default_of(config: type, name: str) -> Any:
+    """The default of field ``name`` of the config dataclass ``config``, as a
+    device property's ``default_value``.
+
+    The component's config dataclass is the one place a default is stated:
+    the device property (what Jive shows), the component built without
+    Tango (tests, benchmarks) and the mesh files (which leave defaults out)
+    all follow it. Tuples become lists, the form Tango gives array properties.
+    """
+    for field in dataclasses.fields(config):
+        if field.name == name:
+            if field.default is not dataclasses.MISSING:
+                value = field.default
+            elif field.default_factory is not dataclasses.MISSING:
+                value = field.default_factory()
+            else:
+                raise ValueError(f"{config.__name__}.{name} has no default")
+            return list(value) if isinstance(value, tuple) else value
+    raise ValueError(f"{config.__name__} has no field {name!r}")
+
+
+def _allowed_unless_fault(name: str, own: Callable[..., bool] | None = None) -> Callable[..., bool]:
+    """Tango's is-allowed hook for attribute or command ``name``: refuses in
+    FAULT, then asks the device's own ``is_<name>_allowed``, if it has one."""
+
+    def allowed(self: "MeshDevice", *request_type: Any) -> bool:  # attributes pass the request type
+        if self.start_failure:
+            self.refuse_in_fault(name)
+        return True if own is None else own(self, *request_type)
+
+    # PyTango files a command's hook under its function name: one name per hook, or they overwrite each other
+    allowed.__name__ = allowed.__qualname__ = f"is_{name}_allowed"
+    allowed.fault_rule = True  # type: ignore[attr-defined]
+    return allowed
+
+
+class FaultedComponent(Component):
+    """Stands in for a component that failed to start. What the base device
+    reads of every component (counters, endpoints, capabilities, status, stop)
+    is the plain :class:`Component`'s; anything else raises the FAULT DevFailed,
+    never AttributeError, should a code path get past the is-allowed hooks
+    (the restore of a memorized attribute, a device's own helper)."""
+
+    def __init__(self, name: str, refusal: Callable[[str], NoReturn], why: str) -> None:
+        super().__init__(name)
+        self._refusal = refusal
+        self.counters.error(f"start failed: {why}")
+
+    def __getattr__(self, name: str) -> NoReturn:  # only called for what Component does not have
+        if name.startswith("__"):
+            raise AttributeError(name)  # copy, pickle and friends probe dunders: not a device access
+        self._refusal(name)
 
 
 class MeshDevice(Device):
@@ -53,19 +116,66 @@ class MeshDevice(Device):
 
     component: Component
     registration: RegistrationClient | None = None
+    start_failure: str = ""  # why the component did not start; empty unless in FAULT
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Install the FAULT rule on every attribute and command the subclass
+        declares (not on MeshDevice's own: State, Status, Init and the counters
+        keep answering). Runs before PyTango builds the Tango class, which then
+        finds ``is_<name>_allowed``; a subclass's own is-allowed method is
+        asked after the FAULT check."""
+        super().__init_subclass__(**kwargs)
+        for key, value in list(vars(cls).items()):
+            if vars(MeshDevice).get(key) is value:
+                continue
+            if isinstance(value, attribute):
+                name, custom = value.attr_name or key, getattr(value, "fisallowed", None)
+            elif hasattr(value, "__tango_command__"):
+                name, info = value.__tango_command__
+                custom = info[2].get("Is allowed")
+            else:
+                continue
+            if isinstance(custom, str) and getattr(getattr(cls, custom, None), "fault_rule", False):
+                continue  # inherited from a MeshDevice subclass: PyTango filed our hook there already
+            if custom:  # it would bypass the hook below
+                raise TypeError(f"{cls.__name__}.{name}: define is_{name}_allowed instead of fisallowed, "
+                                "so that the FAULT rule applies to it too")
+            hook = f"is_{name}_allowed"
+            own = getattr(cls, hook, None)
+            if own is None or not getattr(own, "fault_rule", False):
+                setattr(cls, hook, _allowed_unless_fault(name, own))
+
+    def refuse_in_fault(self, what: str = "") -> NoReturn:
+        """The DevFailed a device in FAULT answers with, naming the start failure."""
+        device_class = type(self).__name__
+        tango.Except.throw_exception(
+            REASON_FAULT,
+            f"{device_class} {self.get_name()} is in FAULT: start failed: {self.start_failure} "
+            "(fix the property, then Init)",
+            f"{device_class}.{what}" if what else device_class,
+        )
 
     # ------------------------------------------------------------ life cycle
     def init_device(self) -> None:
         super().init_device()
         self.set_state(DevState.INIT)
+        self.start_failure = ""
+        component: Component | None = None
         try:
-            self.component = self.create_component()
-            self.component.start()
+            component = self.create_component()
+            component.start()
+            self.component = component
         except Exception as exc:  # a bad property, a bind failure: show it, stay up for Jive/Astor
-            self.component = Component(self.get_name())
-            self.component.counters.error(f"start failed: {exc}")
+            if component is not None:  # built but not started: release what it bound
+                try:
+                    component.stop()
+                except Exception:
+                    logging.getLogger("tangomesh.device").exception("stopping %s after its failed start",
+                                                                    self.get_name())
+            self.start_failure = str(exc) or type(exc).__name__
+            self.component = FaultedComponent(self.get_name(), self.refuse_in_fault, self.start_failure)
             self.set_state(DevState.FAULT)
-            self.set_status(f"start failed: {exc}")
+            self.set_status(f"start failed: {self.start_failure}")
             return
         self.registration = RegistrationClient(
             self.create_link(),
@@ -169,5 +279,6 @@ def console_script(*classes: type[Device]) -> Callable[[], None]:
     def main() -> None:
         run_server(classes)
 
+    main.device_classes = classes  # type: ignore[attr-defined]  # what the server runs (mesh-file checks)
     return main
 

@@ -11,6 +11,7 @@ import collections
 import json
 import logging
 import threading
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import zmq
@@ -20,7 +21,7 @@ from tango.utils import PyTangoThread
 from services import codec, protocol
 from services.component import Component
 from services.dataplane import PullInlet
-from services.device import MeshDevice, console_script
+from services.device import MeshDevice, console_script, default_of
 
 log = logging.getLogger("tangomesh.recorder")
 
@@ -44,6 +45,15 @@ def summarise(msg: codec.Message) -> dict[str, Any]:
     }
 
 
+@dataclass(frozen=True)
+class RecorderConfig:
+    max_records: int = 100_000  # the newest records kept; older ones go first
+
+    def __post_init__(self) -> None:
+        if self.max_records < 1:
+            raise ValueError("MaxRecords must be at least 1")
+
+
 class RecorderComponent(Component):
     kind = protocol.Kind.RECORDER
 
@@ -53,13 +63,12 @@ class RecorderComponent(Component):
         pipeline: str,
         bind_host: str,
         advertised_host: str,
-        max_records: int,
+        config: RecorderConfig,
         thread_factory: Callable[..., threading.Thread] = threading.Thread,
     ) -> None:
         super().__init__(name, pipeline, log)
-        if max_records < 1:
-            raise ValueError("MaxRecords must be at least 1")
-        self.records: collections.deque[dict[str, Any]] = collections.deque(maxlen=max_records)
+        self.config = config
+        self.records: collections.deque[dict[str, Any]] = collections.deque(maxlen=config.max_records)
         self.total = 0
         self._context = zmq.Context.instance()
         self.inlet = PullInlet(
@@ -86,13 +95,15 @@ class RecorderComponent(Component):
 class Recorder(MeshDevice):
     """Consumer that records a summary of every data-plane message."""
 
-    MaxRecords = device_property(dtype=int, default_value=100_000, doc="Records kept in memory (oldest go first)")
+    MaxRecords = device_property(dtype=int, default_value=default_of(RecorderConfig, "max_records"),
+                                 doc="Records kept in memory (oldest go first)")
 
     component: RecorderComponent
 
     def create_component(self) -> RecorderComponent:
         return RecorderComponent(
-            self.get_name(), self.Pipeline, self.bind_host, self.advertised_host, self.MaxRecords, PyTangoThread
+            self.get_name(), self.Pipeline, self.bind_host, self.advertised_host,
+            RecorderConfig(max_records=self.MaxRecords), PyTangoThread
         )
 
     @attribute(dtype=int, doc="Messages recorded since start or Clear")

@@ -23,6 +23,8 @@ REFUSED_RETRY_SECONDS = 10.0
 #: DevFailed reasons used by mesh devices, so that clients can branch on them.
 REASON_UNKNOWN_SERVICE = "TANGOMESH_UnknownService"
 REASON_INVALID_INPUT = "TANGOMESH_InvalidInput"
+#: A device whose component failed to start refuses its own attributes and commands with this.
+REASON_FAULT = "TANGOMESH_Fault"
 
 
 class UnknownService(KeyError):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from services import protocol
@@ -13,23 +14,32 @@ from topology_manager.registry import Registry
 log = logging.getLogger("tangomesh.topology")
 
 
+@dataclass(frozen=True)
+class TopologyConfig:
+    """The lease terms the manager hands every service (the one place their defaults are stated)."""
+
+    lease_seconds: float = 10.0
+    heartbeat_seconds: float = 2.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.heartbeat_seconds < self.lease_seconds:
+            raise ValueError(f"HeartbeatSeconds ({self.heartbeat_seconds}) must be positive and below "
+                             f"LeaseSeconds ({self.lease_seconds})")
+
+
 class TopologyComponent(Component):
     kind = protocol.Kind.TOPOLOGY
 
     def __init__(
         self,
         name: str,
-        lease_seconds: float,
-        heartbeat_seconds: float,
+        config: TopologyConfig,
         on_change: Callable[[list[dict[str, Any]]], None] | None = None,
         thread_factory: Callable[..., threading.Thread] = threading.Thread,
     ) -> None:
         super().__init__(name, log=log)
-        if not 0 < heartbeat_seconds < lease_seconds:
-            raise ValueError(
-                f"HeartbeatSeconds ({heartbeat_seconds}) must be positive and below LeaseSeconds ({lease_seconds})"
-            )
-        self.registry = Registry(lease_seconds, heartbeat_seconds, on_change=on_change)
+        self.config = config
+        self.registry = Registry(config.lease_seconds, config.heartbeat_seconds, on_change=on_change)
         self._thread_factory = thread_factory
         self._expiry: threading.Thread | None = None
 

@@ -10,17 +10,19 @@ import tango
 from tango.server import attribute, command, device_property
 from tango.utils import PyTangoThread
 
-from services.device import MeshDevice, throw_invalid
+from services.device import MeshDevice, default_of, throw_invalid
 from services.registration import REASON_UNKNOWN_SERVICE, ManagerLink, UnknownService
 from services.schema import SchemaError, load_json
-from topology_manager.component import TopologyComponent
+from topology_manager.component import TopologyComponent, TopologyConfig
 
 
 class TopologyManager(MeshDevice):
     """Registration, discovery and liveness of every tangomesh service."""
 
-    LeaseSeconds = device_property(dtype=float, default_value=10.0, doc="A service silent this long is removed")
-    HeartbeatSeconds = device_property(dtype=float, default_value=2.0, doc="Heartbeat period asked of services")
+    LeaseSeconds = device_property(dtype=float, default_value=default_of(TopologyConfig, "lease_seconds"),
+                                   doc="A service silent this long is removed")
+    HeartbeatSeconds = device_property(dtype=float, default_value=default_of(TopologyConfig, "heartbeat_seconds"),
+                                       doc="Heartbeat period asked of services")
 
     component: TopologyComponent
 
@@ -34,8 +36,7 @@ class TopologyManager(MeshDevice):
     def create_component(self) -> TopologyComponent:
         return TopologyComponent(
             self.get_name(),
-            self.LeaseSeconds,
-            self.HeartbeatSeconds,
+            TopologyConfig(lease_seconds=self.LeaseSeconds, heartbeat_seconds=self.HeartbeatSeconds),
             on_change=self._publish,
             thread_factory=PyTangoThread,
         )

@@ -53,8 +53,8 @@ class Registry:
     change: join, leave, expiry, or a re-registration with different facts.
     """
 
-    lease_seconds: float = 10.0
-    heartbeat_seconds: float = 2.0
+    lease_seconds: float  # the manager's terms: TopologyConfig (component.py) holds their defaults
+    heartbeat_seconds: float
     clock: Callable[[], float] = time.time
     on_change: Callable[[list[dict[str, Any]]], None] | None = None
     _records: dict[str, ServiceRecord] = field(default_factory=dict, init=False)

@@ -15,11 +15,11 @@ from pathlib import Path
 from tango.server import attribute, command, device_property
 from tango.utils import PyTangoThread
 
-from services.device import MeshDevice, console_script
+from services.device import MeshDevice, console_script, default_of
 from writers.component import ScanFile, ScanRun, WriterComponent, WriterConfig
 from writers.fio import FioFile
 from writers.images import ImageFiles, ImageSettings
-from writers.layout import DEFAULT_TEMPLATE, OutputLayout
+from writers.layout import OutputLayout
 from writers.nexus import NexusFile, NexusSettings
 
 
@@ -32,12 +32,13 @@ class WriterDevice(MeshDevice):
     CreateRoot = device_property(dtype=bool, default_value=False,
                                  doc="Create BeamtimeRoot if it is missing (demo and test meshes)")
     PathTemplate = device_property(
-        dtype=str, default_value=DEFAULT_TEMPLATE,
+        dtype=str, default_value=default_of(OutputLayout, "template"),
         doc="File path below BeamtimeRoot without suffix; fields: processed, beamtime, beamline, scan, "
             "scan_name, number, pipeline")
-    StaleScanSeconds = device_property(dtype=float, default_value=3600.0,
+    StaleScanSeconds = device_property(dtype=float, default_value=default_of(WriterConfig, "stale_seconds"),
                                        doc="A scan with no message for this long is finished as abandoned")
-    MaxOpenScans = device_property(dtype=int, default_value=64, doc="Scans written at the same time, at most")
+    MaxOpenScans = device_property(dtype=int, default_value=default_of(WriterConfig, "max_open_scans"),
+                                   doc="Scans written at the same time, at most")
 
     file_format = ""
     component: WriterComponent
@@ -54,7 +55,8 @@ class WriterDevice(MeshDevice):
             root.mkdir(parents=True, exist_ok=True)
         layout = OutputLayout(root, self.PathTemplate)
         return WriterComponent(self.get_name(), self.Pipeline, self.bind_host, self.advertised_host, layout,
-                               self.file_format, self.open_file, WriterConfig(self.StaleScanSeconds, self.MaxOpenScans),
+                               self.file_format, self.open_file,
+                               WriterConfig(stale_seconds=self.StaleScanSeconds, max_open_scans=self.MaxOpenScans),
                                PyTangoThread, on_file=self._file_written)
 
     def open_file(self, run: ScanRun) -> ScanFile:
@@ -65,47 +67,49 @@ class WriterDevice(MeshDevice):
 
     @attribute(dtype=str, doc="Path of the last file made final (change events)")
     def LastFile(self) -> str:
-        return self.component.last_file if isinstance(self.component, WriterComponent) else ""
+        return self.component.last_file
 
     @attribute(dtype=int, doc="Files made final since start")
     def FilesWritten(self) -> int:
-        return getattr(self.component, "files_written", 0)
+        return self.component.files_written
 
     @attribute(dtype=int, doc="Bytes of the files made final since start", unit="B")
     def BytesWritten(self) -> int:
-        return getattr(self.component, "bytes_written", 0)
+        return self.component.bytes_written
 
     @attribute(dtype=int, doc="Scans being written now")
     def OpenScans(self) -> int:
-        return len(getattr(self.component, "runs", ()))
+        return len(self.component.runs)
 
     @attribute(dtype=int, doc="Messages skipped because their scan was refused (see Errors for why)")
     def SkippedMessages(self) -> int:
-        return getattr(self.component, "skipped", 0)
+        return self.component.skipped
 
     @attribute(dtype=str, doc="BeamtimeRoot in force")
     def Root(self) -> str:
-        return str(self.component.layout.root) if isinstance(self.component, WriterComponent) else ""
+        return str(self.component.layout.root)
 
     @command(dtype_in=int, doc_in="how many of the latest files (0: all kept)", dtype_out=str,
              doc_out="JSON list: path, sha256, bytes, scan, pipeline, status, written")
     def ListFiles(self, n: int) -> str:
-        return json.dumps(self.component.list_files(n) if isinstance(self.component, WriterComponent) else [])
+        return json.dumps(self.component.list_files(n))
 
 
 class NexusWriter(WriterDevice):
     """One NeXus/HDF5 file per scan and pipeline, with the full metadata tree."""
 
-    Compression = device_property(dtype=str, default_value="bitshuffle-lz4",
+    Compression = device_property(dtype=str, default_value=default_of(NexusSettings, "compression"),
                                   doc="bitshuffle-lz4 (hdf5plugin), gzip or none")
-    ChunkBytes = device_property(dtype=int, default_value=1 << 20, doc="Target HDF5 chunk size in bytes")
-    FlushSeconds = device_property(dtype=float, default_value=5.0,
+    ChunkBytes = device_property(dtype=int, default_value=default_of(NexusSettings, "chunk_bytes"),
+                                 doc="Target HDF5 chunk size in bytes")
+    FlushSeconds = device_property(dtype=float, default_value=default_of(NexusSettings, "flush_seconds"),
                                    doc="Flush the file being written this often")
 
     file_format = "nexus"
 
     def create_component(self) -> WriterComponent:
-        self.settings = NexusSettings(self.Compression, self.ChunkBytes, self.FlushSeconds)
+        self.settings = NexusSettings(compression=self.Compression, chunk_bytes=self.ChunkBytes,
+                                      flush_seconds=self.FlushSeconds)
         return super().create_component()
 
     def open_file(self, run: ScanRun) -> ScanFile:
@@ -115,19 +119,21 @@ class NexusWriter(WriterDevice):
 class ImageWriter(WriterDevice):
     """PNG maps and plots of every product at scan end (and every IntervalSeconds)."""
 
-    WidthPixels = device_property(dtype=int, default_value=800, doc="Image width")
-    HeightPixels = device_property(dtype=int, default_value=600, doc="Image height")
-    Colormap = device_property(dtype=str, default_value="viridis", doc="matplotlib colour map of maps")
-    IntervalSeconds = device_property(dtype=float, default_value=0.0,
+    WidthPixels = device_property(dtype=int, default_value=default_of(ImageSettings, "width"), doc="Image width")
+    HeightPixels = device_property(dtype=int, default_value=default_of(ImageSettings, "height"),
+                                   doc="Image height")
+    Colormap = device_property(dtype=str, default_value=default_of(ImageSettings, "colormap"),
+                               doc="matplotlib colour map of maps")
+    IntervalSeconds = device_property(dtype=float, default_value=default_of(ImageSettings, "interval_seconds"),
                                       doc="Refresh the images during a scan this often (0: at scan end only)")
-    MaxBytes = device_property(dtype=int, default_value=256 << 20,
+    MaxBytes = device_property(dtype=int, default_value=default_of(ImageSettings, "max_bytes"),
                                doc="Memory for one scan's maps and sums; products beyond it get no image")
 
     file_format = "images"
 
     def create_component(self) -> WriterComponent:
-        self.settings = ImageSettings(self.WidthPixels, self.HeightPixels, 100, self.Colormap,
-                                      self.IntervalSeconds, self.MaxBytes)
+        self.settings = ImageSettings(width=self.WidthPixels, height=self.HeightPixels, colormap=self.Colormap,
+                                      interval_seconds=self.IntervalSeconds, max_bytes=self.MaxBytes)
         return super().create_component()
 
     def open_file(self, run: ScanRun) -> ScanFile:

@@ -2,7 +2,10 @@
 
 A processor is a class registered under the entry-point group
 ``tangomesh.processors`` (setup.cfg); the scan's ``analysis.<pipeline>.processor``
-names it. Per scan the worker calls ``start_scan(scan, settings)`` once,
+names it. At StartScan the master calls the classmethod
+``check_settings(scan, settings)``, which refuses bad settings with a message
+before any data moves. Per scan the worker calls ``start_scan(scan, settings)``
+once (it runs the same ``check_settings`` first),
 ``process(batch)`` for every unit of work, ``end_scan()`` at the end. ``process``
 gets a whole :class:`Batch` (``count`` consecutive acquisition indices, arrays
 with that leading axis) and returns a dict of arrays with the same leading
@@ -79,8 +82,9 @@ class Batch:
 
 class Processor:
     """Base class of modality plugins. Override :meth:`process`; declare
-    ``settings_schema`` (JSON schema) so that bad settings refuse the scan
-    with a message instead of failing every point."""
+    ``settings_schema`` (JSON schema) and extend :meth:`check_settings` with
+    the processor's semantic checks, so that bad settings refuse the scan at
+    StartScan with a message instead of failing every point."""
 
     settings_schema: dict[str, Any] = {"type": "object"}
 
@@ -88,9 +92,25 @@ class Processor:
         self.scan: ScanMeta | None = None
         self.settings: dict[str, Any] = {}
 
+    @classmethod
+    def check_settings(cls, scan: ScanMeta, settings: dict[str, Any]) -> dict[str, Any]:
+        """The settings, checked: against ``settings_schema``, then (in
+        subclasses) the cheap semantic checks ``start_scan`` would otherwise
+        fail on (lines not excited, a geometry pyFAI cannot load, an unreadable
+        mask, inconsistent names). ValueError (SchemaError for the schema)
+        naming the problem.
+
+        The master calls it on every StartScan, in a Tango request thread and
+        without an instance: keep it fast (no data read, heavy work cached)
+        and free of side effects. ``start_scan`` calls it too, so a check is
+        written once and holds for both."""
+        return validate_against(cls.settings_schema, f"{cls.__name__} settings", settings)
+
     def start_scan(self, scan: ScanMeta, settings: dict[str, Any]) -> None:
+        """Check the settings (:meth:`check_settings`) and set the scan up;
+        subclasses call this first, then build what the scan needs."""
         self.scan = scan
-        self.settings = validate_against(self.settings_schema, f"{type(self).__name__} settings", settings)
+        self.settings = type(self).check_settings(scan, settings)
 
     def process(self, batch: Batch) -> dict[str, np.ndarray]:
         raise NotImplementedError

@@ -14,6 +14,8 @@ failure), ``sum`` / ``sum_norm`` over those others, and ``transmission`` =
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from pipelines.processors import Batch, Processor
@@ -22,6 +24,41 @@ from pipelines.processors import Batch, Processor
 def _base(name: str) -> str:
     """``i0`` of ``counters/i0``."""
     return name.rsplit("/", 1)[-1]
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Which counter is read, divided by the monitor, or the transmitted beam."""
+
+    monitor: str | None  # bare name
+    names: list[str]  # as given, the monitor appended if it is not among the counters
+    channels: list[str]  # bare names normalised and summed
+    transmitted: str | None
+
+    @classmethod
+    def of(cls, settings: dict) -> "_Layout":
+        """ValueError for settings whose names do not fit together."""
+        monitor = settings.get("normalise_by")
+        names = list(settings["counters"])
+        if monitor is not None and _base(monitor) not in map(_base, names):
+            names.append(monitor)
+        bases = [_base(n) for n in names]
+        clashes = sorted({b for b in bases if bases.count(b) > 1})
+        if clashes:
+            raise ValueError(f"counters {clashes} named twice (from different streams?): "
+                             "results are named by the bare counter name, so each must be unique")
+        monitor = None if monitor is None else _base(monitor)
+        raw = {_base(n) for n in settings.get("not_normalised", [])}
+        if raw - set(bases):
+            raise ValueError(f"not_normalised names {sorted(raw - set(bases))}, which are not among the counters")
+        channels = [b for b in bases if b != monitor and b not in raw]
+        transmitted = settings.get("transmission")
+        if transmitted is not None:
+            if monitor is None:
+                raise ValueError("transmission needs normalise_by: the incident-flux monitor")
+            if _base(transmitted) not in channels:
+                raise ValueError(f"transmission counter {transmitted!r} is not one of the counters {channels}")
+        return cls(monitor, names, channels, None if transmitted is None else _base(transmitted))
 
 
 class Counters(Processor):
@@ -39,30 +76,17 @@ class Counters(Processor):
         },
     }
 
+    @classmethod
+    def check_settings(cls, scan, settings) -> dict:
+        settings = super().check_settings(scan, settings)
+        _Layout.of(settings)  # the names must be consistent
+        return settings
+
     def start_scan(self, scan, settings) -> None:
         super().start_scan(scan, settings)
-        monitor = self.settings.get("normalise_by")
-        names = list(self.settings["counters"])
-        if monitor is not None and _base(monitor) not in map(_base, names):
-            names.append(monitor)
-        bases = [_base(n) for n in names]
-        clashes = sorted({b for b in bases if bases.count(b) > 1})
-        if clashes:
-            raise ValueError(f"counters {clashes} named twice (from different streams?): "
-                             "results are named by the bare counter name, so each must be unique")
-        self.monitor = None if monitor is None else _base(monitor)
-        self.names = names
-        raw = {_base(n) for n in self.settings.get("not_normalised", [])}
-        if raw - set(bases):
-            raise ValueError(f"not_normalised names {sorted(raw - set(bases))}, which are not among the counters")
-        self.channels = [_base(n) for n in names if _base(n) != self.monitor and _base(n) not in raw]
-        transmitted = self.settings.get("transmission")
-        if transmitted is not None:
-            if self.monitor is None:
-                raise ValueError("transmission needs normalise_by: the incident-flux monitor")
-            if _base(transmitted) not in self.channels:
-                raise ValueError(f"transmission counter {transmitted!r} is not one of the counters {self.channels}")
-        self.transmitted = None if transmitted is None else _base(transmitted)
+        layout = _Layout.of(self.settings)
+        self.monitor, self.names, self.channels, self.transmitted = (
+            layout.monitor, layout.names, layout.channels, layout.transmitted)
         self.with_sum = self.settings.get("sum", True)
 
     def _find(self, batch: Batch, name: str) -> np.ndarray:

@@ -52,13 +52,33 @@ class Dpc(Processor):
                   {"required": ["distance_m", "wavelength_m", "pixel_size_m"]}],
     }
 
+    @classmethod
+    def check_settings(cls, scan, settings) -> dict:
+        settings = super().check_settings(scan, settings)
+        name = f"{settings['detector']}/{settings.get('image', 'image')}"
+        shape = declared_shape(scan, name)
+        if shape is not None and len(shape) != 2:
+            raise ValueError(f"{name} is declared with shape {list(shape)} per point; DPC needs 2-D frames")
+        reference = settings.get("reference_px")
+        if shape is not None and reference is not None and not (
+                0 <= reference[0] <= shape[1] - 1 and 0 <= reference[1] <= shape[0] - 1):
+            raise ValueError(f"reference_px {reference} is outside the {shape[1]} x {shape[0]} frames of {name}")
+        if not math.isfinite(cls.px_per_rad_per_um(settings)):
+            raise ValueError("the DPC geometry gives no finite shift per phase gradient")
+        return settings
+
+    @staticmethod
+    def px_per_rad_per_um(settings: dict) -> float:
+        """Pixels of beam shift per rad/µm of phase gradient, given or from the geometry."""
+        return settings.get("shift_px_per_rad_per_um") or \
+            settings["distance_m"] * settings["wavelength_m"] / (2 * math.pi) * 1e6 / settings["pixel_size_m"]
+
     def start_scan(self, scan, settings) -> None:
         super().start_scan(scan, settings)
         s = self.settings
         self.name = f"{s['detector']}/{s.get('image', 'image')}"
         self.shape = declared_shape(scan, self.name)
-        self.scale = s.get("shift_px_per_rad_per_um") or \
-            s["distance_m"] * s["wavelength_m"] / (2 * math.pi) * 1e6 / s["pixel_size_m"]
+        self.scale = self.px_per_rad_per_um(s)
         self.monitor = s.get("normalise_by")
         self._grids: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
 

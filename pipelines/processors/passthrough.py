@@ -17,7 +17,8 @@ class Passthrough(Processor):
                 "type": "array",
                 "items": {"type": "string", "pattern": "^[^/]+/.+$"},
                 "uniqueItems": True,
-                "description": "stream/array names to pass on; default: every array of the batch",
+                "minItems": 1,
+                "description": "stream/array names to pass on; default (left out): every array of the batch",
             }
         },
     }

@@ -46,6 +46,24 @@ class Position(Processor):
         },
     }
 
+    @classmethod
+    def check_settings(cls, scan, settings) -> dict:
+        settings = super().check_settings(scan, settings)
+        used: dict[str, str] = {}
+        for axis, sensors in settings["axes"].items():
+            if sensors.get("encoder") is not None and sensors.get("encoder") == sensors.get("interferometer"):
+                raise ValueError(f"axis {axis}: encoder and interferometer are the same array "
+                                 f"{sensors['encoder']!r}: the calibration needs two sensors")
+            for sensor in dict.fromkeys(sensors.values()):
+                if sensor in used:
+                    raise ValueError(f"{sensor!r} is a sensor of both axis {used[sensor]} and axis {axis}")
+                used[sensor] = axis
+        results = [name for axis in settings["axes"] for name in (axis, f"{axis}_encoder_error", f"{axis}_source")]
+        clashes = sorted({r for r in results if results.count(r) > 1})
+        if clashes:
+            raise ValueError(f"axis names give the same result name twice: {clashes}")
+        return settings
+
     def start_scan(self, scan, settings) -> None:
         super().start_scan(scan, settings)
         self.axes = self.settings["axes"]

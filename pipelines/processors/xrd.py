@@ -25,6 +25,8 @@ Settings: ``detector`` (stream), ``image`` (array, default ``image``),
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 from typing import Any
 
@@ -35,6 +37,34 @@ from services.physics.powder import CubicPhase, reflections
 from services.physics.pyfai import integrator, integrator_module
 
 UNITS = ("2th_deg", "q_nm^-1")
+FRAME_FILES = ("mask", "dark", "flat")
+
+
+@functools.lru_cache(maxsize=64)
+def _geometry_problem(geometry_json: str) -> str:
+    """Why pyFAI cannot load this geometry ("" if it can). Cached by the
+    geometry's text: a beamline reuses one geometry for many scans, so the
+    master pays pyFAI's import and load once, not per StartScan."""
+    try:
+        integrator(json.loads(geometry_json))
+    except Exception as exc:  # pyFAI says what is wrong with the geometry
+        return f"the pyFAI geometry cannot be loaded: {type(exc).__name__}: {exc}"
+    return ""
+
+
+def _frame_file_shape(key: str, path: str) -> tuple[int, ...]:
+    """The frame shape of a ``.npy`` mask/dark/flat, from its header only (no
+    data read: the master checks it on every StartScan); ValueError naming
+    the file if it cannot be read or is not one 2-D frame."""
+    try:
+        frame = np.load(path, mmap_mode="r")  # header parsed, data mapped, not read
+        shape, dtype = frame.shape, frame.dtype
+        del frame
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{key} {path!r} cannot be read as a .npy frame: {exc}") from None
+    if len(shape) != 2 or dtype.kind not in "biuf":
+        raise ValueError(f"{key} {path!r} holds a {dtype} array of shape {list(shape)}, not one 2-D frame")
+    return tuple(shape)
 
 
 def ring_positions(phase: CubicPhase, wavelength_A: float, unit: str, limit: float) -> list[tuple[float, float]]:
@@ -77,19 +107,39 @@ class Xrd(Processor):
     def prepare(cls) -> None:
         integrator_module()
 
+    @classmethod
+    def check_settings(cls, scan, settings) -> dict:
+        settings = super().check_settings(scan, settings)
+        name = f"{settings['detector']}/{settings.get('image', 'image')}"
+        shape = declared_shape(scan, name)
+        if shape is not None and len(shape) != 2:
+            raise ValueError(f"{name} is declared with shape {list(shape)} per point; XRD needs 2-D frames")
+        problem = _geometry_problem(json.dumps(settings["geometry"], sort_keys=True))
+        if problem:
+            raise ValueError(problem)
+        for key in FRAME_FILES:
+            if key in settings:
+                frame_shape = _frame_file_shape(key, settings[key])
+                if shape is not None and frame_shape != tuple(shape):
+                    raise ValueError(f"{key} {settings[key]!r} has shape {list(frame_shape)}, "
+                                     f"the frames of {name} {list(shape)}")
+        names = [p["name"] for p in settings.get("phases", [])]
+        if len(set(names)) != len(names):
+            raise ValueError(f"phase names must be unique: {names}")
+        for phase in settings.get("phases", []):
+            CubicPhase.from_json(phase)  # ValueError naming the phase for an unknown structure
+        return settings
+
     def start_scan(self, scan, settings) -> None:
         super().start_scan(scan, settings)
         s = self.settings
         self.name = f"{s['detector']}/{s.get('image', 'image')}"
         self.shape = declared_shape(scan, self.name)
-        try:
-            self.ai = integrator(s["geometry"])
-        except Exception as exc:  # pyFAI says what is wrong with the geometry
-            raise ValueError(f"the pyFAI geometry cannot be loaded: {exc}") from None
+        self.ai = integrator(s["geometry"])  # loadable: check_settings tried it
         self.npt = s.get("npt_radial", 1000)
         self.unit = s.get("unit", "2th_deg")
         self.method = tuple(s.get("method", ("bbox", "csr", "cython")))
-        self.extra = {k: np.load(s[k]) for k in ("mask", "dark", "flat") if k in s}
+        self.extra = {k: np.load(s[k]) for k in FRAME_FILES if k in s}
         self.phases = [CubicPhase.from_json(p) for p in s.get("phases", [])]
         self.monitor = s.get("normalise_by")
         self.radial: np.ndarray | None = None

@@ -69,6 +69,36 @@ class Xrf(Processor):
         },
     }
 
+    @classmethod
+    def check_settings(cls, scan, settings) -> dict:
+        settings = super().check_settings(scan, settings)
+        name = f"{settings['detector']}/{settings.get('mca', 'mca')}"
+        shape = declared_shape(scan, name)
+        if shape is not None and len(shape) not in (1, 2):
+            raise ValueError(f"{name} is declared with shape {list(shape)} per point; XRF needs spectra "
+                             "(channels,) or (elements, channels)")
+        lo_hi = settings.get("fit_range_keV")
+        if lo_hi is not None and not lo_hi[0] < lo_hi[1]:
+            raise ValueError(f"fit_range_keV {lo_hi} is empty: give [low, high] with low < high")
+        cls.lines_of(settings)
+        return settings
+
+    @staticmethod
+    def lines_of(settings: dict) -> dict[str, tuple]:
+        """Each element's lines excited at the incident energy (xraylib, cached);
+        ValueError for an unknown element or a series not excited."""
+        incident = float(settings["incident_energy_keV"])
+        out = {}
+        for element, series in settings["elements"].items():
+            try:
+                lines = emission_lines(element, series, incident)
+            except ValueError as exc:
+                raise ValueError(f"element {element}: {exc}") from None
+            if not lines:
+                raise ValueError(f"{element} {series} lines are not excited at {incident:g} keV")
+            out[element] = lines
+        return out
+
     def start_scan(self, scan, settings) -> None:
         super().start_scan(scan, settings)
         s = self.settings
@@ -78,15 +108,7 @@ class Xrf(Processor):
         self.resolution = Resolution(**s.get("resolution", {}))
         self.incident = float(s["incident_energy_keV"])
         self.elements = list(s["elements"])
-        self.lines = {}
-        for element, series in s["elements"].items():
-            try:
-                lines = emission_lines(element, series, self.incident)
-            except ValueError as exc:
-                raise ValueError(f"element {element}: {exc}") from None
-            if not lines:
-                raise ValueError(f"{element} {series} lines are not excited at {self.incident:g} keV")
-            self.lines[element] = lines
+        self.lines = self.lines_of(s)
         self.monitor = s.get("normalise_by")
         self.channels: int | None = None
 

@@ -296,6 +296,28 @@ def test_bad_input_on_every_data_endpoint(mesh) -> None:
     assert "already started" in exc.value.args[0].desc
 
 
+def test_a_scan_whose_processor_refuses_its_settings_is_refused_at_start_scan(mesh) -> None:
+    """Bad analysis settings fail StartScan with the processor's own message
+    (Processor.check_settings), counted in Errors; nothing reaches the workers
+    or the sorter, instead of every point failing there."""
+    workers = [tango.DeviceProxy(f"test/p1-worker/{k}") for k in sorted(mesh.workers)]
+    before = ([w.EventsIn for w in workers], mesh.sorter.EventsIn, errors(mesh.master), mesh.master.CurrentScan)
+    document = simulate.scan_document("refused-1", 1, 100, PIPE, mesh.beamline.profile,
+                                      analysis={"settings": {"counters": ["i1"], "transmission": "i1"}})
+    with pytest.raises(tango.DevFailed) as exc:
+        mesh.master.StartScan(json.dumps(document))
+    error = exc.value.args[0]
+    assert error.reason == "TANGOMESH_InvalidInput"
+    assert "scan refused-1: counters settings refused: transmission needs normalise_by" in error.desc
+    assert errors(mesh.master) == before[2] + 1
+    assert mesh.master.CurrentScan == before[3]
+    assert "transmission needs normalise_by" in mesh.master.Status()
+    time.sleep(0.5)  # anything sent would have arrived by now
+    assert ([w.EventsIn for w in workers], mesh.sorter.EventsIn) == before[:2]
+    assert "refused-1" not in json.loads(mesh.sorter.FinishedScans)
+    assert mesh.master.State() == tango.DevState.ON
+
+
 def test_late_worker_slow_worker_and_bounded_burst_queue(mesh, tango_server) -> None:
     """Pipeline p2: spectra (16 KB per point) faster than one slow worker can
     take them. The master's queue fills to its bound and holds the sources

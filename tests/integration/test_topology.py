@@ -172,3 +172,49 @@ def test_bad_property_faults_the_device_with_a_reason_and_it_stays_up(manager, t
     proxy.Init()  # fixed in Jive, re-initialised from Astor/Jive: it recovers
     assert proxy.state() == tango.DevState.ON
     wait_for(lambda: device in names(manager), 10, "the repaired device to register")
+
+
+def test_in_fault_every_device_refuses_its_own_attributes_and_commands_until_init(manager, tango_server) -> None:
+    """The one FAULT rule (services/device.py), on a PipelineMaster and a Sink
+    that failed to start: their own attributes and commands answer DevFailed
+    TANGOMESH_Fault naming the start failure, never AttributeError; State,
+    Status, Init and the counters keep working; fixed and re-initialised they work."""
+    master_name, sink_name = "test/fault/master", "test/fault/sink"
+    tango_server("PipelineMaster/fault", {"PipelineMaster": {master_name: {
+        "DataHost": "127.0.0.1", "Pipeline": "fault", "MaxUnitPoints": 0}}})
+    tango_server("Sink/fault", {"Sink": {sink_name: {"DataHost": "127.0.0.1", "ViewerRateHz": 0}}})
+    master, sink = tango.DeviceProxy(master_name), tango.DeviceProxy(sink_name)
+    cases = [
+        (master, "PipelineMaster", "MaxUnitPoints must be positive", ["Progress", "WorkerTable", "CurrentScan"],
+         [lambda: master.StartScan("{}"), lambda: master.EndScan("s1"), lambda: master.AbortScan("s1")]),
+        (sink, "Sink", "ViewerRateHz must be in (0, 100]", ["ResidentBytes", "Products", "Preview", "PreviewProduct"],
+         [lambda: sink.ListScans(), lambda: sink.ScanInfo("s1"),
+          lambda: sink.write_attribute("PreviewProduct", "counters/sum")]),
+    ]
+    for proxy, cls, why, attributes, commands in cases:
+        name = proxy.name()
+        assert proxy.state() == tango.DevState.FAULT
+        expected = f"{cls} {name} is in FAULT: start failed: {why}"
+        calls = [lambda a=a: proxy.read_attribute(a) for a in attributes] + commands
+        for call in calls:
+            with pytest.raises(tango.DevFailed) as exc:
+                call()
+            assert exc.value.args[0].reason == "TANGOMESH_Fault", exc.value.args[0]
+            assert expected in exc.value.args[0].desc
+        # a client reading several at once gets the base ones and the refusal per attribute
+        state, errors, own = proxy.read_attributes(["State", "Errors", attributes[0]])
+        assert state.value == tango.DevState.FAULT and errors.value == 1
+        assert own.has_failed
+        assert proxy.Errors == 1 and proxy.EventsIn == 0 and proxy.QueueDepth == 0
+        assert proxy.Endpoints == "{}" and not proxy.Registered
+        assert proxy.status().startswith(f"start failed: {why}")
+        assert name not in names(manager)
+    master.put_property({"MaxUnitPoints": ["200"]})
+    sink.put_property({"ViewerRateHz": ["5"]})
+    for proxy in (master, sink):
+        proxy.Init()
+        assert proxy.state() == tango.DevState.ON
+        assert proxy.Errors == 0
+    assert master.Progress == 0.0 and master.CurrentScan == ""
+    assert sink.ScanCount == 0 and json.loads(sink.ListScans()) == []
+    wait_for(lambda: {master_name, sink_name} <= set(names(manager)), 10, "the repaired devices to register")

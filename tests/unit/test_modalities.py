@@ -212,3 +212,86 @@ def test_in_a_worker_one_bad_event_fails_alone_with_its_message(sim, pipeline, p
         # alone or in a batch, float32 sums round differently: 1e-4 is far below counting noise
         np.testing.assert_allclose(results[name][rows], values[rows], rtol=1e-4, err_msg=name)
         assert np.isnan(results[name][3]).all() or (results[name][3] == 0).all(), name
+
+
+# --------------------------------------------------------------------------- check_settings (what StartScan runs)
+
+
+def declaring(sim, stream: str, array: str, shape: list[int]):
+    """The simulation's scan document with one array declared with another per-point shape."""
+    doc = sim.document("m1", 1)
+    doc["streams"][stream]["arrays"][array]["shape"] = shape
+    return parse_scan(doc)
+
+
+def refused(processor, scan, settings, match: str) -> None:
+    """Refused by check_settings (the master, at StartScan) and by start_scan (the worker), alike."""
+    with pytest.raises(ValueError, match=match):
+        processor.check_settings(scan, settings)
+    with pytest.raises(ValueError, match=match):
+        processor().start_scan(scan, settings)
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"elements": {"Pb": "K"}}, "Pb K lines are not excited at 15 keV"),
+    ({"elements": {"Fe": "K", "Xx": "K"}}, "element Xx: Invalid chemical symbol"),
+    ({"elements": {"Fe": "M"}}, "elements/Fe"),
+    ({"incident_energy_keV": 5.0}, "Fe K lines are not excited at 5 keV"),
+    ({"fit_range_keV": [12.0, 2.0]}, r"fit_range_keV \[12.0, 2.0\] is empty"),
+    ({"energy_calibration": {"offset_keV": 0.0, "gain_keV_per_channel": 0}}, "gain_keV_per_channel"),
+])
+def test_xrf_check_settings_refuses_with_the_problem(sim, change, match) -> None:
+    refused(Xrf, parse_scan(sim.document("m1", 1)), {**sim.pipelines["xrf"].settings, **change}, match)
+
+
+def test_xrf_check_settings_refuses_an_mca_declared_as_images(sim) -> None:
+    refused(Xrf, declaring(sim, "xspress3", "mca", [4, 16, 256]), sim.pipelines["xrf"].settings,
+            r"xspress3/mca is declared with shape \[4, 16, 256\] per point; XRF needs spectra")
+
+
+def test_xrd_check_settings_refuses_what_pyfai_or_the_files_would(sim, tmp_path) -> None:
+    scan, good = parse_scan(sim.document("m1", 1)), sim.pipelines["xrd"].settings
+    np.save(tmp_path / "small.npy", np.zeros((10, 10), np.int8))
+    np.save(tmp_path / "stack.npy", np.zeros((2, 256, 256), np.float32))
+    (tmp_path / "text.npy").write_text("not a numpy file")
+    cases = [
+        ({"geometry": {**good["geometry"], "detector": "NoSuchDetector"}}, "the pyFAI geometry cannot be loaded"),
+        ({"geometry": {"dist": 0.05}}, "geometry"),
+        ({"mask": str(tmp_path / "missing.npy")}, "mask .*missing.npy' cannot be read"),
+        ({"dark": str(tmp_path / "text.npy")}, "dark .*text.npy' cannot be read"),
+        ({"flat": str(tmp_path / "stack.npy")}, r"flat .* shape \[2, 256, 256\], not one 2-D frame"),
+        ({"mask": str(tmp_path / "small.npy")}, r"mask .* has shape \[10, 10\], the frames of eiger/image \[256, 256\]"),
+        ({"phases": [{"name": "Ti", "lattice_A": 2.95, "structure": "hcp"}]}, "phase Ti: structure 'hcp'"),
+        ({"phases": [good["phases"][0], good["phases"][0]]}, "phase names must be unique"),
+        ({"unit": "r_mm"}, "unit"),
+    ]
+    for change, match in cases:
+        refused(Xrd, scan, {**good, **change}, match)
+    refused(Xrd, declaring(sim, "eiger", "image", [65536]), good, "XRD needs 2-D frames")
+
+
+def test_xrd_check_settings_is_cheap_once_the_geometry_was_seen(sim) -> None:
+    """The master checks on every StartScan: pyFAI loads a geometry once, then the check is a cache hit."""
+    import time
+
+    scan, good = parse_scan(sim.document("m1", 1)), sim.pipelines["xrd"].settings
+    assert Xrd.check_settings(scan, good) == good  # may import pyFAI and load the geometry
+    t0 = time.perf_counter()
+    for _ in range(20):
+        Xrd.check_settings(scan, good)
+    assert (time.perf_counter() - t0) / 20 < 0.02
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"reference_px": [80.0, 10.0]}, r"reference_px \[80.0, 10.0\] is outside the 64 x 64 frames of dpc/image"),
+    ({"method": "ptychography"}, "method"),
+    ({"shift_px_per_rad_per_um": -1.0}, "shift_px_per_rad_per_um"),
+])
+def test_dpc_check_settings_refuses_with_the_problem(sim, change, match) -> None:
+    refused(Dpc, parse_scan(sim.document("m1", 1)), {**sim.pipelines["dpc"].settings, **change}, match)
+
+
+def test_dpc_check_settings_needs_the_geometry_or_the_scale_and_2d_frames(sim) -> None:
+    scan = parse_scan(sim.document("m1", 1))
+    refused(Dpc, scan, {"detector": "dpc", "distance_m": 3.0}, "Dpc settings.*not valid under any")
+    refused(Dpc, declaring(sim, "dpc", "image", [4096]), sim.pipelines["dpc"].settings, "DPC needs 2-D frames")

@@ -5,6 +5,7 @@ the Batch view of a unit, the result check, the ``counters`` and
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import numpy as np
@@ -330,6 +331,94 @@ def test_passthrough_hands_on_the_selected_arrays() -> None:
 def test_bad_passthrough_settings_refuse_the_scan(settings: dict[str, Any]) -> None:
     with pytest.raises(SchemaError, match="Passthrough settings"):
         Passthrough().start_scan(META, settings)
+
+
+@pytest.mark.parametrize("settings", [{"arrays": []}])
+def test_an_empty_passthrough_list_is_refused(settings: dict[str, Any]) -> None:
+    with pytest.raises(SchemaError, match="Passthrough settings.*arrays"):
+        Passthrough.check_settings(META, settings)
+
+
+# --------------------------------------------------------------------------- check_settings (what StartScan runs)
+
+BAD_SETTINGS = [
+    # (processor, settings, what the message must name)
+    (Counters, {}, "counters"),
+    (Counters, {"counters": ["i1"], "normalize_by": "i0"}, "normalize_by"),
+    (Counters, {"counters": ["i1"], "transmission": "i1"}, "transmission needs normalise_by"),
+    (Counters, {"counters": ["i1"], "normalise_by": "i0", "transmission": "diode"}, "not one of the counters"),
+    (Counters, {"counters": ["i1"], "normalise_by": "i0", "not_normalised": ["xbiv"]}, "not among the counters"),
+    (Counters, {"counters": ["scaler/i1", "diode/i1"]}, r"\['i1'\] named twice"),
+    (Position, {"axes": {}}, "axes"),
+    (Position, {"axes": {"samx": {"encoder": "pandabox/samx", "interferometer": "pandabox/samx"}}},
+     "axis samx: encoder and interferometer are the same array"),
+    (Position, {"axes": {"samx": {"encoder": "pandabox/enc"}, "samy": {"encoder": "pandabox/enc"}}},
+     "'pandabox/enc' is a sensor of both axis samx and axis samy"),
+    (Position, {"axes": {"samx": {"encoder": "a/x"}, "samx_source": {"encoder": "a/y"}}},
+     r"same result name twice: \['samx_source'\]"),
+    (Passthrough, {"arrays": ["i0"]}, "arrays/0"),
+]
+
+
+@pytest.mark.parametrize("processor, settings, match", BAD_SETTINGS)
+def test_check_settings_refuses_bad_settings_naming_the_problem(processor, settings, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        processor.check_settings(META, settings)
+    with pytest.raises(ValueError, match=match):  # the worker's start_scan runs the same check
+        processor().start_scan(META, settings)
+
+
+@pytest.mark.parametrize("name", ["counters", "position", "passthrough"])
+def test_check_settings_returns_good_settings_unchanged(name: str) -> None:
+    good = {"counters": PROFILE.settings, "position": POSITION, "passthrough": {"arrays": ["scaler/i0"]}}[name]
+    assert processors.load(name).check_settings(META, good) == good
+
+
+def test_start_scan_checks_with_check_settings(monkeypatch) -> None:
+    """One check, two callers: the master (classmethod, no instance) and the worker's start_scan."""
+    calls = []
+
+    def refuse(cls, scan, settings):
+        calls.append((cls, settings))
+        raise ValueError("refused by check_settings")
+
+    monkeypatch.setattr(Counters, "check_settings", classmethod(refuse))
+    with pytest.raises(ValueError, match="refused by check_settings"):
+        Counters().start_scan(META, PROFILE.settings)
+    assert calls == [(Counters, PROFILE.settings)]
+
+
+class NoLink:
+    """The master must refuse bad settings before asking the topology manager anything."""
+
+    def __init__(self) -> None:
+        self.lookups = 0
+
+    def lookup(self, query: dict) -> list[dict]:
+        self.lookups += 1
+        return []
+
+
+def test_the_master_refuses_a_scan_whose_processor_refuses_its_settings() -> None:
+    from pipelines.master import MasterComponent, MasterConfig
+    from services.scan import ScanError
+
+    link = NoLink()
+    master = MasterComponent("test/p1/master", "p1", "127.0.0.1", "127.0.0.1", MasterConfig(), link)
+    try:
+        bad = simulate.scan_document("bad-1", 1, 100, "p1", PROFILE,
+                                     analysis={"settings": {"counters": ["i1"], "transmission": "i1"}})
+        with pytest.raises(ScanError, match="scan bad-1: counters settings refused: transmission needs normalise_by"):
+            master.plan_scan(json.dumps(bad))
+        schema_bad = simulate.scan_document("bad-2", 1, 100, "p1", PROFILE, analysis={"settings": {"sum": True}})
+        with pytest.raises(ValueError, match="Counters settings.*counters"):
+            master.plan_scan(json.dumps(schema_bad))
+        assert link.lookups == 0
+        with pytest.raises(ScanError, match="no registered source"):  # good settings go on to the lookup
+            master.plan_scan(json.dumps(simulate.scan_document("good-1", 1, 100, "p1", PROFILE)))
+        assert link.lookups == 1
+    finally:
+        master.stop()
 
 
 # --------------------------------------------------------------------------- run_isolated
