@@ -27,7 +27,7 @@ from pipelines.worker import WorkerComponent, WorkerConfig
 from services.registration import RegistrationClient, wait_registered
 from services.source import SourceClient
 from support.waiting import wait_for
-from topology_manager.component import TopologyComponent
+from topology_manager.component import TopologyComponent, TopologyConfig
 from topology_manager.local import LocalManagerLink
 
 # The simulated scans: profiles (values, expected results, documents) and the checking probe.
@@ -186,7 +186,7 @@ def build_chain(pipeline: str = "p1", profile: str = "counters", workers: int | 
     master_config = master_config or MasterConfig(max_unit_points=100, worker_timeout=1.0)
     sorter_config = sorter_config or SorterConfig()
     worker_config = worker_config or WorkerConfig(heartbeat=0.1)
-    topology = TopologyComponent("test/topology/manager", lease_seconds=10.0, heartbeat_seconds=1.0)
+    topology = TopologyComponent("test/topology/manager", TopologyConfig(lease_seconds=10.0, heartbeat_seconds=1.0))
     topology.start()
     link = LocalManagerLink(topology.registry)
     undo: list[Callable[[], None]] = [topology.stop]  # what a failed build must take down, newest first

@@ -16,7 +16,7 @@ def info(name: str = "test/p1/sorter") -> dict:
 
 
 def test_documents_are_copied_both_ways_as_over_tango() -> None:
-    link = LocalManagerLink(Registry())
+    link = LocalManagerLink(Registry(10.0, 2.0))
     sent = info()
     assert link.register(sent) == {"name": "test/p1/sorter", "lease_s": 10.0, "heartbeat_s": 2.0}
     sent["endpoints"]["results_in"] = "tcp://elsewhere:1"  # the caller's dict is not the record
@@ -28,7 +28,7 @@ def test_documents_are_copied_both_ways_as_over_tango() -> None:
 
 
 def test_refusals_are_those_of_the_link_contract() -> None:
-    link = LocalManagerLink(Registry())
+    link = LocalManagerLink(Registry(10.0, 2.0))
     with pytest.raises(ValueError, match="invalid registration"):
         link.register({"name": "not a device name", "kind": "sorter", "host": "h", "pid": 1})
     with pytest.raises(ValueError, match="invalid lookup"):
@@ -40,7 +40,7 @@ def test_refusals_are_those_of_the_link_contract() -> None:
 
 
 def test_the_registration_client_runs_its_lease_over_it() -> None:
-    registry = Registry()
+    registry = Registry(10.0, 2.0)
     client = RegistrationClient(LocalManagerLink(registry), info())
     client.tick()
     assert client.registered and len(registry) == 1

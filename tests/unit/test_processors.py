@@ -406,16 +406,16 @@ def test_the_master_refuses_a_scan_whose_processor_refuses_its_settings() -> Non
     link = NoLink()
     master = MasterComponent("test/p1/master", "p1", "127.0.0.1", "127.0.0.1", MasterConfig(), link)
     try:
-        bad = simulate.scan_document("bad-1", 1, 100, "p1", PROFILE,
-                                     analysis={"settings": {"counters": ["i1"], "transmission": "i1"}})
+        bad = profiles.ProfileScan(PROFILE, "p1", 100, analysis={
+            "settings": {"counters": ["i1"], "transmission": "i1"}}).document("bad-1", 1)
         with pytest.raises(ScanError, match="scan bad-1: counters settings refused: transmission needs normalise_by"):
             master.plan_scan(json.dumps(bad))
-        schema_bad = simulate.scan_document("bad-2", 1, 100, "p1", PROFILE, analysis={"settings": {"sum": True}})
+        schema_bad = profiles.ProfileScan(PROFILE, "p1", 100, analysis={"settings": {"sum": True}}).document("bad-2", 1)
         with pytest.raises(ValueError, match="Counters settings.*counters"):
             master.plan_scan(json.dumps(schema_bad))
         assert link.lookups == 0
         with pytest.raises(ScanError, match="no registered source"):  # good settings go on to the lookup
-            master.plan_scan(json.dumps(simulate.scan_document("good-1", 1, 100, "p1", PROFILE)))
+            master.plan_scan(json.dumps(profiles.ProfileScan(PROFILE, "p1", 100).document("good-1", 1)))
         assert link.lookups == 1
     finally:
         master.stop()
