@@ -29,7 +29,7 @@ from tango import DevState
 from tango.server import Device, attribute, device_property
 from tango.utils import PyTangoThread
 
-from services.component import Component
+from services.component import BRIEF_CHARS, Component, brief
 from services.registration import (
     DEFAULT_TOPOLOGY_DEVICE,
     REASON_FAULT,
@@ -43,8 +43,9 @@ LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 
 
 def throw_invalid(message: str, origin: str) -> NoReturn:
-    """Refuse a command's input with a DevFailed that names what was wrong."""
-    tango.Except.throw_exception(REASON_INVALID_INPUT, message, origin)
+    """Refuse a command's input with a DevFailed that names what was wrong
+    (briefly: a huge argument is never echoed whole to the client)."""
+    tango.Except.throw_exception(REASON_INVALID_INPUT, brief(message, 3 * BRIEF_CHARS), origin)
 
 
 def default_of(config: type, name: str) -> Any:

@@ -183,6 +183,7 @@ class Sink(MeshDevice):
         try:
             return json.dumps(self.component.store.info(scan.strip()))
         except StoreError as exc:
+            self.component.counters.error(f"ScanInfo refused: {exc}")
             throw_invalid(str(exc), "Sink.ScanInfo")
 
 

@@ -10,6 +10,7 @@ import tango
 from tango.server import attribute, command, device_property
 from tango.utils import PyTangoThread
 
+from services.component import brief
 from services.device import MeshDevice, default_of, throw_invalid
 from services.registration import REASON_UNKNOWN_SERVICE, ManagerLink, UnknownService
 from services.schema import SchemaError, load_json
@@ -72,7 +73,7 @@ class TopologyManager(MeshDevice):
             throw_invalid(str(exc), f"TopologyManager.{origin}")
         except UnknownService as exc:
             self.component.counters.error(f"{origin}: {exc}")
-            tango.Except.throw_exception(REASON_UNKNOWN_SERVICE, str(exc), f"TopologyManager.{origin}")
+            tango.Except.throw_exception(REASON_UNKNOWN_SERVICE, brief(str(exc)), f"TopologyManager.{origin}")
 
     @command(dtype_in=str, doc_in="registration JSON (services/schemas/registration.json)",
              dtype_out=str, doc_out="lease terms JSON: name, lease_s, heartbeat_s")

@@ -302,8 +302,8 @@ def test_a_scan_whose_processor_refuses_its_settings_is_refused_at_start_scan(me
     or the sorter, instead of every point failing there."""
     workers = [tango.DeviceProxy(f"test/p1-worker/{k}") for k in sorted(mesh.workers)]
     before = ([w.EventsIn for w in workers], mesh.sorter.EventsIn, errors(mesh.master), mesh.master.CurrentScan)
-    document = simulate.scan_document("refused-1", 1, 100, PIPE, mesh.beamline.profile,
-                                      analysis={"settings": {"counters": ["i1"], "transmission": "i1"}})
+    document = profiles.ProfileScan(mesh.beamline.profile, PIPE, 100, analysis={
+        "settings": {"counters": ["i1"], "transmission": "i1"}}).document("refused-1", 1)
     with pytest.raises(tango.DevFailed) as exc:
         mesh.master.StartScan(json.dumps(document))
     error = exc.value.args[0]
@@ -373,3 +373,26 @@ def test_late_worker_slow_worker_and_bounded_burst_queue(mesh, tango_server) -> 
     fast_share = last[fast] - at_join.get(fast, 0)
     slow_share = last[slow] - at_join[slow]
     assert fast_share > 3 * slow_share, (fast_share, slow_share)
+
+
+def test_a_ten_mib_argument_and_a_deep_json_get_a_short_counted_refusal(mesh) -> None:
+    """Every string command of the manager and the master, fed 10 MiB and a
+    100,000-deep JSON: a DevFailed under 1 KiB, counted, Status stays small,
+    and the mesh goes on (the next test's scans)."""
+    huge, deep = "x" * 10 * 2**20, "[" * 100_000 + "]" * 100_000
+    manager = tango.DeviceProxy(MANAGER)
+    for proxy in (manager, mesh.master):
+        proxy.set_timeout_millis(10_000)
+    calls = [(manager, c) for c in ("Register", "Heartbeat", "Deregister", "Lookup")] + \
+            [(mesh.master, c) for c in ("StartScan", "EndScan", "AbortScan")]
+    errors0 = {MANAGER: manager.Errors, MASTER: mesh.master.Errors}
+    for proxy, command in calls:
+        for argument in (huge, deep):
+            with pytest.raises(tango.DevFailed) as caught:
+                proxy.command_inout(command, argument)
+            error = caught.value.args[0]
+            assert len(error.desc) < 1024, f"{command}: {len(error.desc)} characters of error"
+            assert error.reason in ("TANGOMESH_InvalidInput", "TANGOMESH_UnknownService"), (command, error.reason)
+        assert len(proxy.Status()) < 4096, f"{command}: Status grew to {len(proxy.Status())} characters"
+    assert manager.Errors >= errors0[MANAGER] + 8 and mesh.master.Errors == errors0[MASTER] + 6
+    assert manager.State() == tango.DevState.ON and mesh.master.State() == tango.DevState.ON

@@ -288,6 +288,7 @@ def test_bad_queries_and_bad_data_get_errors_and_the_sink_stays_up(mesh) -> None
                                    arrays={"x": np.zeros(1)}))
     codec.send(push, codec.Message(codec.SCAN_START, scan="x", stream=PIPE, meta={"scan": {"bad": 1}}))
     push.close()
-    wait_for(lambda: sink.Errors >= errors0 + 4 + 3, 5, "the refusals to be counted")
+    # 3 bad queries, the query and the ScanInfo for "nope", 3 bad data messages
+    wait_for(lambda: sink.Errors >= errors0 + 5 + 3, 5, "the refusals to be counted")
     assert "scan_start refused" in sink.Status()
     assert sink.state() == tango.DevState.ON and client.stats()["budget"] == 512 * 2**20
