@@ -16,41 +16,33 @@ from pipelines.dispatch import Affinity
 from pipelines.master import MasterComponent, MasterConfig
 from pipelines.sorter import SorterComponent, SorterConfig
 from pipelines.worker import WorkerComponent, WorkerConfig
-from services.device import MeshDevice, console_script, default_of, throw_invalid
+from services.device import MeshDevice, config_property, console_script, throw_invalid
 from services.registration import ManagerUnavailable
 
 
 class PipelineMaster(MeshDevice):
     """Scan control, event formation and credit-based fan-out for one pipeline."""
 
-    MaxQueueBytes = device_property(dtype=int, default_value=default_of(MasterConfig, "max_queue_bytes"),
-                                    doc="Burst queue bound: bytes of source data and unacknowledged work held")
-    MaxUnitPoints = device_property(dtype=int, default_value=default_of(MasterConfig, "max_unit_points"),
-                                    doc="Most events in one unit of work")
-    MaxUnitBytes = device_property(dtype=int, default_value=default_of(MasterConfig, "max_unit_bytes"),
-                                   doc="Most source bytes in one unit of work")
-    IncompleteTimeoutSeconds = device_property(
-        dtype=float, default_value=default_of(MasterConfig, "incomplete_timeout"),
-        doc="How long a stream may lag before its events go on marked incomplete")
-    WorkerTimeoutSeconds = device_property(
-        dtype=float, default_value=default_of(MasterConfig, "worker_timeout"),
-        doc="A worker silent this long is gone: its work goes to others")
+    MaxQueueBytes = config_property(
+        MasterConfig, "max_queue_bytes", doc="Burst queue bound: bytes of source data and unacknowledged work held")
+    MaxUnitPoints = config_property(MasterConfig, "max_unit_points", doc="Most events in one unit of work")
+    MaxUnitBytes = config_property(MasterConfig, "max_unit_bytes", doc="Most source bytes in one unit of work")
+    IncompleteTimeoutSeconds = config_property(
+        MasterConfig, "incomplete_timeout", doc="How long a stream may lag before its events go on marked incomplete")
+    WorkerTimeoutSeconds = config_property(
+        MasterConfig, "worker_timeout", doc="A worker silent this long is gone: its work goes to others")
     Affinity = device_property(dtype=str, default_value="",  # empty: MasterConfig's default affinity (none)
                                doc='Default affinity, e.g. {"group": 100} or {"copy_to": "debug"}')
-    Preload = device_property(
-        dtype=(str,), default_value=default_of(MasterConfig, "preload"),
+    Preload = config_property(
+        MasterConfig, "preload",
         doc="Processors prepared at start-up, so that StartScan's check of their settings does not wait for "
             "heavy imports (xrd: pyFAI, seconds; * = every installed one); default none")
 
     component: MasterComponent
 
     def create_component(self) -> MasterComponent:
-        config = MasterConfig(
-            max_queue_bytes=self.MaxQueueBytes, max_unit_points=self.MaxUnitPoints,
-            max_unit_bytes=self.MaxUnitBytes, incomplete_timeout=self.IncompleteTimeoutSeconds,
-            worker_timeout=self.WorkerTimeoutSeconds,
-            affinity=Affinity.from_json(json.loads(self.Affinity) if self.Affinity else None),
-            preload=tuple(self.Preload))
+        config = self.config_from_properties(
+            MasterConfig, affinity=Affinity.from_json(json.loads(self.Affinity) if self.Affinity else None))
         return MasterComponent(self.get_name(), self.Pipeline, self.bind_host, self.advertised_host, config,
                                self.create_link(), PyTangoThread)
 
@@ -130,26 +122,22 @@ class PipelineMaster(MeshDevice):
 class PipelineWorker(MeshDevice):
     """Runs the scan's processor (a modality plugin) over units of work."""
 
-    Prefetch = device_property(dtype=int, default_value=default_of(WorkerConfig, "prefetch"),
-                               doc="Units asked for ahead of processing (credit window)")
-    HeartbeatSeconds = device_property(dtype=float, default_value=default_of(WorkerConfig, "heartbeat"),
-                                       doc="Heartbeat period towards the master")
-    Role = device_property(dtype=str, default_value=default_of(WorkerConfig, "role"),
-                           doc='"" for a normal worker, or e.g. "debug" for copies')
-    ProcessingDelaySeconds = device_property(
-        dtype=float, default_value=default_of(WorkerConfig, "processing_delay"),
+    Prefetch = config_property(WorkerConfig, "prefetch", doc="Units asked for ahead of processing (credit window)")
+    HeartbeatSeconds = config_property(WorkerConfig, "heartbeat", doc="Heartbeat period towards the master")
+    Role = config_property(WorkerConfig, "role", doc='"" for a normal worker, or e.g. "debug" for copies')
+    ProcessingDelaySeconds = config_property(
+        WorkerConfig, "processing_delay",
         doc="Extra time per unit, to rehearse a slow node when commissioning load balancing; leave 0")
-    Preload = device_property(
-        dtype=(str,), default_value=default_of(WorkerConfig, "preload"),
+    Preload = config_property(
+        WorkerConfig, "preload",
         doc="Processors loaded with their heavy imports at start-up, so the first scan does not wait "
             "(* = every installed one; pyFAI alone is ~1.7 s and ~130 MB); default none: loaded by the first scan")
 
     component: WorkerComponent
 
     def create_component(self) -> WorkerComponent:
-        config = WorkerConfig(prefetch=self.Prefetch, heartbeat=self.HeartbeatSeconds, role=self.Role,
-                              processing_delay=self.ProcessingDelaySeconds, preload=tuple(self.Preload))
-        return WorkerComponent(self.get_name(), self.Pipeline, config, self.create_link(), PyTangoThread)
+        return WorkerComponent(self.get_name(), self.Pipeline, self.config_from_properties(WorkerConfig),
+                               self.create_link(), PyTangoThread)
 
     @attribute(dtype=str, doc="Processor of the latest scan")
     def Processor(self) -> str:
@@ -171,20 +159,17 @@ class PipelineWorker(MeshDevice):
 class Sorter(MeshDevice):
     """Restores acquisition order and delivers a pipeline's results to its consumers."""
 
-    ChunkPoints = device_property(dtype=int, default_value=default_of(SorterConfig, "chunk_points"),
-                                  doc="Most points merged into one chunk")
-    ChunkSeconds = device_property(dtype=float, default_value=default_of(SorterConfig, "chunk_seconds"),
-                                   doc="A chunk leaves at most this long after its first result")
-    GapTimeoutSeconds = device_property(dtype=float, default_value=default_of(SorterConfig, "gap_timeout"),
-                                        doc="How long a missing index is awaited before a gap record replaces it")
+    ChunkPoints = config_property(SorterConfig, "chunk_points", doc="Most points merged into one chunk")
+    ChunkSeconds = config_property(
+        SorterConfig, "chunk_seconds", doc="A chunk leaves at most this long after its first result")
+    GapTimeoutSeconds = config_property(
+        SorterConfig, "gap_timeout", doc="How long a missing index is awaited before a gap record replaces it")
 
     component: SorterComponent
 
     def create_component(self) -> SorterComponent:
-        config = SorterConfig(chunk_points=self.ChunkPoints, chunk_seconds=self.ChunkSeconds,
-                              gap_timeout=self.GapTimeoutSeconds)
-        return SorterComponent(self.get_name(), self.Pipeline, self.bind_host, self.advertised_host, config,
-                               self.create_link(), PyTangoThread)
+        return SorterComponent(self.get_name(), self.Pipeline, self.bind_host, self.advertised_host,
+                               self.config_from_properties(SorterConfig), self.create_link(), PyTangoThread)
 
     @attribute(dtype=str, doc="Latest scan started")
     def CurrentScan(self) -> str:

@@ -69,6 +69,25 @@ def default_of(config: type, name: str) -> Any:
     raise ValueError(f"{config.__name__} has no field {name!r}")
 
 
+_DTYPES = {"int": int, "float": float, "str": str, "bool": bool, "tuple[str, ...]": (str,)}
+
+
+def config_property(config: type, name: str, doc: str) -> device_property:
+    """A device property for field ``name`` of the component's config
+    dataclass: its default and its Tango type are the field's, so a device
+    states neither again. :meth:`MeshDevice.config_from_properties` builds
+    the config from all such properties of a device."""
+    field = next((f for f in dataclasses.fields(config) if f.name == name), None)
+    dtype = _DTYPES.get(field.type if isinstance(field.type, str) else getattr(field.type, "__name__", "")) \
+        if field is not None else None
+    if dtype is None:
+        raise ValueError(f"{config.__name__}.{name}: not a field of a Tango property type (int, float, str, bool, "
+                         "tuple of str)")
+    prop = device_property(dtype=dtype, default_value=default_of(config, name), doc=doc)
+    prop.config_field = (config, name)  # type: ignore[attr-defined]
+    return prop
+
+
 def _allowed_unless_fault(name: str, own: Callable[..., bool] | None = None) -> Callable[..., bool]:
     """Tango's is-allowed hook for attribute or command ``name``: refuses in
     FAULT, then asks the device's own ``is_<name>_allowed``, if it has one."""
@@ -145,6 +164,18 @@ class MeshDevice(Device):
             own = getattr(cls, hook, None)
             if own is None or not getattr(own, "fault_rule", False):
                 setattr(cls, hook, _allowed_unless_fault(name, own))
+
+    def config_from_properties(self, config: type, **computed: Any) -> Any:
+        """``config`` built from this device's :func:`config_property`
+        properties for it, plus the fields the device computes itself
+        (``computed``: a path resolved, a JSON property decoded)."""
+        values: dict[str, Any] = {}
+        for klass in reversed(type(self).__mro__):
+            for key, prop in vars(klass).items():
+                if getattr(prop, "config_field", (None,))[0] is config:
+                    value = getattr(self, key)
+                    values[prop.config_field[1]] = tuple(value) if isinstance(value, list) else value
+        return config(**{**values, **computed})
 
     def refuse_in_fault(self, what: str = "") -> NoReturn:
         """The DevFailed a device in FAULT answers with, naming the start failure."""

@@ -15,13 +15,13 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import zmq
-from tango.server import attribute, command, device_property
+from tango.server import attribute, command
 from tango.utils import PyTangoThread
 
 from services import codec, protocol
 from services.component import Component
 from services.dataplane import PullInlet
-from services.device import MeshDevice, console_script, default_of
+from services.device import MeshDevice, config_property, console_script
 
 log = logging.getLogger("tangomesh.recorder")
 
@@ -95,15 +95,14 @@ class RecorderComponent(Component):
 class Recorder(MeshDevice):
     """Consumer that records a summary of every data-plane message."""
 
-    MaxRecords = device_property(dtype=int, default_value=default_of(RecorderConfig, "max_records"),
-                                 doc="Records kept in memory (oldest go first)")
+    MaxRecords = config_property(RecorderConfig, "max_records", doc="Records kept in memory (oldest go first)")
 
     component: RecorderComponent
 
     def create_component(self) -> RecorderComponent:
         return RecorderComponent(
             self.get_name(), self.Pipeline, self.bind_host, self.advertised_host,
-            RecorderConfig(max_records=self.MaxRecords), PyTangoThread
+            self.config_from_properties(RecorderConfig), PyTangoThread
         )
 
     @attribute(dtype=int, doc="Messages recorded since start or Clear")

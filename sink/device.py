@@ -16,7 +16,7 @@ from tango import AttrWriteType
 from tango.server import attribute, command, device_property
 from tango.utils import PyTangoThread
 
-from services.device import MeshDevice, console_script, default_of, throw_invalid
+from services.device import MeshDevice, config_property, console_script, throw_invalid
 from sink.component import SinkComponent, SinkConfig
 from sink.store import StoreError
 from sink.views import preview_image
@@ -28,18 +28,17 @@ EVENT_ATTRIBUTES = ("CurrentScan", "PointsExpected", "PointsReceived", "Progress
 class Sink(MeshDevice):
     """Keeps the latest scans in memory as maps; answers queries; feeds Lavue."""
 
-    MemoryBudgetBytes = device_property(dtype=int, default_value=default_of(SinkConfig, "budget_bytes"),
-                                        doc="Bytes of product arrays kept; least recently used scans go first")
-    ViewerRateHz = device_property(dtype=float, default_value=default_of(SinkConfig, "viewer_rate_hz"),
-                                   doc="Most pictures per second per Lavue topic and Tango preview")
-    DatasourcesSeconds = device_property(dtype=float, default_value=default_of(SinkConfig, "announce_seconds"),
-                                         doc="Period of the Lavue datasources announcement (also sent on change)")
-    StaleScanSeconds = device_property(dtype=float, default_value=default_of(SinkConfig, "stale_seconds"),
-                                       doc="A scan still open but idle this long may be evicted")
+    MemoryBudgetBytes = config_property(
+        SinkConfig, "budget_bytes", doc="Bytes of product arrays kept; least recently used scans go first")
+    ViewerRateHz = config_property(
+        SinkConfig, "viewer_rate_hz", doc="Most pictures per second per Lavue topic and Tango preview")
+    DatasourcesSeconds = config_property(
+        SinkConfig, "announce_seconds", doc="Period of the Lavue datasources announcement (also sent on change)")
+    StaleScanSeconds = config_property(
+        SinkConfig, "stale_seconds", doc="A scan still open but idle this long may be evicted")
     PreviewMaxSide = device_property(dtype=int, default_value=512,
                                      doc=f"Largest side of the Preview image (decimated above; at most {PREVIEW_MAX_SIDE})")
-    ViewerHwm = device_property(dtype=int, default_value=default_of(SinkConfig, "viewer_hwm"),
-                                doc="Send high-water mark of the Lavue stream")
+    ViewerHwm = config_property(SinkConfig, "viewer_hwm", doc="Send high-water mark of the Lavue stream")
 
     component: SinkComponent
 
@@ -57,11 +56,8 @@ class Sink(MeshDevice):
     def create_component(self) -> SinkComponent:
         if not 1 <= self.PreviewMaxSide <= PREVIEW_MAX_SIDE:
             raise ValueError(f"PreviewMaxSide must be in [1, {PREVIEW_MAX_SIDE}]")
-        config = SinkConfig(budget_bytes=self.MemoryBudgetBytes, viewer_rate_hz=self.ViewerRateHz,
-                            announce_seconds=self.DatasourcesSeconds, stale_seconds=self.StaleScanSeconds,
-                            viewer_hwm=self.ViewerHwm)
-        return SinkComponent(self.get_name(), self.Pipeline, self.bind_host, self.advertised_host, config,
-                             PyTangoThread, on_refresh=self._refresh_events)
+        return SinkComponent(self.get_name(), self.Pipeline, self.bind_host, self.advertised_host,
+                             self.config_from_properties(SinkConfig), PyTangoThread, on_refresh=self._refresh_events)
 
     # ------------------------------------------------------------ events (viewer thread)
     def _refresh_events(self, now: float) -> None:

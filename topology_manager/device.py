@@ -7,11 +7,11 @@ from contextlib import contextmanager
 from typing import Iterator
 
 import tango
-from tango.server import attribute, command, device_property
+from tango.server import attribute, command
 from tango.utils import PyTangoThread
 
 from services.component import brief
-from services.device import MeshDevice, default_of, throw_invalid
+from services.device import MeshDevice, config_property, throw_invalid
 from services.registration import REASON_UNKNOWN_SERVICE, ManagerLink, UnknownService
 from services.schema import SchemaError, load_json
 from topology_manager.component import TopologyComponent, TopologyConfig
@@ -20,10 +20,8 @@ from topology_manager.component import TopologyComponent, TopologyConfig
 class TopologyManager(MeshDevice):
     """Registration, discovery and liveness of every tangomesh service."""
 
-    LeaseSeconds = device_property(dtype=float, default_value=default_of(TopologyConfig, "lease_seconds"),
-                                   doc="A service silent this long is removed")
-    HeartbeatSeconds = device_property(dtype=float, default_value=default_of(TopologyConfig, "heartbeat_seconds"),
-                                       doc="Heartbeat period asked of services")
+    LeaseSeconds = config_property(TopologyConfig, "lease_seconds", doc="A service silent this long is removed")
+    HeartbeatSeconds = config_property(TopologyConfig, "heartbeat_seconds", doc="Heartbeat period asked of services")
 
     component: TopologyComponent
 
@@ -37,7 +35,7 @@ class TopologyManager(MeshDevice):
     def create_component(self) -> TopologyComponent:
         return TopologyComponent(
             self.get_name(),
-            TopologyConfig(lease_seconds=self.LeaseSeconds, heartbeat_seconds=self.HeartbeatSeconds),
+            self.config_from_properties(TopologyConfig),
             on_change=self._publish,
             thread_factory=PyTangoThread,
         )

@@ -15,7 +15,7 @@ from pathlib import Path
 from tango.server import attribute, command, device_property
 from tango.utils import PyTangoThread
 
-from services.device import MeshDevice, console_script, default_of
+from services.device import MeshDevice, config_property, console_script
 from writers.component import ScanFile, ScanRun, WriterComponent, WriterConfig
 from writers.fio import FioFile
 from writers.images import ImageFiles, ImageSettings
@@ -31,14 +31,13 @@ class WriterDevice(MeshDevice):
         doc="Absolute directory every output path is inside (environment variables and ~ are expanded)")
     CreateRoot = device_property(dtype=bool, default_value=False,
                                  doc="Create BeamtimeRoot if it is missing (demo and test meshes)")
-    PathTemplate = device_property(
-        dtype=str, default_value=default_of(OutputLayout, "template"),
+    PathTemplate = config_property(
+        OutputLayout, "template",
         doc="File path below BeamtimeRoot without suffix; fields: processed, beamtime, beamline, scan, "
             "scan_name, number, pipeline")
-    StaleScanSeconds = device_property(dtype=float, default_value=default_of(WriterConfig, "stale_seconds"),
-                                       doc="A scan with no message for this long is finished as abandoned")
-    MaxOpenScans = device_property(dtype=int, default_value=default_of(WriterConfig, "max_open_scans"),
-                                   doc="Scans written at the same time, at most")
+    StaleScanSeconds = config_property(
+        WriterConfig, "stale_seconds", doc="A scan with no message for this long is finished as abandoned")
+    MaxOpenScans = config_property(WriterConfig, "max_open_scans", doc="Scans written at the same time, at most")
 
     file_format = ""
     component: WriterComponent
@@ -53,10 +52,9 @@ class WriterDevice(MeshDevice):
             raise ValueError("BeamtimeRoot is not set")
         if self.CreateRoot and root.is_absolute():
             root.mkdir(parents=True, exist_ok=True)
-        layout = OutputLayout(root, self.PathTemplate)
+        layout = self.config_from_properties(OutputLayout, root=root)
         return WriterComponent(self.get_name(), self.Pipeline, self.bind_host, self.advertised_host, layout,
-                               self.file_format, self.open_file,
-                               WriterConfig(stale_seconds=self.StaleScanSeconds, max_open_scans=self.MaxOpenScans),
+                               self.file_format, self.open_file, self.config_from_properties(WriterConfig),
                                PyTangoThread, on_file=self._file_written)
 
     def open_file(self, run: ScanRun) -> ScanFile:
@@ -98,18 +96,14 @@ class WriterDevice(MeshDevice):
 class NexusWriter(WriterDevice):
     """One NeXus/HDF5 file per scan and pipeline, with the full metadata tree."""
 
-    Compression = device_property(dtype=str, default_value=default_of(NexusSettings, "compression"),
-                                  doc="bitshuffle-lz4 (hdf5plugin), gzip or none")
-    ChunkBytes = device_property(dtype=int, default_value=default_of(NexusSettings, "chunk_bytes"),
-                                 doc="Target HDF5 chunk size in bytes")
-    FlushSeconds = device_property(dtype=float, default_value=default_of(NexusSettings, "flush_seconds"),
-                                   doc="Flush the file being written this often")
+    Compression = config_property(NexusSettings, "compression", doc="bitshuffle-lz4 (hdf5plugin), gzip or none")
+    ChunkBytes = config_property(NexusSettings, "chunk_bytes", doc="Target HDF5 chunk size in bytes")
+    FlushSeconds = config_property(NexusSettings, "flush_seconds", doc="Flush the file being written this often")
 
     file_format = "nexus"
 
     def create_component(self) -> WriterComponent:
-        self.settings = NexusSettings(compression=self.Compression, chunk_bytes=self.ChunkBytes,
-                                      flush_seconds=self.FlushSeconds)
+        self.settings = self.config_from_properties(NexusSettings)
         return super().create_component()
 
     def open_file(self, run: ScanRun) -> ScanFile:
@@ -119,21 +113,18 @@ class NexusWriter(WriterDevice):
 class ImageWriter(WriterDevice):
     """PNG maps and plots of every product at scan end (and every IntervalSeconds)."""
 
-    WidthPixels = device_property(dtype=int, default_value=default_of(ImageSettings, "width"), doc="Image width")
-    HeightPixels = device_property(dtype=int, default_value=default_of(ImageSettings, "height"),
-                                   doc="Image height")
-    Colormap = device_property(dtype=str, default_value=default_of(ImageSettings, "colormap"),
-                               doc="matplotlib colour map of maps")
-    IntervalSeconds = device_property(dtype=float, default_value=default_of(ImageSettings, "interval_seconds"),
-                                      doc="Refresh the images during a scan this often (0: at scan end only)")
-    MaxBytes = device_property(dtype=int, default_value=default_of(ImageSettings, "max_bytes"),
-                               doc="Memory for one scan's maps and sums; products beyond it get no image")
+    WidthPixels = config_property(ImageSettings, "width", doc="Image width")
+    HeightPixels = config_property(ImageSettings, "height", doc="Image height")
+    Colormap = config_property(ImageSettings, "colormap", doc="matplotlib colour map of maps")
+    IntervalSeconds = config_property(
+        ImageSettings, "interval_seconds", doc="Refresh the images during a scan this often (0: at scan end only)")
+    MaxBytes = config_property(
+        ImageSettings, "max_bytes", doc="Memory for one scan's maps and sums; products beyond it get no image")
 
     file_format = "images"
 
     def create_component(self) -> WriterComponent:
-        self.settings = ImageSettings(width=self.WidthPixels, height=self.HeightPixels, colormap=self.Colormap,
-                                      interval_seconds=self.IntervalSeconds, max_bytes=self.MaxBytes)
+        self.settings = self.config_from_properties(ImageSettings)
         return super().create_component()
 
     def open_file(self, run: ScanRun) -> ScanFile:

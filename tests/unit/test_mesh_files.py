@@ -131,3 +131,42 @@ def test_device_defaults_are_the_config_dataclass_defaults() -> None:
     }
     for (server, prop), value in expected.items():
         assert declared(servers[server][server])[prop][1] == value, (server, prop)
+
+
+def test_a_config_property_takes_type_and_default_from_its_field_and_builds_the_config() -> None:
+    """config_property / config_from_properties: the property list is the
+    config's, so a device names neither a default nor the field again."""
+    from dataclasses import dataclass
+
+    import tango
+
+    from services.device import MeshDevice, config_property
+
+    @dataclass(frozen=True)
+    class Config:
+        points: int = 7
+        period: float = 0.5
+        names: tuple[str, ...] = ("a",)
+        label: str = ""
+        extra: object = None
+
+    class Holder:  # what PyTango gives a device: property values by name
+        Points = config_property(Config, "points", doc="points")
+        Period = config_property(Config, "period", doc="period")
+        Names = config_property(Config, "names", doc="names")
+
+        def __init__(self, values: dict) -> None:
+            for key in ("Points", "Period", "Names"):
+                vars(type(self))[key].name = key
+            self._tango_properties = values
+
+    assert vars(Holder)["Points"].dtype == tango.CmdArgType.DevLong64 and vars(Holder)["Points"].default_value == 7
+    assert vars(Holder)["Names"].dtype == tango.CmdArgType.DevVarStringArray
+    assert vars(Holder)["Names"].default_value == ["a"]
+    built = MeshDevice.config_from_properties(Holder({"Points": 3, "Period": 2.0, "Names": ["x", "y"]}), Config,
+                                              label="computed")
+    assert built == Config(points=3, period=2.0, names=("x", "y"), label="computed")
+    with pytest.raises(ValueError, match="not a field of a Tango property type"):
+        config_property(Config, "extra", doc="")
+    with pytest.raises(ValueError, match="not a field"):
+        config_property(Config, "missing", doc="")
