@@ -166,6 +166,17 @@ def declared_shape(scan: ScanMeta, name: str) -> tuple[int, ...] | None:
     return tuple(spec["shape"]) if spec else None
 
 
+def declared_frames(scan: ScanMeta, settings: dict[str, Any], modality: str) -> tuple[str, tuple[int, ...] | None]:
+    """(``detector/image`` array name, its declared per-point shape or None)
+    of a frame-based modality's settings; ValueError if the scan declares
+    that array other than 2-D (XRD, DPC, ptychography need frames)."""
+    name = f"{settings['detector']}/{settings.get('image', 'image')}"
+    shape = declared_shape(scan, name)
+    if shape is not None and len(shape) != 2:
+        raise ValueError(f"{name} is declared with shape {list(shape)} per point; {modality} needs 2-D frames")
+    return name, shape
+
+
 def monitor_scale(batch: Batch, name: str | None) -> np.ndarray:
     """1 / monitor per point (NaN where it read 0 or less: no beam is not a
     failure), or ones without a monitor."""

@@ -27,7 +27,7 @@ import math
 
 import numpy as np
 
-from pipelines.processors import Batch, Processor, declared_shape, monitor_scale
+from pipelines.processors import Batch, Processor, declared_frames, monitor_scale
 
 STREAM_ARRAY = {"type": "string", "pattern": "^[^/]+/[^/]+$"}
 
@@ -55,10 +55,7 @@ class Dpc(Processor):
     @classmethod
     def check_settings(cls, scan, settings) -> dict:
         settings = super().check_settings(scan, settings)
-        name = f"{settings['detector']}/{settings.get('image', 'image')}"
-        shape = declared_shape(scan, name)
-        if shape is not None and len(shape) != 2:
-            raise ValueError(f"{name} is declared with shape {list(shape)} per point; DPC needs 2-D frames")
+        name, shape = declared_frames(scan, settings, "DPC")
         reference = settings.get("reference_px")
         if shape is not None and reference is not None and not (
                 0 <= reference[0] <= shape[1] - 1 and 0 <= reference[1] <= shape[0] - 1):
@@ -76,8 +73,7 @@ class Dpc(Processor):
     def start_scan(self, scan, settings) -> None:
         super().start_scan(scan, settings)
         s = self.settings
-        self.name = f"{s['detector']}/{s.get('image', 'image')}"
-        self.shape = declared_shape(scan, self.name)
+        self.name, self.shape = declared_frames(scan, s, "DPC")
         self.scale = self.px_per_rad_per_um(s)
         self.monitor = s.get("normalise_by")
         self._grids: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.processors import Batch, Processor, declared_shape, monitor_scale
+from pipelines.processors import Batch, Processor, declared_frames, monitor_scale
 from services.physics.powder import CubicPhase, reflections
 from services.physics.pyfai import integrator, integrator_module
 
@@ -110,10 +110,7 @@ class Xrd(Processor):
     @classmethod
     def check_settings(cls, scan, settings) -> dict:
         settings = super().check_settings(scan, settings)
-        name = f"{settings['detector']}/{settings.get('image', 'image')}"
-        shape = declared_shape(scan, name)
-        if shape is not None and len(shape) != 2:
-            raise ValueError(f"{name} is declared with shape {list(shape)} per point; XRD needs 2-D frames")
+        name, shape = declared_frames(scan, settings, "XRD")
         problem = _geometry_problem(json.dumps(settings["geometry"], sort_keys=True))
         if problem:
             raise ValueError(problem)
@@ -133,8 +130,7 @@ class Xrd(Processor):
     def start_scan(self, scan, settings) -> None:
         super().start_scan(scan, settings)
         s = self.settings
-        self.name = f"{s['detector']}/{s.get('image', 'image')}"
-        self.shape = declared_shape(scan, self.name)
+        self.name, self.shape = declared_frames(scan, s, "XRD")
         self.ai = integrator(s["geometry"])  # loadable: check_settings tried it
         self.npt = s.get("npt_radial", 1000)
         self.unit = s.get("unit", "2th_deg")
