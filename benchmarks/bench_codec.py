@@ -22,7 +22,6 @@ sees over a fixed window after a warm-up.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
 import platform
@@ -33,6 +32,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from common import drain, report  # noqa: E402 - beside this script
 
 import numpy as np  # noqa: E402
 import zmq  # noqa: E402
@@ -182,12 +183,7 @@ class Sender:
                 time.sleep(0.001)
         kind, sent = self._conn.recv()
         assert kind == "done"
-        socket.rcvtimeo = 20
-        try:
-            while True:
-                socket.recv_multipart(copy=False)
-        except zmq.Again:
-            pass
+        drain(socket)
         return sent
 
     def close(self) -> None:
@@ -370,12 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.seconds <= 0:
         parser.error("--seconds must be positive")
-    results = run(args)
-    if args.json:
-        print(json.dumps(results, indent=2))
-    else:
-        print_tables(results)
-    return 0
+    return report(args, run(args), print_tables, indent=2)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")  # per-core numbers: before numpy is imported
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import platform  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -36,6 +35,8 @@ from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from common import report  # noqa: E402 - beside this script
 
 import numpy as np  # noqa: E402
 
@@ -244,12 +245,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="fewer points")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     args = parser.parse_args()
-    results = run(args)
-    if args.json:
-        print(json.dumps(results, indent=1))
-    else:
-        print_tables(results)
-    return 0
+    return report(args, run(args), print_tables)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from common import drain, report  # noqa: E402 - beside this script
+
 import numpy as np  # noqa: E402
 import zmq  # noqa: E402
 
@@ -121,12 +123,7 @@ def raw_hop(sizes: list[int], seconds: float) -> float:
         rate = n / (time.perf_counter() - t0)
     finally:
         stop.set()
-        pull.rcvtimeo = 20
-        try:
-            while True:
-                pull.recv_multipart(copy=False)
-        except zmq.Again:
-            pass
+        drain(pull)
         proc.join(10)
         pull.close(0)
     return rate
@@ -234,11 +231,8 @@ def main() -> int:
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     args = parser.parse_args()
     results = run(args)
-    if args.json:
-        print(json.dumps(results, indent=1))
-    else:
-        print_table(results)
-    return 0 if all(r["lossless"] for r in results["throughput"]) and results["latency"]["lossless"] else 1
+    return report(args, results, print_table,
+                  ok=all(r["lossless"] for r in results["throughput"]) and results["latency"]["lossless"])
 
 
 if __name__ == "__main__":
