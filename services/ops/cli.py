@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import tango
+from rich.markup import escape
 from rich.console import Console
 from rich.table import Table
 
@@ -31,7 +32,8 @@ from services.ops.driver import ScanDriver
 from services.sim.sims import SIM_NAMES, Simulation, make_simulation, parse_shape
 from services.ops.demo import demo
 from services.ops.home import EmbeddedDatabase, home, resolve_tango_host
-from services.registration import TangoManagerLink
+from services.component import brief
+from services.registration import ManagerUnavailable, TangoManagerLink
 from sink.queries import QUERY, QueryError, SinkClient, find_sinks
 
 console = Console(stderr=False, width=None if sys.stdout.isatty() else 200)
@@ -94,11 +96,28 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return COMMANDS[args.command](args)
-    except (RuntimeError, TimeoutError, FileNotFoundError, ValueError) as exc:
-        err.print(f"[bold red]tangomesh {args.command}:[/] {exc}")
-    except tango.DevFailed as exc:
-        err.print(f"[bold red]tangomesh {args.command}:[/] {exc.args[0].desc if exc.args else exc}")
+    except KeyboardInterrupt:
+        err.print(f"[bold red]tangomesh {args.command}:[/] interrupted")
+        return 130
+    except Exception as exc:  # one line for the user, never a traceback (-v logs it too)
+        if args.verbose:
+            logging.exception("tangomesh %s failed", args.command)
+        err.print(f"[bold red]tangomesh {args.command}:[/] {escape(one_line(exc))}", highlight=False, soft_wrap=True)
     return 1
+
+
+def one_line(exc: BaseException) -> str:
+    """What went wrong, on one short line: a DevFailed's description, the
+    topology manager named when it does not answer, else the exception's text."""
+    if isinstance(exc, tango.DevFailed):
+        text = exc.args[0].desc if exc.args else str(exc)
+    elif isinstance(exc, ManagerUnavailable):
+        text = f"the topology manager does not answer ({exc}); is the mesh up? (tangomesh status)"
+    elif isinstance(exc, (RuntimeError, TimeoutError, FileNotFoundError, ValueError)):
+        text = str(exc)
+    else:
+        text = f"{type(exc).__name__}: {exc}"
+    return brief(" ".join(text.split()))
 
 
 def cmd_db(args: argparse.Namespace) -> int:
@@ -186,13 +205,23 @@ def cmd_scan(args: argparse.Namespace) -> int:
     resolve_tango_host(home(), start=False)
     link = TangoManagerLink(spec.topology_device)
     pipelines = args.pipelines.split(",") if args.pipelines else None
-    driver = ScanDriver.for_data(sim, link, pipelines)
+    scan_id = f"sim-{args.sim}-{time.time_ns() // 1000}"
+    driver: ScanDriver | None = None
     try:
-        scan_id = f"sim-{args.sim}-{time.time_ns() // 1000}"
+        driver = ScanDriver.for_data(sim, link, pipelines)
         outcome = driver.run(sim, scan_id, int(time.time()) % 100_000, rate=args.rate, block=args.block,
                              timeout=args.timeout, command=" ".join(["tangomesh scan", *sys.argv[2:]]))
+    except Exception as exc:
+        if not args.json:
+            raise
+        # a script reading --json gets its summary on failure too: what failed, what each pipeline delivered
+        delivered = driver.delivered(scan_id) if driver is not None else {}
+        print(json.dumps({"scan": scan_id, "lossless": False, "error": one_line(exc),
+                          "pipelines": {p: {"points_delivered": n} for p, n in delivered.items()}}, indent=1))
+        return 2
     finally:
-        driver.close()
+        if driver is not None:
+            driver.close()
     if args.json:
         print(json.dumps(outcome.to_json(), indent=1))
     else:

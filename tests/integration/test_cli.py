@@ -11,6 +11,7 @@ import pytest
 
 from support import wait_for
 from services.ops.home import bin_dir, pid_alive
+from services.ops.mesh import DEFAULT_MESH
 from writers.layout import read_checksums
 
 EXPECTED = {
@@ -120,6 +121,20 @@ def test_up_status_down_round_trip(home) -> None:
     tangomesh(home, "scale", "counters", "3")
     scaled_pids = [r["pid"] for r in status(home) if r["kind"] == "worker" and r["pipeline"] == "counters"]
     assert len(scaled_pids) == 3
+
+    # a topology manager that does not answer: one line, never a traceback; `scan --json` still prints a summary
+    absent = home / "absent-manager.json"
+    absent.write_text(DEFAULT_MESH.read_text().replace("tangomesh/topology/manager", "test/absent/manager"))
+    env = {k: v for k, v in os.environ.items() if k != "TANGO_HOST"} | {"TANGOMESH_HOME": str(home)}
+    query = subprocess.run([str(bin_dir() / "tangomesh"), "query", "--mesh", str(absent)], env=env,
+                           capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert query.returncode == 1 and "Traceback" not in query.stderr, query.stderr
+    assert len(query.stderr.strip().splitlines()) == 1 and "topology manager does not answer" in query.stderr
+    failed = subprocess.run([str(bin_dir() / "tangomesh"), "scan", "--sim", "counters", "--shape", "4x4", "--json",
+                             "--mesh", str(absent)], env=env, capture_output=True, text=True, timeout=60,
+                            stdin=subprocess.DEVNULL)
+    summary = json.loads(failed.stdout)
+    assert failed.returncode == 2 and not summary["lossless"] and "not registered" in summary["error"], failed.stdout
 
     db_pid = int((home / "run" / "databaseds.pid").read_text())
     tangomesh(home, "down")
