@@ -29,6 +29,7 @@ from rich.table import Table
 
 from services.ops import mesh
 from services.ops.driver import ScanDriver
+from services.ops.verdicts import consumer_verdict
 from services.sim.sims import SIM_NAMES, Simulation, make_simulation, parse_shape
 from services.ops.demo import demo
 from services.ops.home import EmbeddedDatabase, home, resolve_tango_host
@@ -206,6 +207,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
     link = TangoManagerLink(spec.topology_device)
     pipelines = args.pipelines.split(",") if args.pipelines else None
     scan_id = f"sim-{args.sim}-{time.time_ns() // 1000}"
+    deadline = time.monotonic() + args.timeout
     driver: ScanDriver | None = None
     try:
         driver = ScanDriver.for_data(sim, link, pipelines)
@@ -222,8 +224,10 @@ def cmd_scan(args: argparse.Namespace) -> int:
     finally:
         if driver is not None:
             driver.close()
+    consumers = consumer_verdict(link, scan_id, list(outcome.per_pipeline), max(1.0, deadline - time.monotonic()))
+    lossless = outcome.lossless and consumers.ok
     if args.json:
-        print(json.dumps(outcome.to_json(), indent=1))
+        print(json.dumps({**outcome.to_json(), "lossless": lossless, "consumers": consumers.to_json()}, indent=1))
     else:
         table = Table(title=f"scan {outcome.scan}: {outcome.points} points, {outcome.wall_s:.2f} s, "
                             f"{outcome.sent_bytes / 2**20:.1f} MiB sent")
@@ -235,7 +239,13 @@ def cmd_scan(args: argparse.Namespace) -> int:
             latency = s.get("latency_ms", {})
             table.add_row(pipeline, *(str(s[k]) for k in keys), f"{latency.get('p50', '-')}/{latency.get('p99', '-')}")
         console.print(table)
-    return 0 if outcome.lossless else 2
+        sink = consumers.sink
+        console.print(("sink: " + (f"{sink.get('status')}, {sink.get('received')}/{sink.get('expected')} points"
+                                   if sink else "none in the mesh"))
+                      + f"; {len(consumers.files)} files"
+                      + (f"; [bold red]no files from {', '.join(consumers.missing_files)}[/]"
+                         if consumers.missing_files else ""))
+    return 0 if lossless else 2
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -26,11 +26,7 @@ from services.ops.driver import ScanDriver, ScanOutcome
 from services.sim.sims import Simulation
 from services.ops.home import EmbeddedDatabase, resolve_tango_host
 from services.registration import TangoManagerLink
-from sink.component import LAVUE
-from sink.queries import QUERY, QueryError, SinkClient, find_sinks
-
-WRITER_KIND = "writer"
-
+from services.ops.verdicts import ConsumerVerdict, sink_client, wait_for_files, wait_sink_complete
 
 @dataclass
 class DemoReport:
@@ -43,8 +39,8 @@ class DemoReport:
 
     @property
     def ok(self) -> bool:
-        return (self.outcome.lossless and self.sink.get("missing", 1) == 0 and not self.missing_files
-                and all(r.passed for r in self.agreement))
+        consumers = ConsumerVerdict(self.sink, self.files, self.missing_files)
+        return self.outcome.lossless and consumers.ok and all(r.passed for r in self.agreement)
 
     def to_json(self) -> dict[str, Any]:
         return {"ok": self.ok, **self.outcome.to_json(),
@@ -55,53 +51,6 @@ class DemoReport:
                 "agreement": [{"product": r.check.product, "truth": r.check.truth, "measure": r.check.measure,
                                "regrid": r.check.regrid, "value": r.value, "threshold": r.check.threshold,
                                "passed": r.passed} for r in self.agreement]}
-
-
-def writers(link: TangoManagerLink) -> list[str]:
-    return sorted(s["name"] for s in link.lookup({"kind": WRITER_KIND}))
-
-
-def wait_for_files(link: TangoManagerLink, scan: str, pipelines: list[str], timeout: float
-                   ) -> tuple[list[dict[str, Any]], list[str]]:
-    """Every writer's files of ``scan``, once each has finished every pipeline
-    (or the time is up: the pairs still missing are returned)."""
-    import tango
-
-    proxies = {}
-    for name in writers(link):
-        proxies[name] = tango.DeviceProxy(name)
-        proxies[name].set_timeout_millis(5000)
-    deadline = time.monotonic() + timeout
-    while True:
-        files, missing = [], []
-        for name, proxy in proxies.items():
-            mine = [f for f in json.loads(proxy.ListFiles(0)) if f["scan"] == scan]
-            files += [{**f, "writer": name} for f in mine]
-            missing += [f"{name}:{p}" for p in pipelines if not any(f["pipeline"] == p for f in mine)]
-        if not missing or time.monotonic() > deadline:
-            return files, missing
-        time.sleep(0.2)
-
-
-def sink_client(link: TangoManagerLink) -> tuple[SinkClient, str]:
-    sinks = find_sinks(link)
-    if not sinks:
-        raise RuntimeError("no sink registered: is the mesh up?")
-    endpoints = sinks[0]["endpoints"]
-    return SinkClient(endpoints[QUERY]), endpoints.get(LAVUE, "").removeprefix("tcp://")
-
-
-def wait_sink_complete(client: SinkClient, scan: str, timeout: float) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            info = client.info(scan)
-            if info["status"] != "running" or time.monotonic() > deadline:
-                return info
-        except QueryError:
-            if time.monotonic() > deadline:
-                raise
-        time.sleep(0.1)
 
 
 def run_scan(sim: Simulation, link: TangoManagerLink, console: Console, rate: float, block: int = 1,

@@ -91,6 +91,11 @@ def test_up_status_down_round_trip(home) -> None:
     outcome = json.loads(tangomesh(home, "scan", "--sim", "counters", "--shape", "50x40", "--block", "20",
                                    "--json").stdout)
     assert outcome["points"] == 2000 and outcome["lossless"] and set(outcome["pipelines"]) == {"counters", "position"}
+    # lossless includes the consumers' word: the sink holds it complete, every writer wrote every pipeline
+    assert outcome["consumers"]["ok"] and outcome["consumers"]["sink"]["missing"] == 0
+    assert {(f["writer"], f["pipeline"]) for f in outcome["consumers"]["files"]} == {
+        (w, p) for w in ("tangomesh/writer/nexus", "tangomesh/writer/images", "tangomesh/writer/fio")
+        for p in ("counters", "position")}
     for summary in outcome["pipelines"].values():
         assert summary["points_sent"] == summary["points_delivered"] == 2000
         assert summary["missing"] == summary["duplicates"] == summary["out_of_order"] == 0

@@ -130,3 +130,17 @@ def test_the_data_must_match_the_sources() -> None:
     with pytest.raises(ValueError, match="no pipelines"):
         ScanDriver.for_data(data, Link(), ["p9"])
     assert np.array_equal(data.arrays("scaler", 3, 6)["i0"], 1.0e5 + np.arange(3, 6))
+
+
+def test_the_consumers_verdict_needs_the_sink_complete_and_every_writer_file_complete() -> None:
+    from services.ops.verdicts import ConsumerVerdict
+
+    complete = {"status": "complete", "expected": 10, "received": 10, "missing": 0}
+    good_file = {"writer": "w/nexus", "pipeline": "p1", "status": "complete"}
+    assert ConsumerVerdict(complete, [good_file]).ok
+    assert ConsumerVerdict(None, [good_file]).ok  # a mesh without a sink has nothing to say there
+    assert not ConsumerVerdict({**complete, "missing": 1}, [good_file]).ok
+    assert not ConsumerVerdict({**complete, "status": "running"}, [good_file]).ok
+    assert not ConsumerVerdict(complete, [{**good_file, "status": "aborted"}]).ok
+    assert not ConsumerVerdict(complete, [good_file], missing_files=["w/fio:p1"]).ok
+    assert ConsumerVerdict(complete, [good_file], ["w/fio:p1"]).to_json()["missing_files"] == ["w/fio:p1"]
