@@ -14,6 +14,19 @@ from services.component import Counters
 log = logging.getLogger(__name__)
 
 POLL_MS = 100
+#: Largest frame a data inlet accepts (ZMQ_MAXMSGSIZE): a result chunk of
+#: pixel-detector frames is hundreds of MiB; a forged size header beyond this
+#: makes ZeroMQ drop that peer instead of allocating the memory it claims.
+DATA_MAX_FRAME_BYTES = 2**30
+#: Largest frame of a control or query socket (credits, acks, queries).
+CONTROL_MAX_FRAME_BYTES = 2**20
+
+
+def limit_frames(socket: zmq.Socket, max_bytes: int) -> None:
+    """Cap inbound frames at ``max_bytes``; set before bind or connect, since
+    ZeroMQ applies it to connections made afterwards. A peer that sends a
+    larger frame is disconnected by ZeroMQ itself (nothing of it is read)."""
+    socket.maxmsgsize = max_bytes
 
 
 def bind(socket: zmq.Socket, bind_host: str, advertised_host: str) -> str:
@@ -27,9 +40,11 @@ class BoundSocketThread:
     subclasses implement ``_run`` (looping until ``_stop`` is set)."""
 
     def __init__(self, context: zmq.Context, socket_type: int, bind_host: str, advertised_host: str,
-                 thread_factory: Callable[..., threading.Thread], name: str) -> None:
+                 thread_factory: Callable[..., threading.Thread], name: str,
+                 max_frame_bytes: int = CONTROL_MAX_FRAME_BYTES) -> None:
         self.socket = context.socket(socket_type)
         self.socket.linger = 0
+        limit_frames(self.socket, max_frame_bytes)
         self.endpoint = bind(self.socket, bind_host, advertised_host)
         self._stop = threading.Event()
         self._thread = thread_factory(target=self._run, name=name, daemon=True)
@@ -67,10 +82,11 @@ class PullInlet(BoundSocketThread):
         thread_factory: Callable[..., threading.Thread] = threading.Thread,
         hwm: int = 1000,
         name: str = "inlet",
+        max_frame_bytes: int = DATA_MAX_FRAME_BYTES,
     ) -> None:
         self.handler = handler
         self.counters = counters
-        super().__init__(context, zmq.PULL, bind_host, advertised_host, thread_factory, name)
+        super().__init__(context, zmq.PULL, bind_host, advertised_host, thread_factory, name, max_frame_bytes)
         self.socket.set_hwm(hwm)  # applies to the peers, which all connect later
 
     def _run(self) -> None:
