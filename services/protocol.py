@@ -111,13 +111,16 @@ def check_resume(meta: dict[str, Any]) -> int | None:
     scan_start the master re-sent after the sorter restarted (None for a first
     start); ValueError if it or its ``acked`` ranges are malformed, or the
     ranges leave a hole below ``resume_from`` (delivery is in order, so what
-    was acknowledged is a prefix)."""
+    was acknowledged is a prefix). The master sends ``acked`` to the sorter;
+    the sorter forwards ``resume_from`` alone to the consumers."""
     resume = meta.get(META_RESUME)
     if resume is None:
         return None
     if type(resume) is not int or not 0 <= resume <= codec.MAX_INDEX:
         raise ValueError(f"{META_RESUME} must be an index, not {resume!r}")
-    acked = meta.get(META_ACKED, [])
+    if META_ACKED not in meta:
+        return resume
+    acked = meta[META_ACKED]
     if not isinstance(acked, list) or not all(
             isinstance(r, list) and len(r) == 2 and all(type(x) is int for x in r) and 0 <= r[0] < r[1]
             for r in acked):
