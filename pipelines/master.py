@@ -586,5 +586,7 @@ class MasterComponent(PipelineComponent):
     def status(self) -> str:
         workers = len(self.dispatcher.workers)
         held = " Sources held back: burst queue full." if self.sources_held else ""
+        if self.sorter_restarts:
+            held += f" Sorter restarted {self.sorter_restarts} time(s): scans resumed there."
         return (f"Scan {self.current_scan or '-'}: {self.progress():.0%} acknowledged; {workers} worker(s); "
                 f"queue {self.queue_bytes / 2**20:.1f} of {self.config.max_queue_bytes / 2**20:.0f} MiB.{held}")

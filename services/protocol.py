@@ -16,6 +16,11 @@ r"""How the stages of a pipeline talk on the data plane (on top of services.code
 * The sorter binds ``results_in`` (PULL): workers push ``result`` blocks, the
   master pushes the scan's ``scan_start``/``scan_end``/``scan_abort`` there
   directly. Consumers (kinds in :data:`CONSUMER_KINDS`) bind ``data_in``.
+* Recovery (docs/pipeline.md, "When a stage dies"): after a sorter restart
+  the master re-sends each active scan's scan_start with ``resume_from`` and
+  ``acked`` (:func:`check_resume`), and tells workers the new ``sorter``
+  (:func:`check_sorter`); a scan whose master died ends in scan_abort with a
+  ``reason``.
 """
 
 from __future__ import annotations
