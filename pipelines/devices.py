@@ -164,6 +164,9 @@ class Sorter(MeshDevice):
         SorterConfig, "chunk_seconds", doc="A chunk leaves at most this long after its first result")
     GapTimeoutSeconds = config_property(
         SorterConfig, "gap_timeout", doc="How long a missing index is awaited before a gap record replaces it")
+    MasterTimeoutSeconds = config_property(
+        SorterConfig, "master_timeout",
+        doc="How long an open scan's master may be missing from the topology before the scan is aborted")
 
     component: SorterComponent
 

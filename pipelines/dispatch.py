@@ -160,6 +160,23 @@ class Dispatcher:
         if affinity.group:
             self.group_owner[(unit.scan, unit.index // affinity.group)] = owner
 
+    def requeue_scan(self, scan: str) -> int:
+        """Every unacknowledged unit of ``scan`` waits to be dispatched again,
+        oldest first (its sorter restarted: what it held is gone); the number
+        queued. Workers keep the credit they spent: a result still coming back
+        from them is a duplicate the new sorter drops."""
+        keys = sorted((k for k, e in self.in_flight.items() if k[0] == scan and e.worker is not None),
+                      key=lambda k: k[1])
+        for key in reversed(keys):
+            entry = self.in_flight[key]
+            w = self.workers.get(entry.worker) if entry.worker is not None else None
+            if w is not None:
+                w.in_flight.discard(key)
+            entry.worker = None
+            self.retry.appendleft(key)
+        self.redispatched += len(keys)
+        return len(keys)
+
     def next_retry(self) -> InFlight | None:
         """The oldest unit whose worker vanished, still unacknowledged."""
         while self.retry:

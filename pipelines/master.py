@@ -4,6 +4,11 @@ One loop thread owns every socket and all scan state; Tango commands hand it
 work through :meth:`MasterComponent.call` and wait for the answer, so there are
 no locks on the data path and no Tango calls in it. See services/protocol.py
 for who talks to whom.
+
+A second thread watches the sorter's registration: when a restarted sorter
+registers (a new ``results_in``), the loop re-sends it every active scan,
+with where delivery stands (``resume_from``), and dispatches every
+unacknowledged unit again (docs/pipeline.md, "When a stage dies").
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import zmq
@@ -34,6 +39,7 @@ log = logging.getLogger("tangomesh.master")
 SOURCE_HWM = 16  # messages buffered per source connection: the rest waits at the source
 LOOP_POLL_MS = 10
 FINISHED_KEPT = 64
+SORTER_CHECK_SECONDS = 1.0  # how often the sorter's registration is looked at (a restart moves its endpoint)
 
 
 @dataclass(frozen=True)
@@ -75,6 +81,7 @@ class ScanRun:
     aborted: bool = False
     acked_points: int = 0
     gap_points: int = 0
+    acked: list[list[int]] = field(default_factory=list)  # merged ranges the sorter acknowledged
     points: int | None = None  # known once the end is sent
 
     @property
@@ -132,7 +139,9 @@ class MasterComponent(PipelineComponent):
         self._rate_mark = (time.monotonic(), 0)
         self._dispatched_points = 0
         self._calls: queue.Queue[tuple[Callable[[], Any], concurrent.futures.Future]] = queue.Queue()
-        self.threads = [thread_factory(target=self._run, name="master-loop", daemon=True)]
+        self.sorter_restarts = 0
+        self.threads = [thread_factory(target=self._run, name="master-loop", daemon=True),
+                        thread_factory(target=self._watch_sorter, name="master-sorter-watch", daemon=True)]
 
     # ------------------------------------------------------------ life cycle
     def start(self) -> None:
@@ -218,12 +227,7 @@ class MasterComponent(PipelineComponent):
                 log.warning("scan %s started while %s had no EndScan: ending %s", scan_id, run.scan_id, run.scan_id)
                 run.former.request_end(now)
         self._connect_sources(plan.sources)
-        sorter = self.sorters.get(plan.sorter)
-        if sorter is None:
-            sorter = self.sorters[plan.sorter] = self.context.socket(zmq.PUSH)
-            sorter.linger = 0
-            sorter.sndtimeo = 2000
-            sorter.connect(plan.sorter)
+        self._sorter_socket(plan.sorter)
         run = ScanRun(plan, EventFormer(plan.meta, plan.streams, self.config.incomplete_timeout, now), now)
         self.runs[scan_id] = run
         self.current_scan = scan_id
@@ -258,6 +262,65 @@ class MasterComponent(PipelineComponent):
         self._finish(run)
         log.warning("scan %s aborted (%d units in flight abandoned)", scan_id, dropped)
 
+    def _sorter_socket(self, endpoint: str) -> zmq.Socket:
+        sorter = self.sorters.get(endpoint)
+        if sorter is None:
+            sorter = self.sorters[endpoint] = self.context.socket(zmq.PUSH)
+            sorter.linger = 0
+            sorter.sndtimeo = 2000
+            sorter.connect(endpoint)
+        return sorter
+
+    # ------------------------------------------------------------ a restarted sorter
+    def _watch_sorter(self) -> None:
+        """Look up the pipeline's sorter now and then (a Tango call: never on
+        the loop thread); a new endpoint while scans are active goes to the
+        loop as :meth:`_sorter_moved`."""
+        while not self._stopping.wait(SORTER_CHECK_SECONDS):
+            if not self.runs:
+                continue
+            try:
+                found = [s.get("endpoints", {}).get(protocol.RESULTS_IN)
+                         for s in self.link.lookup({"kind": protocol.Kind.SORTER, "pipeline": self.pipeline})]
+                found = [e for e in found if e]
+                moved = len(found) == 1 and any(r.plan.sorter != found[0] for r in list(self.runs.values()))
+            except Exception as exc:  # the manager is away: look again later, scans go on meanwhile
+                log.debug("sorter lookup failed: %s", exc)
+                continue
+            if moved:
+                self._calls.put((lambda endpoint=found[0]: self._sorter_moved(endpoint),
+                                 concurrent.futures.Future()))
+
+    def _sorter_moved(self, endpoint: str) -> None:
+        """A new sorter took the pipeline's registration (the old one died or
+        restarted): whatever the old one held unacknowledged is gone. Every
+        active scan is started there again with ``resume_from`` (the first
+        index not acknowledged), its end if already sent, the workers are told
+        where results now go, and every unacknowledged unit is dispatched
+        again. Nothing acknowledged is sent twice."""
+        moved = [r for r in self.runs.values() if r.plan.sorter != endpoint]
+        if not moved:
+            return
+        self.sorter_restarts += 1
+        for run in moved:
+            run.plan.sorter = endpoint
+        self._sorter_socket(endpoint)
+        for old in [e for e in self.sorters if e != endpoint and all(r.plan.sorter != e for r in self.runs.values())]:
+            self.sorters.pop(old).close(0)
+        for run in moved:
+            resume = protocol.acked_prefix(map(tuple, run.acked))
+            start = self._scan_start_message(run)
+            self._to_sorter(run, codec.Message(codec.SCAN_START, scan=run.scan_id, meta={
+                **start.meta, protocol.META_ACKS: self.endpoints[protocol.ACKS],
+                protocol.META_RESUME: resume, protocol.META_ACKED: run.acked}))
+            if run.end_sent:
+                self._to_sorter(run, self._scan_end_message(run))
+            for identity in list(self.dispatcher.workers):
+                self._to_worker(identity, start)
+            again = self.dispatcher.requeue_scan(run.scan_id)
+            log.warning("scan %s: sorter now at %s; resumed from index %d, %d units dispatched again",
+                        run.scan_id, endpoint, resume, again)
+
     def _connect_sources(self, wanted: dict[str, str]) -> None:
         for endpoint in [e for e in self.sources if e not in wanted]:
             if not any(e == endpoint for r in self.runs.values() for e in r.plan.sources):
@@ -271,7 +334,13 @@ class MasterComponent(PipelineComponent):
                 self.sources[endpoint] = SourceLink(sock, stream)
 
     def _scan_start_message(self, run: ScanRun) -> codec.Message:
-        return codec.Message(codec.SCAN_START, scan=run.scan_id, meta={protocol.META_SCAN: run.plan.meta.raw})
+        """The scan_start workers get: the document, and the sorter their results go to."""
+        return codec.Message(codec.SCAN_START, scan=run.scan_id, meta={protocol.META_SCAN: run.plan.meta.raw,
+                                                                        protocol.META_SORTER: run.plan.sorter})
+
+    def _scan_end_message(self, run: ScanRun) -> codec.Message:
+        return codec.Message(codec.SCAN_END, scan=run.scan_id, meta={
+            protocol.META_POINTS: run.points, "incomplete": run.former.incomplete_points})
 
     def _finish(self, run: ScanRun) -> None:
         self.runs.pop(run.scan_id, None)
@@ -408,7 +477,9 @@ class MasterComponent(PipelineComponent):
                     self.counters.error(f"refused ack for unknown scan {msg.scan!r}")
                 continue
             self.dispatcher.ack(msg.scan, ranges)
-            points = sum(b - a for a, b in ranges)
+            before = sum(b - a for a, b in run.acked)
+            run.acked = protocol.merge_ranges([*map(tuple, run.acked), *ranges])
+            points = sum(b - a for a, b in run.acked) - before  # an ack repeated across a sorter restart counts once
             run.acked_points += points
             if msg.meta.get("gap"):
                 run.gap_points += points
@@ -461,8 +532,7 @@ class MasterComponent(PipelineComponent):
             if not run.end_sent and run.former.is_complete(now):
                 run.end_sent = True
                 run.points = run.former.taken
-                end = codec.Message(codec.SCAN_END, scan=run.scan_id, meta={
-                    protocol.META_POINTS: run.points, "incomplete": run.former.incomplete_points})
+                end = self._scan_end_message(run)
                 self._to_sorter(run, end)
                 for identity in list(d.workers):
                     self._to_worker(identity, end)
@@ -516,5 +586,7 @@ class MasterComponent(PipelineComponent):
     def status(self) -> str:
         workers = len(self.dispatcher.workers)
         held = " Sources held back: burst queue full." if self.sources_held else ""
+        if self.sorter_restarts:
+            held += f" Sorter restarted {self.sorter_restarts} time(s): scans resumed there."
         return (f"Scan {self.current_scan or '-'}: {self.progress():.0%} acknowledged; {workers} worker(s); "
                 f"queue {self.queue_bytes / 2**20:.1f} of {self.config.max_queue_bytes / 2**20:.0f} MiB.{held}")

@@ -7,6 +7,12 @@ scan starts. Delivery blocks while a consumer is not reading (backpressure up
 to the sources); only a consumer that has left the mesh is given up. A chunk
 is acknowledged to the master once every consumer has it: until then the
 master keeps the events and can send them again.
+
+Recovery (docs/pipeline.md, "When a stage dies"): a scan_start carrying
+``resume_from`` is a scan the master re-sends after this sorter restarted;
+delivery goes on from that index. A scan whose master leaves the topology
+(its lease ran out, or a new master took its place) cannot finish: after
+``master_timeout`` seconds it is aborted at every consumer, with a reason.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ ORPHAN_SECONDS = 5.0  # results may overtake their scan_start by this much
 ORPHAN_MAX = 10_000
 FINISHED_KEPT = 64
 CONSUMER_CHECK_SECONDS = 2.0
+MASTER_CHECK_SECONDS = 1.0  # how often an open scan's master is looked for in the topology
 
 
 @dataclass(frozen=True)
@@ -41,10 +48,12 @@ class SorterConfig:
     chunk_points: int = 1000
     chunk_seconds: float = 0.005
     gap_timeout: float = 30.0
+    master_timeout: float = 10.0  # an open scan's master missing from the topology this long: the scan is aborted
 
     def __post_init__(self) -> None:
-        if self.chunk_points < 1 or self.chunk_seconds < 0 or self.gap_timeout <= 0:
-            raise ValueError("ChunkPoints >= 1, ChunkSeconds >= 0 and GapTimeoutSeconds > 0 required")
+        if self.chunk_points < 1 or self.chunk_seconds < 0 or self.gap_timeout <= 0 or self.master_timeout <= 0:
+            raise ValueError("ChunkPoints >= 1, ChunkSeconds >= 0, GapTimeoutSeconds > 0 and "
+                             "MasterTimeoutSeconds > 0 required")
 
 
 @dataclass
@@ -62,6 +71,8 @@ class SortRun:
     consumers: list[Consumer]
     acks: zmq.Socket | None
     start_msg: codec.Message
+    acks_endpoint: str = ""  # identifies the scan's master in the topology
+    master_seen: float = 0.0  # when the master was last found registered
     summary: dict[str, Any] = field(default_factory=dict)
 
 
@@ -92,6 +103,9 @@ class SorterComponent(PipelineComponent):
         self.duplicates = 0
         self.late = 0
         self.gap_points = 0
+        self.resumed = 0
+        self.masters_lost = 0
+        self._master_checked = 0.0
         self.threads = [thread_factory(target=self._run, name="sorter-loop", daemon=True)]
 
     def stop(self) -> None:
@@ -152,10 +166,7 @@ class SorterComponent(PipelineComponent):
             for ready in run.order.set_end(points, now):
                 self._chunk(run, ready, now)
         elif msg.type == codec.SCAN_ABORT:
-            self._flush(run)
-            # consumers (sink, writers) tell a scan's pipelines apart by this message's stream
-            self._deliver(run, codec.Message(codec.SCAN_ABORT, scan=run.scan_id, stream=self.pipeline, meta=msg.meta))
-            self._close(run, aborted=True)
+            self._abort(run, {protocol.META_REASON: "aborted at the master", **msg.meta})
         else:
             raise ValueError(f"{protocol.RESULTS_IN} takes results and scan control, not {msg.type}")
 
@@ -163,8 +174,13 @@ class SorterComponent(PipelineComponent):
         meta = parse_scan(msg.meta.get(protocol.META_SCAN, {}))
         if meta.scan_id != msg.scan:
             raise ValueError(f"scan_start for {msg.scan!r} carries the document of {meta.scan_id!r}")
+        resume = protocol.check_resume(msg.meta)
+        if resume is not None and msg.scan in self.runs:
+            return  # re-sent while this sorter has the scan: nothing to resume
         if msg.scan in self.runs or msg.scan in self.finished:
             raise ValueError(f"scan {msg.scan} already started")
+        if resume is not None and not 0 <= resume <= meta.points:
+            raise ValueError(f"{protocol.META_RESUME} {resume} outside the scan's {meta.points} points")
         acks_endpoint = msg.meta.get(protocol.META_ACKS)
         if not isinstance(acks_endpoint, str) or "://" not in acks_endpoint:
             raise ValueError("scan_start without the master's ack endpoint")
@@ -173,10 +189,17 @@ class SorterComponent(PipelineComponent):
         if not consumers:
             self.counters.error(f"scan {msg.scan}: no consumer registered for pipeline {self.pipeline}; "
                                 "results are acknowledged but kept nowhere")
-        forwarded = codec.Message(codec.SCAN_START, scan=msg.scan, stream=self.pipeline,
-                                  meta={protocol.META_SCAN: meta.raw})
-        run = SortRun(msg.scan, ScanOrder(msg.scan, meta.points, self.config.gap_timeout, now),
-                      Chunker(self.config.chunk_points, self.config.chunk_seconds), consumers, acks, forwarded)
+        forwarded_meta: dict[str, Any] = {protocol.META_SCAN: meta.raw}
+        order = ScanOrder(msg.scan, meta.points, self.config.gap_timeout, now)
+        if resume is not None:  # consumers hold [0, resume) already: they go on with the same file and entry
+            forwarded_meta[protocol.META_RESUME] = order.next = resume
+            self.resumed += 1
+            log.warning("scan %s resumed at index %d (this sorter restarted mid-scan)", msg.scan, resume)
+        forwarded = codec.Message(codec.SCAN_START, scan=msg.scan, stream=self.pipeline, meta=forwarded_meta)
+        run = SortRun(msg.scan, order, Chunker(self.config.chunk_points, self.config.chunk_seconds), consumers,
+                      acks, forwarded, acks_endpoint, now)
+        if resume is not None:
+            run.summary["resumed_from"] = resume
         self.runs[msg.scan] = run
         self.current_scan = msg.scan
         self._deliver(run, forwarded)
@@ -219,7 +242,8 @@ class SorterComponent(PipelineComponent):
             self._emit(run, run.chunker.flush())
 
     def _emit(self, run: SortRun, msg: codec.Message) -> None:
-        self._deliver(run, msg)
+        if not self._deliver(run, msg):
+            return  # stopping: unacknowledged, so the master sends it again to whoever sorts next
         self.chunks_out += 1
         if run.acks is not None:
             try:
@@ -229,6 +253,9 @@ class SorterComponent(PipelineComponent):
                 self.counters.error(f"ack for [{msg.index}, {msg.stop}) of {run.scan_id} not taken by the master")
 
     def _timers(self, now: float) -> None:
+        if self.runs and now - self._master_checked >= MASTER_CHECK_SECONDS:
+            self._master_checked = now
+            self._check_masters(now)
         for run in list(self.runs.values()):
             if run.chunker.due(now):
                 self._flush(run)
@@ -257,19 +284,52 @@ class SorterComponent(PipelineComponent):
                 del self.orphans[scan]
         self.counters.queue_depth = sum(len(r.order.pending) for r in self.runs.values())
 
+    def _check_masters(self, now: float) -> None:
+        """Abort every open scan whose master has been missing from the
+        topology for ``master_timeout`` seconds: the sources' data it held is
+        gone, so the scan can never complete, and consumers must not wait for
+        it (nor call it complete). A manager that does not answer proves
+        nothing: then no scan is aborted."""
+        try:
+            masters = self.link.lookup({"kind": protocol.Kind.MASTER, "pipeline": self.pipeline})
+        except ManagerUnavailable:
+            return
+        registered = {s.get("endpoints", {}).get(protocol.ACKS) for s in masters}
+        for run in list(self.runs.values()):
+            if run.acks_endpoint in registered:
+                run.master_seen = now
+            elif now - run.master_seen >= self.config.master_timeout:
+                reason = (f"master of pipeline {self.pipeline} ({run.acks_endpoint}) gone from the topology "
+                          f"for {self.config.master_timeout:g} s: the scan cannot complete")
+                log.error("scan %s aborted: %s", run.scan_id, reason)
+                self.masters_lost += 1
+                self.counters.error(f"scan {run.scan_id} aborted: {reason}")
+                self._abort(run, {protocol.META_REASON: reason})
+
+    def _abort(self, run: SortRun, meta: dict[str, Any]) -> None:
+        """Deliver what is ready, then scan_abort (with the summary so far) to every consumer."""
+        self._flush(run)
+        # consumers (sink, writers) tell a scan's pipelines apart by this message's stream
+        self._deliver(run, codec.Message(codec.SCAN_ABORT, scan=run.scan_id, stream=self.pipeline,
+                                         meta={**run.order.summary(), **run.summary, **meta}))
+        self._close(run, aborted=True)
+
     def _close(self, run: SortRun, aborted: bool = False) -> None:
         self.runs.pop(run.scan_id, None)
         self.finished[run.scan_id] = {**run.order.summary(), **run.summary, "aborted": aborted}
         while len(self.finished) > FINISHED_KEPT:
             self.finished.popitem(last=False)
 
-    def _deliver(self, run: SortRun, msg: codec.Message) -> None:
+    def _deliver(self, run: SortRun, msg: codec.Message) -> bool:
         """Send to every consumer of the scan, waiting while one is slow; a
-        consumer that has left the mesh is given up (counted and logged)."""
+        consumer that has left the mesh is given up (counted and logged).
+        False if the sorter stopped before every consumer had it."""
         frames = codec.encode(msg)
         for consumer in list(run.consumers):
             waited_since = time.monotonic()
-            while not self._stopping.is_set():
+            while True:
+                if self._stopping.is_set():
+                    return False
                 try:
                     codec.send_frames(consumer.socket, frames, zmq.NOBLOCK)
                     self.counters.events_out += 1
@@ -283,6 +343,7 @@ class SorterComponent(PipelineComponent):
                         self.counters.error(f"consumer {consumer.name} left the mesh during scan {run.scan_id}: "
                                             "it no longer receives this scan")
                         break
+        return True
 
     def _still_registered(self, consumer: Consumer) -> bool:
         try:
@@ -293,4 +354,5 @@ class SorterComponent(PipelineComponent):
 
     def status(self) -> str:
         return (f"Scan {self.current_scan or '-'}; {len(self.runs)} open; {self.chunks_out} chunks out, "
-                f"{self.duplicates} duplicate and {self.late} late points dropped, {self.gap_points} gap points.")
+                f"{self.duplicates} duplicate and {self.late} late points dropped, {self.gap_points} gap points; "
+                f"{self.resumed} scans resumed, {self.masters_lost} aborted for a lost master.")

@@ -175,9 +175,15 @@ class WorkerComponent(PipelineComponent):
             if msg.type == codec.SCAN_START:
                 try:
                     meta = parse_scan(msg.meta.get(protocol.META_SCAN, {}))
+                    sorter = protocol.check_sorter(msg.meta)
                 except ValueError as exc:
                     self.counters.error(f"refused scan_start of {msg.scan!r}: {exc}")
                     continue
+                if sorter and sorter != self.sorter_endpoint:
+                    # the master's word beats a lookup that may lag: after a sorter restart the master sends
+                    # this before the units it dispatches again, whose results must reach the new sorter
+                    log.info("results now go to the sorter at %s", sorter)
+                    self.sorter_endpoint = sorter
                 self.scans[meta.scan_id] = meta
                 self.scans.move_to_end(meta.scan_id)
                 while len(self.scans) > SCANS_KEPT:

@@ -21,6 +21,7 @@ import numpy as np
 from services import protocol
 
 PENDING, RECEIVED, FAILED, GAP = 0, 1, 2, 3
+COMPLETE, INCOMPLETE, ABORTED = "complete", "incomplete", "aborted"  # how a scan ended: PointLedger.end_status
 STATE_NAMES = {PENDING: "pending", RECEIVED: "received", FAILED: "failed", GAP: "gap"}
 ERRORS_KEPT = 20
 
@@ -163,6 +164,21 @@ class PointLedger:
         fresh = window == PENDING
         window[fresh] = GAP
         self.gaps += int(fresh.sum())
+
+    def end_status(self, summary: dict[str, Any] | None = None, aborted: bool = False) -> str:
+        """How a scan ended for this ledger, the one rule every writer and the
+        sink follow: ``aborted`` for a scan_abort; else ``complete`` only if
+        every point of the scan was delivered (received, failed or declared a
+        gap by the sorter), ``incomplete`` if some never came. The scan's
+        points are those the sorter's scan_end counts (``points``: an EndScan
+        may cut a scan short of its plan); without that count, those up to the
+        last one delivered."""
+        if aborted:
+            return ABORTED
+        points = (summary or {}).get(protocol.META_POINTS)
+        if type(points) is not int or not 0 <= points <= self.points:
+            points = int(np.flatnonzero(self.state).max()) + 1 if self.state.any() else 0
+        return COMPLETE if not np.count_nonzero(self.state[:points] == PENDING) else INCOMPLETE
 
     @property
     def missing(self) -> int:

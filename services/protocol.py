@@ -16,6 +16,11 @@ r"""How the stages of a pipeline talk on the data plane (on top of services.code
 * The sorter binds ``results_in`` (PULL): workers push ``result`` blocks, the
   master pushes the scan's ``scan_start``/``scan_end``/``scan_abort`` there
   directly. Consumers (kinds in :data:`CONSUMER_KINDS`) bind ``data_in``.
+* Recovery (docs/pipeline.md, "When a stage dies"): after a sorter restart
+  the master re-sends each active scan's scan_start with ``resume_from`` and
+  ``acked`` (:func:`check_resume`), and tells workers the new ``sorter``
+  (:func:`check_sorter`); a scan whose master died ends in scan_abort with a
+  ``reason``.
 """
 
 from __future__ import annotations
@@ -57,6 +62,10 @@ META_INCOMPLETE = "incomplete"  # result/chunk: {stream: [[start, stop], ...]} o
 META_RANGES = "ranges"  # ack: [[start, stop], ...] delivered (or declared gaps)
 META_POINTS = "points"  # scan_end: how many acquisition indices the scan has
 META_OPEN = "open"  # credit: all the credit the worker holds open
+META_RESUME = "resume_from"  # scan_start re-sent to a restarted sorter (and forwarded): first index not acknowledged
+META_ACKED = "acked"  # scan_start re-sent to a restarted sorter: [[start, stop], ...] the master has had acked
+META_SORTER = "sorter"  # scan_start to workers: the sorter's results_in endpoint to push this scan's results to
+META_REASON = "reason"  # scan_abort (and gap): why, in words for people
 
 
 def array_key(stream: str, name: str) -> str:
@@ -100,6 +109,46 @@ def check_result_meta(meta: dict[str, Any]) -> None:
                                              for r in ranges)
             for ranges in incomplete.values()):
         raise ValueError("result incomplete must map a stream to [[start, stop], ...]")
+
+
+def check_resume(meta: dict[str, Any]) -> int | None:
+    """Where a resumed scan's delivery stands: the ``resume_from`` index of a
+    scan_start the master re-sent after the sorter restarted (None for a first
+    start); ValueError if it or its ``acked`` ranges are malformed, or the
+    ranges leave a hole below ``resume_from`` (delivery is in order, so what
+    was acknowledged is a prefix). The master sends ``acked`` to the sorter;
+    the sorter forwards ``resume_from`` alone to the consumers."""
+    resume = meta.get(META_RESUME)
+    if resume is None:
+        return None
+    if type(resume) is not int or not 0 <= resume <= codec.MAX_INDEX:
+        raise ValueError(f"{META_RESUME} must be an index, not {resume!r}")
+    if META_ACKED not in meta:
+        return resume
+    acked = meta[META_ACKED]
+    if not isinstance(acked, list) or not all(
+            isinstance(r, list) and len(r) == 2 and all(type(x) is int for x in r) and 0 <= r[0] < r[1]
+            for r in acked):
+        raise ValueError(f"{META_ACKED} must be [[start, stop], ...]")
+    prefix = merge_ranges(map(tuple, acked))
+    if resume and (not prefix or prefix[0][0] != 0 or prefix[0][1] < resume):
+        raise ValueError(f"{META_RESUME} {resume} beyond the acknowledged ranges {prefix[:3]}")
+    return resume
+
+
+def acked_prefix(ranges: Iterable[tuple[int, int]]) -> int:
+    """The first index not covered by ``ranges`` counting from 0: where a
+    resumed scan's delivery goes on."""
+    merged = merge_ranges(ranges)
+    return merged[0][1] if merged and merged[0][0] == 0 else 0
+
+
+def check_sorter(meta: dict[str, Any]) -> str | None:
+    """The ``sorter`` endpoint a scan_start names for a worker (None if it names none); ValueError if malformed."""
+    sorter = meta.get(META_SORTER)
+    if sorter is not None and (not isinstance(sorter, str) or "://" not in sorter or len(sorter) > 256):
+        raise ValueError(f"{META_SORTER} must be an endpoint, not {str(sorter)[:40]!r}")
+    return sorter
 
 
 def ack(scan: str, ranges: Iterable[tuple[int, int]], gap: bool = False) -> codec.Message:

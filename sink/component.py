@@ -107,6 +107,14 @@ class SinkComponent(Component):
                 raise StoreError(f"scan_start refused: {exc}") from None
             if meta.scan_id != msg.scan:
                 raise StoreError(f"scan_start for {msg.scan!r} carries the document of {meta.scan_id!r}")
+            try:
+                resume = protocol.check_resume(msg.meta)
+            except ValueError as exc:
+                raise StoreError(f"scan_start refused: {exc}") from None
+            if resume is not None and self.store.resume(msg.scan, pipeline):
+                log.warning("scan %s: sorter of pipeline %s restarted, delivery resumes at index %d",
+                            msg.scan, pipeline or "-", resume)
+                return
             self.store.start(meta, pipeline)
             log.info("scan %s: receiving from pipeline %s", msg.scan, pipeline or "-")
         elif msg.type == codec.RESULT:
@@ -115,8 +123,9 @@ class SinkComponent(Component):
             self.store.add_gap(msg.scan, pipeline, msg.index, msg.count)
         elif msg.type in (codec.SCAN_END, codec.SCAN_ABORT):
             self.store.end(msg.scan, pipeline, msg.meta, aborted=msg.type == codec.SCAN_ABORT)
-            log.info("scan %s %s for pipeline %s", msg.scan,
-                     "aborted" if msg.type == codec.SCAN_ABORT else "complete", pipeline or "-")
+            log.info("scan %s %s for pipeline %s%s", msg.scan,
+                     "aborted" if msg.type == codec.SCAN_ABORT else "ended", pipeline or "-",
+                     f": {msg.meta.get(protocol.META_REASON)}" if msg.meta.get(protocol.META_REASON) else "")
         else:
             raise StoreError(f"{protocol.DATA_IN} takes sorted results and scan control, not {msg.type}")
 

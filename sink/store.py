@@ -107,6 +107,7 @@ class PipelineRun(PointLedger):
 
     open: bool = True
     aborted: bool = False
+    ended_as: str = ""  # PointLedger.end_status once ended
     summary: dict[str, Any] = field(default_factory=dict)
 
     def describe(self) -> dict[str, Any]:
@@ -144,6 +145,8 @@ class ScanEntry:
             return "running"
         if any(r.aborted for r in self.runs.values()):
             return "aborted"
+        if any(r.ended_as == "incomplete" for r in self.runs.values()):
+            return "incomplete"
         return "complete"
 
     def counts(self) -> dict[str, int]:
@@ -202,6 +205,18 @@ class ScanStore:
         self._clock = clock
 
     # ------------------------------------------------------------ writing
+    def resume(self, scan_id: str, pipeline: str) -> bool:
+        """A pipeline's scan_start re-sent after its sorter restarted: True if
+        that part of the scan is here and open, so the entry simply goes on
+        (points delivered again count as duplicates, never twice)."""
+        with self.lock:
+            entry = self.scans.get(scan_id)
+            run = entry.runs.get(pipeline) if entry is not None else None
+            if run is None or not run.open:
+                return False
+            self._touch(entry)
+            return True
+
     def start(self, meta: ScanMeta, pipeline: str) -> ScanEntry:
         """A pipeline's scan_start. The same scan from another pipeline joins
         the existing entry (its document must be the same scan)."""
@@ -295,6 +310,7 @@ class ScanStore:
             run.open = False
             run.aborted = aborted
             run.summary = dict(summary or {})
+            run.ended_as = run.end_status(run.summary, aborted)
             entry.version += 1
             entry.updated = time.time()
             self._touch(entry)

@@ -28,7 +28,7 @@ import zmq
 from services import codec, protocol
 from services.component import Component
 from services.dataplane import PullInlet
-from services.ledger import PointLedger
+from services.ledger import ABORTED, COMPLETE, INCOMPLETE, PointLedger
 from services.scan import ScanError, ScanMeta, parse_scan
 from services.schema import preload
 from writers.layout import OutputLayout, WriterError
@@ -37,7 +37,8 @@ FILES_KEPT = 1000
 REFUSED_KEPT = 1000
 HOUSEKEEPING_SECONDS = 0.5
 
-COMPLETE, ABORTED, ABANDONED = "complete", "aborted", "abandoned"
+ABANDONED = "abandoned"
+__all__ = ["ABANDONED", "ABORTED", "COMPLETE", "INCOMPLETE", "ScanFile", "ScanRun", "WriterComponent", "WriterConfig"]
 
 
 def now_iso() -> str:
@@ -180,7 +181,7 @@ class WriterComponent(Component):
                     out.gap(msg.index, stop)
                     run.ledger.mark_gap(msg.index, msg.count)
                 elif msg.type in (codec.SCAN_END, codec.SCAN_ABORT):
-                    self._finish(key, ABORTED if msg.type == codec.SCAN_ABORT else COMPLETE, msg.meta)
+                    self._finish(key, run.ledger.end_status(msg.meta, aborted=msg.type == codec.SCAN_ABORT), msg.meta)
                 else:
                     raise WriterError(f"{protocol.DATA_IN} takes sorted results and scan control, not {msg.type}")
             except WriterError:
@@ -196,6 +197,15 @@ class WriterComponent(Component):
 
     def _start(self, msg: codec.Message, key: tuple[str, str]) -> None:
         if key in self.runs:
+            try:
+                resume = protocol.check_resume(msg.meta)
+            except ValueError as exc:
+                raise WriterError(f"scan_start of {msg.scan} refused: {exc}") from None
+            if resume is not None:  # the sorter restarted: the same file goes on, re-delivered points count as duplicates
+                self._touched[key] = time.monotonic()
+                self.log.warning("scan %s/%s: sorter restarted, delivery resumes at index %d",
+                                 msg.scan, msg.stream or "-", resume)
+                return
             raise WriterError(f"scan {msg.scan} already started for pipeline {msg.stream!r}")
         try:
             meta = parse_scan(msg.meta.get(protocol.META_SCAN, {}))

@@ -8,6 +8,8 @@ One file per scan and pipeline, ``<stem>.fio``::
     %c
     <scan command>
     user <user> Acquisition started at <date>
+    scan <id> sample <name> pipeline <name> processor <name>
+    status <complete|incomplete|aborted|abandoned> points=.. received=.. failed=.. gaps=.. missing=.. duplicates=.. [reason ..]
     !
     ! Parameter
     !
@@ -27,7 +29,10 @@ scalar result of the pipeline in the order the processor delivers them.
 Values are written with 17 significant digits, so they read back exactly;
 points without a value (failed, gap) are ``nan``. Parameters are the scan's
 scalar metadata (scan, acquisition, sample, device snapshot), nested names
-joined with ``/``. Rows are appended as the sorted results arrive.
+joined with ``/``. Rows are appended as the sorted results arrive. The
+``status`` comment is written as a blank placeholder of fixed width first and
+filled in place when the scan ends (services.ledger.PointLedger.end_status):
+the one line that tells a whole scan from a part of one.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from typing import Any, Mapping, TextIO
 
 import numpy as np
 
+from services import protocol
 from services.ledger import blank_failed, fill_value
 from services.placement import cells
 from services.scan import axis_values
@@ -72,6 +78,9 @@ def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         elif isinstance(value, str) and "\n" not in value and "\r" not in value:
             out[name] = value
     return out
+
+
+STATUS_WIDTH = 240  # characters of the status comment, filled in at the end
 
 
 class FioFile(ScanFile):
@@ -105,8 +114,10 @@ class FioFile(ScanFile):
         lines = ["!", "! Comments", "!", "%c", " ".join(raw["scan"]["command"].split()),
                  f"user {user} Acquisition started at {started}",
                  f"scan {meta.scan_id} sample {raw['sample']['name']} pipeline {self.run.pipeline} "
-                 f"processor {processor}",
-                 "!", "! Parameter", "!", "%p"]
+                 f"processor {processor}"]
+        self.out.write("\n".join(lines) + "\n")
+        self._status_at = self.out.tell()
+        lines = [" " * STATUS_WIDTH, "!", "! Parameter", "!", "%p"]
         params = {"scan_number": meta.number, "points": meta.points, "beamtime": raw["beamtime"]["id"],
                   "beamline": raw["beamtime"]["beamline"]}
         params.update(flatten({k: v for k, v in raw["acquisition"].items() if k != "detectors"}, "acquisition/"))
@@ -184,8 +195,22 @@ class FioFile(ScanFile):
         last = self.run.ledger.last_index + 1
         end = self.run.meta.points if self.run.status == "complete" else max(last, self.next_index)
         self._catch_up(end)  # a complete scan has a row for every point
+        self.out.seek(self._status_at)
+        self.out.write(self.status_line())
         self.out.close()
         return [(self.claim.final, self.claim.publish())]
+
+    def status_line(self) -> str:
+        """The status comment, exactly STATUS_WIDTH characters (it overwrites
+        the placeholder): status, counts and, for an abort, the reason, cut
+        to fit."""
+        counts = self.run.ledger.describe()
+        line = f"status {self.run.status} " + " ".join(
+            f"{k}={counts[k]}" for k in ("points", "received", "failed", "gaps", "missing", "duplicates"))
+        reason = self.run.summary.get(protocol.META_REASON)
+        if reason:
+            line += f" reason {' '.join(str(reason).split())}"
+        return line[:STATUS_WIDTH].ljust(STATUS_WIDTH)
 
     def abandon(self) -> None:
         try:

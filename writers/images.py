@@ -171,7 +171,11 @@ class ImageFiles(ScanFile):
             self._draw_curve(ax, picture, image, label)
         else:
             self._draw_image(fig, ax, picture, image, label)
-        ax.set_title(self.title(result, f" · sum of {acc.count} points" if summed else ""), fontsize=9)
+        extra = f" · sum of {acc.count} points" if summed else ""
+        if self.run.status not in ("complete", "running"):  # an image of a part of a scan says so
+            ledger = self.run.ledger
+            extra += f" · {self.run.status}: {ledger.received} of {ledger.points} points"
+        ax.set_title(self.title(result, extra), fontsize=9)
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=s.dpi)
         return buf.getvalue()

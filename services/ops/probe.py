@@ -94,6 +94,8 @@ class Probe:
                 continue
             now = time.monotonic()
             if msg.type == codec.SCAN_START:
+                if msg.scan in self.tallies and msg.meta.get(protocol.META_RESUME) is not None:
+                    continue  # the sorter restarted: the scan goes on, re-deliveries show as counts of 2
                 doc = msg.meta.get(protocol.META_SCAN, {})
                 geometry = doc.get("scan", {}).get("geometry", {})
                 points = math.prod(a["points"] for a in geometry.get("axes", [])) if geometry.get("type") != "points" \
@@ -124,7 +126,7 @@ class Probe:
                 tally.end = dict(msg.meta)
             elif msg.type == codec.SCAN_ABORT:
                 tally.aborted = True
-                tally.end = {}
+                tally.end = dict(msg.meta)
 
     def ended(self, scan: str) -> Tally | None:
         """The scan's tally once its end (or abort) has arrived, else None."""

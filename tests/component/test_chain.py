@@ -9,6 +9,8 @@ reaching the consumer; refused input counted while the chain goes on.
 from __future__ import annotations
 
 import contextlib
+import threading
+import time
 from typing import Iterator
 
 import numpy as np
@@ -16,10 +18,12 @@ import zmq
 
 from pipelines import sorter as sorter_module
 from pipelines.master import MasterConfig
+from pipelines.sorter import SorterConfig
 from pipelines.worker import WorkerConfig
 from services import codec, protocol
 from support import wait_for
 from support.chain import Chain, Tally, expected_counters
+from topology_manager.component import TopologyConfig
 
 PATIENCE = 30.0  # seconds any single condition may take on a loaded machine; normally well under one
 
@@ -185,3 +189,63 @@ def test_a_live_worker_the_master_gave_up_on_gets_work_again(make_chain) -> None
     wait_for(lambda: chain.master_knows(worker), PATIENCE, "the worker's next heartbeat")
     _, tally = chain.run_scan(500, timeout=3.0)  # a few units: well under a second when the worker takes them
     assert tally.end["delivered"] == 500
+
+
+def test_a_restarted_sorter_resumes_the_scan_and_every_point_arrives_once_in_order(make_chain) -> None:
+    """The sorter is killed mid-scan and a new one takes its registration: the
+    master re-sends the scan there with where delivery stands, dispatches
+    every unacknowledged unit again, and the consumer, which holds the first
+    part, gets the rest: nothing lost, nothing twice, in order."""
+    # slow workers, so the scan is surely under way (delivered in part, units in flight) when the sorter dies
+    chain = make_chain(workers=[WorkerConfig(heartbeat=0.1, processing_delay=0.02)] * 2)
+    points = 6000
+    old = chain.sorter
+
+    def restart_the_sorter_mid_scan(scan_id: str) -> None:
+        wait_for(lambda: chain.consumer.points_seen(scan_id) >= 1000, PATIENCE, "a first part delivered")
+        assert chain.consumer.points_seen(scan_id) < points, "the sorter must die mid-scan"
+        chain.restart_sorter()
+
+    started = chain.start_scan(points)
+    sender = threading.Thread(target=chain.send_blocks, args=(started, points), daemon=True)
+    sender.start()  # the sources block while the master holds them back: send beside the restart
+    restart_the_sorter_mid_scan(started)
+    sender.join(PATIENCE * 2)
+    chain.end_scan(started)
+    tally = chain.wait_scan_end(started, timeout=PATIENCE * 4)
+    assert chain.sorter is not old and chain.master.sorter_restarts == 1
+    resumed = tally.end["resumed_from"]
+    assert 0 < resumed < points, tally.end
+    assert tally.end["points"] == points and tally.end["delivered"] == points - resumed, tally.end
+    assert tally.end["gaps"] == tally.end["failed"] == 0, tally.end
+    assert (tally.counts == 1).all(), f"indices not delivered exactly once: {np.flatnonzero(tally.counts != 1)[:10]}"
+    assert tally.out_of_order == 0 and tally.gap_points == 0
+    np.testing.assert_array_equal(tally.delivered_indices(), np.arange(points))
+    got = tally.arrays()
+    for name, want in expected_counters(np.arange(points)).items():
+        np.testing.assert_allclose(got[name], want, rtol=1e-13, err_msg=name)
+    assert chain.master.scan_summary()["acked"] == points
+    assert chain.sorter.resumed == 1 and chain.sorter.counters.errors == 0, chain.sorter.counters.last_error
+
+
+def test_a_dead_master_gets_its_open_scan_aborted_with_a_reason_within_the_bound(make_chain) -> None:
+    """The master dies mid-scan: what it held of the sources' data is gone, so
+    the scan can never complete. Once its lease runs out the sorter gives it
+    MasterTimeoutSeconds, then aborts the scan at the consumer, with why."""
+    lease, master_timeout = 2.0, 1.0
+    chain = make_chain(topology_config=TopologyConfig(lease_seconds=lease, heartbeat_seconds=0.3),
+                       sorter_config=SorterConfig(master_timeout=master_timeout))
+    scan_id = chain.start_scan(5000)
+    for start in range(0, 2000, 100):  # the first part only, and no scan_end: the scan is open when the master dies
+        for stream, source in chain.sources.items():
+            source.block(scan_id, start, chain.profile.values(stream, np.arange(start, start + 100)))
+    wait_for(lambda: chain.consumer.points_seen(scan_id) == 2000, PATIENCE, "the first part delivered")
+    killed = time.monotonic()
+    chain.kill_master()
+    tally = chain.wait_scan_end(scan_id, timeout=PATIENCE)
+    took = time.monotonic() - killed
+    assert tally.aborted and "master" in tally.end[protocol.META_REASON], tally.end
+    assert tally.end["delivered"] == 2000 and (tally.counts[:2000] == 1).all() and not tally.counts[2000:].any()
+    # the bound: the lease, the timeout, a look-up period of the sorter and of the manager's expiry, and slack
+    assert took < lease + master_timeout + 2 * sorter_module.MASTER_CHECK_SECONDS + 10, took
+    assert chain.sorter.masters_lost == 1 and scan_id not in chain.sorter.runs

@@ -37,6 +37,21 @@ def worker_server(k: int) -> tuple[str, dict]:
         "Pipeline": PIPE, "HeartbeatSeconds": 0.2}}}
 
 
+LEASE = 3.0  # the manager's lease: a killed server leaves the topology this long after its last heartbeat
+MASTER_TIMEOUT = 3.0  # the sorter's MasterTimeoutSeconds
+
+
+def sorter_server() -> tuple[str, dict]:
+    return "Sorter/p1", {"Sorter": {SORTER: {"DataHost": LOOP, "Pipeline": PIPE, "GapTimeoutSeconds": GAP_TIMEOUT,
+                                             "ChunkPoints": 500, "MasterTimeoutSeconds": MASTER_TIMEOUT}}}
+
+
+def master_server() -> tuple[str, dict]:
+    return "PipelineMaster/p1", {"PipelineMaster": {MASTER: {
+        "DataHost": LOOP, "Pipeline": PIPE, "WorkerTimeoutSeconds": 1.0, "IncompleteTimeoutSeconds": 1.0,
+        "MaxUnitPoints": 200}}}
+
+
 @dataclass
 class Mesh:
     pool: ServerPool
@@ -46,6 +61,8 @@ class Mesh:
     master: tango.DeviceProxy
     sorter: tango.DeviceProxy
     recorder: tango.DeviceProxy
+    sorter_handle: ServerHandle
+    master_handle: ServerHandle
 
     def worker_table(self) -> list[dict]:
         return json.loads(self.master.WorkerTable)
@@ -54,26 +71,28 @@ class Mesh:
         self.workers[k] = self.pool.start(*worker_server(k))
         wait_for(lambda: len(self.worker_table()) == len(self.workers), 15, f"worker {k} to join the master")
 
+    def restart_sorter(self) -> None:
+        """Start the Sorter server again (after a kill): a new process, a new endpoint, the same device."""
+        self.sorter_handle = self.pool.start(*sorter_server())
+
 
 @pytest.fixture(scope="module")
 def mesh(tango_db, tmp_path_factory):
     pool = ServerPool(tmp_path_factory.mktemp("pipeline-logs"))
     try:
-        pool.start("TopologyManager/pipeline", {"TopologyManager": {MANAGER: topology_props(heartbeat=0.5, lease=3.0)}})
+        pool.start("TopologyManager/pipeline", {"TopologyManager": {MANAGER: topology_props(heartbeat=0.5, lease=LEASE)}})
         pool.start("Recorder/p1", {"Recorder": {RECORDER: {"DataHost": LOOP, "Pipeline": PIPE}}})
-        pool.start("Sorter/p1", {"Sorter": {SORTER: {"DataHost": LOOP, "Pipeline": PIPE,
-                                                      "GapTimeoutSeconds": GAP_TIMEOUT, "ChunkPoints": 500}}})
+        sorter_handle = pool.start(*sorter_server())
         workers = {k: pool.start(*worker_server(k)) for k in range(3)}
-        pool.start("PipelineMaster/p1", {"PipelineMaster": {MASTER: {
-            "DataHost": LOOP, "Pipeline": PIPE, "WorkerTimeoutSeconds": 1.0, "IncompleteTimeoutSeconds": 1.0,
-            "MaxUnitPoints": 200}}})
+        master_handle = pool.start(*master_server())
         link = TangoManagerLink(MANAGER)
         master = tango.DeviceProxy(MASTER)
         wait_for(lambda: len(json.loads(master.WorkerTable)) == 3, 20, "three workers to join the master")
         wait_for(lambda: {SORTER, RECORDER} <= {s["name"] for s in link.lookup({"pipeline": PIPE})}, 20,
                  "sorter and recorder to register")
         beamline = simulate.SimBeamline(PIPE, "counters", link, keep=True)
-        yield Mesh(pool, link, beamline, workers, master, tango.DeviceProxy(SORTER), tango.DeviceProxy(RECORDER))
+        yield Mesh(pool, link, beamline, workers, master, tango.DeviceProxy(SORTER), tango.DeviceProxy(RECORDER),
+                   sorter_handle, master_handle)
         beamline.close()
     finally:
         pool.stop_all()
@@ -396,3 +415,67 @@ def test_a_ten_mib_argument_and_a_deep_json_get_a_short_counted_refusal(mesh) ->
         assert len(proxy.Status()) < 4096, f"{command}: Status grew to {len(proxy.Status())} characters"
     assert manager.Errors >= errors0[MANAGER] + 8 and mesh.master.Errors == errors0[MASTER] + 6
     assert manager.State() == tango.DevState.ON and mesh.master.State() == tango.DevState.ON
+
+
+def test_kill_minus_9_sorter_mid_scan_and_restart_it_the_scan_completes_lossless(mesh) -> None:
+    """The sorter dies mid-scan with results in its queues and chunks unacknowledged; the pool starts it again.
+    The master sees the new registration, re-sends the scan with where delivery stands and dispatches every
+    unacknowledged unit again; the probe, which holds the first part, gets the rest exactly once."""
+    points, rate = 6000, 1500.0  # about 4 s of scan: the kill lands well inside it even on a loaded machine
+    scan_id = f"sorter-restart-{time.time_ns() // 1000}"
+    probe = mesh.beamline.driver.probes[PIPE]
+    old_endpoint = [s["endpoints"][protocol.RESULTS_IN] for s in mesh.link.lookup({"name": SORTER})]
+    seen_at_kill: list[int] = []
+
+    def kill_and_restart_the_sorter() -> None:
+        wait_for(lambda: probe.points_seen(scan_id) >= 1000, 60, "a first part of the scan delivered")
+        seen_at_kill.append(probe.points_seen(scan_id))
+        mesh.sorter_handle.kill(hard=True)
+        mesh.restart_sorter()
+
+    summary, tally = mesh.beamline.scan(points, rate=rate, block=20, scan_id=scan_id,
+                                        during=kill_and_restart_the_sorter, timeout=240.0)
+    assert seen_at_kill and seen_at_kill[0] < points, f"the sorter died mid-scan ({seen_at_kill})"
+    assert_lossless(summary, points)
+    assert summary["gaps"] == 0 and summary["failed_points"] == 0, summary
+    np.testing.assert_array_equal(tally.delivered_indices(), np.arange(points))
+    got = tally.arrays()["sum_norm"]
+    np.testing.assert_allclose(got, profiles.expected_counters(np.arange(points))["sum_norm"], rtol=1e-13)
+    assert 0 < tally.end["resumed_from"] < points, tally.end  # the new sorter went on where delivery stood
+    assert [s["endpoints"][protocol.RESULTS_IN] for s in mesh.link.lookup({"name": SORTER})] != old_endpoint
+    assert mesh.master.State() == tango.DevState.ON
+    # the restarted sorter serves the next scan as any other
+    summary, _ = mesh.beamline.scan(1000)
+    assert_lossless(summary, 1000)
+
+
+def test_kill_minus_9_master_mid_scan_aborts_the_scan_with_a_reason_within_the_bound(mesh) -> None:
+    """The master dies with the scan open: the events it held are gone, the scan can never complete. Once its
+    lease runs out the sorter waits MasterTimeoutSeconds, then aborts the scan at every consumer with a reason:
+    the probe and the Recorder see scan_abort, never scan_end. Runs last: it restarts the master."""
+    points, sent = 5000, 1000
+    scan_id = f"master-death-{time.time_ns() // 1000}"
+    probe = mesh.beamline.driver.probes[PIPE]
+    document = profiles.ProfileScan(profiles.PROFILES["counters"], PIPE, points,
+                                    streams=list(mesh.beamline.sources)).document(scan_id, 7)
+    mesh.master.StartScan(json.dumps(document))
+    for start in range(0, sent, 100):  # the first part only, and no end: the scan is open when the master dies
+        for stream, source in mesh.beamline.sources.items():
+            source.block(scan_id, start, profiles.PROFILES["counters"].values(stream, np.arange(start, start + 100)))
+    wait_for(lambda: probe.points_seen(scan_id) == sent, 60, "the first part delivered")
+    killed = time.monotonic()
+    mesh.master_handle.kill(hard=True)
+    bound = LEASE + MASTER_TIMEOUT + 2.0  # the lease, the timeout, the sorter's look-up period and the expiry's
+    tally = wait_for(lambda: probe.ended(scan_id), bound + 30, "the scan to end at the probe")
+    took = time.monotonic() - killed
+    assert tally.aborted and "master" in tally.end["reason"], tally.end
+    assert tally.end["delivered"] == sent and (tally.counts[:sent] == 1).all() and not tally.counts[sent:].any()
+    assert took < bound + 10, f"scan_abort {took:.1f} s after the kill"  # slack for a loaded machine
+    records = [r for r in json.loads(mesh.recorder.LatestRecords(0)) if r["scan"] == scan_id]
+    assert records[0]["type"] == "scan_start" and records[-1]["type"] == "scan_abort", records[-3:]
+    assert not any(r["type"] == "scan_end" for r in records)
+    # a new master serves the next scan as any other
+    mesh.master_handle = mesh.pool.start(*master_server())
+    wait_for(lambda: len(mesh.worker_table()) == len(mesh.workers), 30, "the workers to join the new master")
+    summary, _ = mesh.beamline.scan(1000)
+    assert_lossless(summary, 1000)

@@ -88,6 +88,7 @@ class Chain:
     master: MasterComponent
     sources: dict[str, SourceClient]
     worker_config: WorkerConfig
+    sorter_config: SorterConfig = field(default_factory=SorterConfig)
     stages: list[Stage] = field(default_factory=list)
     workers: list[WorkerComponent] = field(default_factory=list)
     closed: bool = False
@@ -117,6 +118,26 @@ class Chain:
         it says nothing to the master or the manager. Whatever it held
         unacknowledged is the master's to re-dispatch."""
         self.stage(worker).stop(deregister=False)
+
+    def restart_sorter(self) -> SorterComponent:
+        """Kill the sorter as a crash would (no goodbye, its queues and sockets
+        gone), then start a new one under the same name, as a device server
+        restarted by the pool: it binds a new endpoint and takes over the
+        registration. Returns once it is registered; the master finds it on
+        its own."""
+        self.stage(self.sorter).stop(deregister=False)
+        sorter = SorterComponent(self.sorter.name, self.pipeline, HOST, HOST, self.sorter_config, self.link)
+        stage = start_stage(sorter, self.link)
+        self.stages.append(stage)
+        self.sorter = sorter
+        wait_registered(stage.registration, timeout=JOIN_TIMEOUT)
+        return sorter
+
+    def kill_master(self) -> None:
+        """Drop the master as a crash would: it says nothing to anyone, its
+        registration lapses when its lease runs out, and the events it held
+        are gone for good."""
+        self.stage(self.master).stop(deregister=False)
 
     # ------------------------------------------------------------ one scan, step by step
     def start_scan(self, points: int, scan_id: str | None = None) -> str:
@@ -177,7 +198,8 @@ class Chain:
 
 def build_chain(pipeline: str = "p1", profile: str = "counters", workers: int | Sequence[WorkerConfig] = 2,
                 master_config: MasterConfig | None = None, sorter_config: SorterConfig | None = None,
-                worker_config: WorkerConfig | None = None) -> Chain:
+                worker_config: WorkerConfig | None = None,
+                topology_config: TopologyConfig | None = None) -> Chain:
     """Start a registry, the consumer, the sorter, the master, the workers and
     the profile's sources, all registered for ``pipeline``; returns once the
     master counts every worker. Defaults are the devices' defaults, except
@@ -186,7 +208,8 @@ def build_chain(pipeline: str = "p1", profile: str = "counters", workers: int | 
     master_config = master_config or MasterConfig(max_unit_points=100, worker_timeout=1.0)
     sorter_config = sorter_config or SorterConfig()
     worker_config = worker_config or WorkerConfig(heartbeat=0.1)
-    topology = TopologyComponent("test/topology/manager", TopologyConfig(lease_seconds=10.0, heartbeat_seconds=1.0))
+    topology_config = topology_config or TopologyConfig(lease_seconds=10.0, heartbeat_seconds=1.0)
+    topology = TopologyComponent("test/topology/manager", topology_config)
     topology.start()
     link = LocalManagerLink(topology.registry)
     undo: list[Callable[[], None]] = [topology.stop]  # what a failed build must take down, newest first
@@ -206,7 +229,7 @@ def build_chain(pipeline: str = "p1", profile: str = "counters", workers: int | 
         wait_registered(consumer.registration, *(s.registration for s in stages),
                         *(s.registration for s in sources.values()), timeout=JOIN_TIMEOUT)
         chain = Chain(pipeline, PROFILES[profile], topology, link, consumer, sorter, master, sources,
-                      worker_config, stages)
+                      worker_config, sorter_config, stages)
         undo = [chain.close]
         for config in [worker_config] * workers if isinstance(workers, int) else workers:
             chain.add_worker(config)

@@ -352,3 +352,23 @@ def test_drop_scan_forgets_its_units() -> None:
     d.pop_retry()
     assert d.next_retry() is None
     assert d.drop_scan("s1") == 0
+
+
+def test_a_restarted_sorters_scan_has_every_unacknowledged_unit_queued_again_oldest_first() -> None:
+    d = Dispatcher(TIMEOUT)
+    d.seen(b"w1", "worker/1", "", 10, now=0.0)
+    d.seen(b"w2", "worker/2", "", 10, now=0.0)
+    for index in range(0, 60, 10):
+        dispatch(d, unit(index))
+    dispatch(d, unit(0, scan="other"))
+    d.ack("s1", [(0, 20)])  # what the old sorter had delivered and acknowledged
+    assert d.requeue_scan("s1") == 4
+    order = []
+    while (entry := d.next_retry()) is not None:
+        order.append((entry.unit.scan, entry.unit.index))
+        dispatch(d, entry.unit)
+        d.pop_retry()
+    assert order == [("s1", 20), ("s1", 30), ("s1", 40), ("s1", 50)]
+    assert d.outstanding("s1") == 4 and d.outstanding("other") == 1  # still kept until the new sorter acks
+    assert all(e.attempts == 2 for k, e in d.in_flight.items() if k[0] == "s1")
+    assert d.requeue_scan("nothing") == 0

@@ -49,3 +49,20 @@ def test_ack_ranges_are_checked():
     assert protocol.ack_ranges(protocol.ack("s1", [(0, 5), (9, 10)])) == [(0, 5), (9, 10)]
     with pytest.raises(ValueError, match="bad ack range"):
         protocol.ack_ranges(protocol.ack("s1", [(5, 5)]))
+
+
+def test_resume_meta_is_checked() -> None:
+    assert protocol.check_resume({}) is None
+    assert protocol.check_resume({protocol.META_RESUME: 0, protocol.META_ACKED: []}) == 0
+    assert protocol.check_resume({protocol.META_RESUME: 300, protocol.META_ACKED: [[100, 300], [0, 100]]}) == 300
+    assert protocol.check_resume({protocol.META_RESUME: 300}) == 300  # as forwarded to consumers
+    for bad, why in (({protocol.META_RESUME: "3"}, "must be an index"), ({protocol.META_RESUME: -1}, "index"),
+                     ({protocol.META_RESUME: 5, protocol.META_ACKED: [[0]]}, "acked"),
+                     ({protocol.META_RESUME: 5, protocol.META_ACKED: [[0, 2], [3, 5]]}, "beyond"),
+                     ({protocol.META_RESUME: 5, protocol.META_ACKED: [[1, 9]]}, "beyond")):
+        with pytest.raises(ValueError, match=why):
+            protocol.check_resume(bad)
+    assert protocol.acked_prefix([(100, 200), (0, 100), (300, 400)]) == 200 and protocol.acked_prefix([(5, 9)]) == 0
+    assert protocol.check_sorter({}) is None and protocol.check_sorter({"sorter": "tcp://h:1"}) == "tcp://h:1"
+    with pytest.raises(ValueError, match="endpoint"):
+        protocol.check_sorter({"sorter": 5})

@@ -6,10 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from services import codec, protocol
 from services.sim import profiles
 from support import map_by_hand, scan_geometry
 from services.scan import parse_scan
 from services.schema import SchemaError
+from sink.component import SinkComponent, SinkConfig
 from sink.queries import answer
 from sink.store import EvictedError, ScanStore, StoreError, storage_dtype
 from sink.views import live_frame, preview_image
@@ -282,3 +284,44 @@ def test_spectra_on_a_raster_keep_a_running_sum_without_failed_points() -> None:
     result, arrays = answer(store, {"op": "get", "scan": "sp", "product": f"{PIPE}/mca", "reduce": "sum"})
     assert result["points"] == 19
     np.testing.assert_allclose(arrays["data"], total.value)
+
+
+def test_a_scan_ends_complete_only_when_every_point_came_else_incomplete_or_aborted() -> None:
+    store = ScanStore(10**6)
+    for scan in ("whole", "short", "cut"):
+        store.start(meta(scan), PIPE)
+        feed(store, scan, 35, [35] if scan == "whole" else [20] if scan == "short" else [10])
+    store.end("whole", PIPE, {"points": 35})
+    store.end("short", PIPE, {"points": 35})  # 15 points never delivered: not a whole scan
+    store.end("cut", PIPE, {"points": 35, "reason": "master gone"}, aborted=True)
+    infos = {scan: store.info(scan) for scan in ("whole", "short", "cut")}
+    assert {s: i["status"] for s, i in infos.items()} == {"whole": "complete", "short": "incomplete", "cut": "aborted"}
+    assert (infos["short"]["received"], infos["short"]["missing"]) == (20, 15)
+    assert infos["cut"]["runs"][PIPE]["summary"]["reason"] == "master gone"
+
+
+def test_a_restarted_sorters_scan_start_continues_the_entry_and_redeliveries_count_once() -> None:
+    sink = SinkComponent("test/sink/resume", "", "127.0.0.1", "127.0.0.1", SinkConfig())
+    try:
+        doc = meta("r").raw
+        truth = profiles.expected_counters(np.arange(35))["i0"]
+
+        def result(start: int, stop: int) -> codec.Message:
+            return codec.Message(codec.RESULT, scan="r", stream=PIPE, index=start, count=stop - start,
+                                 arrays={"i0": truth[start:stop]})
+
+        sink._ingest(codec.Message(codec.SCAN_START, scan="r", stream=PIPE, meta={protocol.META_SCAN: doc}))
+        sink._ingest(result(0, 20))
+        sink._ingest(codec.Message(codec.SCAN_START, scan="r", stream=PIPE,
+                                   meta={protocol.META_SCAN: doc, protocol.META_RESUME: 15}))
+        sink._ingest(result(15, 35))  # [15, 20) again: the old sorter delivered it, the master never had the ack
+        sink._ingest(codec.Message(codec.SCAN_END, scan="r", stream=PIPE, meta={"points": 35}))
+        info = sink.store.info("r")
+        assert (info["status"], info["received"], info["missing"], info["duplicates"]) == ("complete", 35, 0, 5)
+        _, product = sink.store.product("r", f"{PIPE}/i0")
+        np.testing.assert_array_equal(product.data.reshape(-1), map_by_hand("raster", truth, 5, 7).reshape(-1))
+        with pytest.raises(StoreError, match="resume_from"):
+            sink._ingest(codec.Message(codec.SCAN_START, scan="r", stream=PIPE,
+                                       meta={protocol.META_SCAN: doc, protocol.META_RESUME: -1}))
+    finally:
+        sink.stop()

@@ -365,3 +365,101 @@ def test_component_writes_refuses_bad_scans_and_goes_on(tmp_path) -> None:
     files = component.list_files(0)
     assert [f["status"] for f in files] == ["complete", "abandoned"] and all(len(f["sha256"]) == 64 for f in files)
     assert not list(tmp_path.parent.glob("etc*")) and not (tmp_path / "etc").exists()
+
+
+# ------------------------------------------------------------------ how a scan ended: one rule
+
+
+def test_end_status_is_complete_only_when_every_point_was_delivered() -> None:
+    ledger = PointLedger.for_points(10)
+    ledger.mark_result(0, 6, np.array([2]))
+    assert ledger.end_status({"points": 10}) == "incomplete"  # 6..9 never came
+    assert ledger.end_status({"points": 6}) == "complete"  # an EndScan cut the scan at 6: all of it came
+    assert ledger.end_status({}) == "complete"  # no count from the sorter: judged up to the last point delivered
+    ledger.mark_gap(6, 4)
+    assert ledger.end_status({"points": 10}) == "complete"  # gaps and failures are declared: delivered
+    assert ledger.end_status({"points": 10}, aborted=True) == "aborted"
+    assert ledger.end_status({"points": "10"}) == "complete" and ledger.end_status({"points": 99}) == "complete"
+
+
+def run_writer(tmp_path, file_format: str, open_file, messages: list[codec.Message], files: int) -> WriterComponent:
+    written: list[str] = []
+    component = WriterComponent("test/writer/status", "", "127.0.0.1", "127.0.0.1", OutputLayout(tmp_path),
+                                file_format, open_file, WriterConfig(), on_file=written.append)
+    component.start()
+    push = zmq.Context.instance().socket(zmq.PUSH)
+    push.linger = 1000
+    push.connect(component.endpoints[protocol.DATA_IN])
+    try:
+        for msg in messages:
+            codec.send(push, msg)
+        deadline = time.monotonic() + 10
+        while len(written) < files and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        push.close()
+        component.stop()
+    return component
+
+
+def status_scans() -> list[codec.Message]:
+    """Four scans of 35 points as a sorter delivers them: whole; ended with 15
+    points never delivered; aborted (its master died) after 10; and one whose
+    sorter restarted, so [15, 20) comes twice around a re-sent scan_start."""
+    values = np.arange(35.0)
+
+    def start(scan: str, **meta) -> codec.Message:
+        return codec.Message(codec.SCAN_START, scan=scan, stream=PIPE,
+                             meta={protocol.META_SCAN: document(scan), **meta})
+
+    def result(scan: str, index: int, stop: int) -> codec.Message:
+        return codec.Message(codec.RESULT, scan=scan, stream=PIPE, index=index, count=stop - index,
+                             arrays={"i0": values[index:stop]})
+
+    def end(scan: str) -> codec.Message:
+        return codec.Message(codec.SCAN_END, scan=scan, stream=PIPE, meta={"points": 35})
+
+    return [start("whole"), result("whole", 0, 35), end("whole"),
+            start("short"), result("short", 0, 20), end("short"),
+            start("cut"), result("cut", 0, 10),
+            codec.Message(codec.SCAN_ABORT, scan="cut", stream=PIPE, meta={"reason": "master gone", "delivered": 10}),
+            start("resumed"), result("resumed", 0, 20), start("resumed", resume_from=15),
+            result("resumed", 15, 35), end("resumed")]
+
+
+def test_nexus_status_follows_the_rule_with_the_counts(tmp_path) -> None:
+    settings = NexusSettings()
+    component = run_writer(tmp_path, "nexus", lambda run: NexusFile(run, settings), status_scans(), 4)
+    assert component.counters.errors == 0, component.counters.last_error
+    files = {f["scan"]: f for f in component.list_files(0)}
+    assert {s: f["status"] for s, f in files.items()} == {
+        "whole": "complete", "short": "incomplete", "cut": "aborted", "resumed": "complete"}
+    expected = {"whole": (35, 0, 0), "short": (20, 15, 0), "cut": (10, 25, 0), "resumed": (35, 0, 5)}
+    for scan, (received, missing, duplicates) in expected.items():
+        with h5py.File(files[scan]["path"]) as f:
+            process = f["entry/process"]
+            assert process["status"][()].decode() == files[scan]["status"]
+            assert (process["points_received"][()], process["points_missing"][()],
+                    process["points_duplicates"][()]) == (received, missing, duplicates), scan
+            if scan == "resumed":  # delivered twice across the restart: counted, never shifted
+                np.testing.assert_array_equal(f["entry/i0/i0"][()], np.arange(35.0).reshape(5, 7))
+            if scan == "cut":
+                assert json.loads(process["summary/data"][()])["reason"] == "master gone"
+    assert not list(tmp_path.rglob("*.part")) and not list(tmp_path.rglob("*.lock"))
+
+
+def test_fio_ends_with_the_status_the_counts_and_the_reason(tmp_path) -> None:
+    component = run_writer(tmp_path, "fio", FioFile, status_scans(), 4)
+    assert component.counters.errors == 0, component.counters.last_error
+    files = {f["scan"]: f for f in component.list_files(0)}
+    assert {s: f["status"] for s, f in files.items()} == {
+        "whole": "complete", "short": "incomplete", "cut": "aborted", "resumed": "complete"}
+    status = {scan: read_fio(f["path"]).comments[3].rstrip() for scan, f in files.items()}
+    assert all(status[scan].startswith(f"status {f['status']} points=35 ") for scan, f in files.items()), status
+    assert status["cut"] == ("status aborted points=35 received=10 failed=0 gaps=0 missing=25 duplicates=0 "
+                             "reason master gone")
+    assert status["short"].endswith("received=20 failed=0 gaps=0 missing=15 duplicates=0")
+    assert status["resumed"].endswith("received=35 failed=0 gaps=0 missing=0 duplicates=5")
+    assert read_fio(files["cut"]["path"]).data.shape[0] == 10  # the rows delivered, no more
+    resumed = read_fio(files["resumed"]["path"])
+    np.testing.assert_array_equal(resumed.data[:, -1], np.arange(35.0))  # twice delivered, once written
