@@ -33,6 +33,11 @@ def assert_every_point_once_in_order(chain: Chain, scan_id: str, tally: Tally, p
     assert not tally.aborted, tally.end
     assert tally.end["points"] == tally.end["delivered"] == points, tally.end
     assert tally.end["gaps"] == tally.end["duplicates"] == tally.end["failed"] == 0, tally.end
+    assert_values_once_in_order(chain, tally, points)
+
+
+def assert_values_once_in_order(chain: Chain, tally: Tally, points: int) -> None:
+    """What the consumer holds: every index once, in order, the counters' values; nothing left at the master."""
     assert (tally.counts == 1).all(), f"indices not delivered exactly once: {np.flatnonzero(tally.counts != 1)[:10]}"
     assert tally.out_of_order == 0 and tally.gap_points == 0
     np.testing.assert_array_equal(tally.delivered_indices(), np.arange(points))
@@ -218,13 +223,7 @@ def test_a_restarted_sorter_resumes_the_scan_and_every_point_arrives_once_in_ord
     assert 0 < resumed < points, tally.end
     assert tally.end["points"] == points and tally.end["delivered"] == points - resumed, tally.end
     assert tally.end["gaps"] == tally.end["failed"] == 0, tally.end
-    assert (tally.counts == 1).all(), f"indices not delivered exactly once: {np.flatnonzero(tally.counts != 1)[:10]}"
-    assert tally.out_of_order == 0 and tally.gap_points == 0
-    np.testing.assert_array_equal(tally.delivered_indices(), np.arange(points))
-    got = tally.arrays()
-    for name, want in expected_counters(np.arange(points)).items():
-        np.testing.assert_allclose(got[name], want, rtol=1e-13, err_msg=name)
-    assert chain.master.scan_summary()["acked"] == points
+    assert_values_once_in_order(chain, tally, points)
     assert chain.sorter.resumed == 1 and chain.sorter.counters.errors == 0, chain.sorter.counters.last_error
 
 
