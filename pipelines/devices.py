@@ -31,6 +31,10 @@ class PipelineMaster(MeshDevice):
         MasterConfig, "incomplete_timeout", doc="How long a stream may lag before its events go on marked incomplete")
     WorkerTimeoutSeconds = config_property(
         MasterConfig, "worker_timeout", doc="A worker silent this long is gone: its work goes to others")
+    SorterTimeoutSeconds = config_property(
+        MasterConfig, "sorter_timeout",
+        doc="No sorter registered this long while scans run (after its lease expired): the scans are aborted, "
+            "the consumers told directly")
     Affinity = device_property(dtype=str, default_value="",  # empty: MasterConfig's default affinity (none)
                                doc='Default affinity, e.g. {"group": 100} or {"copy_to": "debug"}')
     Preload = config_property(

@@ -51,11 +51,13 @@ class MasterConfig:
     worker_timeout: float = 2.0
     affinity: Affinity = Affinity()
     preload: tuple[str, ...] = ()  # processors whose settings checks are made ready at start-up; "*": all
+    sorter_timeout: float = 30.0  # no sorter registered this long while scans run: they are aborted
 
     def __post_init__(self) -> None:
         for prop, value in (("MaxQueueBytes", self.max_queue_bytes), ("MaxUnitPoints", self.max_unit_points),
                             ("MaxUnitBytes", self.max_unit_bytes), ("IncompleteTimeoutSeconds", self.incomplete_timeout),
-                            ("WorkerTimeoutSeconds", self.worker_timeout)):
+                            ("WorkerTimeoutSeconds", self.worker_timeout),
+                            ("SorterTimeoutSeconds", self.sorter_timeout)):
             if value <= 0:
                 raise ValueError(f"{prop} must be positive (got {value})")
 
@@ -247,7 +249,10 @@ class MasterComponent(PipelineComponent):
             raise ScanError(f"no scan {scan_id!r} on this master (current: {self.current_scan or 'none'})")
         run.former.request_end()
 
-    def _abort(self, scan_id: str) -> None:
+    def _abort(self, scan_id: str, reason: str = "", consumers: tuple[str, ...] = ()) -> None:
+        """Abort everywhere: the sorter (which tells the consumers), the
+        workers, and, when there is no sorter to do it, the ``consumers``'
+        ``data_in`` endpoints directly."""
         run = self.runs.pop(scan_id, None)
         if run is None:
             if scan_id in self.finished:
@@ -255,12 +260,29 @@ class MasterComponent(PipelineComponent):
             raise ScanError(f"no scan {scan_id!r} on this master (current: {self.current_scan or 'none'})")
         run.aborted = True
         dropped = self.dispatcher.drop_scan(scan_id)
-        abort = codec.Message(codec.SCAN_ABORT, scan=scan_id)
+        abort = codec.Message(codec.SCAN_ABORT, scan=scan_id, meta={protocol.META_REASON: reason} if reason else {})
         self._to_sorter(run, abort)
         for identity in list(self.dispatcher.workers):
             self._to_worker(identity, abort)
+        for endpoint in consumers:
+            self._to_consumer(endpoint, codec.Message(codec.SCAN_ABORT, scan=scan_id, stream=self.pipeline,
+                                                      meta=abort.meta))
         self._finish(run)
-        log.warning("scan %s aborted (%d units in flight abandoned)", scan_id, dropped)
+        log.warning("scan %s aborted (%d units in flight abandoned)%s", scan_id, dropped,
+                    f": {reason}" if reason else "")
+
+    def _to_consumer(self, endpoint: str, msg: codec.Message) -> None:
+        """One message straight to a consumer (only when its sorter is gone)."""
+        sock = self.context.socket(zmq.PUSH)
+        sock.linger = 2000
+        sock.sndtimeo = 2000
+        try:
+            sock.connect(endpoint)
+            codec.send(sock, msg)
+        except zmq.ZMQError as exc:
+            self.counters.error(f"{msg.type} of scan {msg.scan} not delivered to {endpoint}: {exc}")
+        finally:
+            sock.close()
 
     def _sorter_socket(self, endpoint: str) -> zmq.Socket:
         sorter = self.sorters.get(endpoint)
@@ -276,20 +298,45 @@ class MasterComponent(PipelineComponent):
         """Look up the pipeline's sorter now and then (a Tango call: never on
         the loop thread); a new endpoint while scans are active goes to the
         loop as :meth:`_sorter_moved`."""
+        missing_since: float | None = None
         while not self._stopping.wait(SORTER_CHECK_SECONDS):
             if not self.runs:
+                missing_since = None
                 continue
             try:
                 found = [s.get("endpoints", {}).get(protocol.RESULTS_IN)
                          for s in self.link.lookup({"kind": protocol.Kind.SORTER, "pipeline": self.pipeline})]
                 found = [e for e in found if e]
                 moved = len(found) == 1 and any(r.plan.sorter != found[0] for r in list(self.runs.values()))
+                consumers: tuple[str, ...] = ()
+                now = time.monotonic()
+                missing_since = (missing_since or now) if not found else None
+                if missing_since is not None and now - missing_since >= self.config.sorter_timeout:
+                    consumers = tuple(sorted(self._consumer_endpoints()))
             except Exception as exc:  # the manager is away: look again later, scans go on meanwhile
                 log.debug("sorter lookup failed: %s", exc)
                 continue
             if moved:
                 self._calls.put((lambda endpoint=found[0]: self._sorter_moved(endpoint),
                                  concurrent.futures.Future()))
+            elif missing_since is not None and now - missing_since >= self.config.sorter_timeout:
+                self._calls.put((lambda c=consumers: self._sorter_gone(c), concurrent.futures.Future()))
+                missing_since = None
+
+    def _consumer_endpoints(self) -> set[str]:
+        """``data_in`` of every consumer of this pipeline (a Tango lookup: watcher thread only)."""
+        return {s["endpoints"][protocol.DATA_IN] for s in self.link.lookup({})
+                if s["kind"] in protocol.CONSUMER_KINDS and s.get("pipeline", "") in ("", self.pipeline)
+                and s.get("endpoints", {}).get(protocol.DATA_IN)}
+
+    def _sorter_gone(self, consumers: tuple[str, ...]) -> None:
+        """No sorter has been registered for SorterTimeoutSeconds: the results
+        of the active scans cannot reach anyone, so they are aborted
+        everywhere, the consumers told directly, rather than left waiting."""
+        reason = (f"no sorter registered for pipeline {self.pipeline} for {self.config.sorter_timeout:g} s: "
+                  "results cannot be delivered")
+        for scan_id in list(self.runs):
+            self._abort(scan_id, reason, consumers)
 
     def _sorter_moved(self, endpoint: str) -> None:
         """A new sorter took the pipeline's registration (the old one died or

@@ -16,6 +16,7 @@ from typing import Iterator
 import numpy as np
 import zmq
 
+from pipelines import master as master_module
 from pipelines import sorter as sorter_module
 from pipelines.master import MasterConfig
 from pipelines.sorter import SorterConfig
@@ -248,3 +249,26 @@ def test_a_dead_master_gets_its_open_scan_aborted_with_a_reason_within_the_bound
     # the bound: the lease, the timeout, a look-up period of the sorter and of the manager's expiry, and slack
     assert took < lease + master_timeout + 2 * sorter_module.MASTER_CHECK_SECONDS + 10, took
     assert chain.sorter.masters_lost == 1 and scan_id not in chain.sorter.runs
+
+
+def test_a_sorter_that_never_comes_back_gets_its_scans_aborted_at_the_consumers(make_chain) -> None:
+    """The sorter dies and nothing restarts it: once its lease has run out and
+    SorterTimeoutSeconds more have passed, the master aborts the open scan
+    everywhere, telling the consumers directly, with why."""
+    lease, sorter_timeout = 2.0, 1.0
+    chain = make_chain(topology_config=TopologyConfig(lease_seconds=lease, heartbeat_seconds=0.3),
+                       master_config=MasterConfig(sorter_timeout=sorter_timeout))
+    scan_id = chain.start_scan(5000)
+    for start in range(0, 1000, 100):  # a first part; the scan stays open
+        for stream, source in chain.sources.items():
+            source.block(scan_id, start, chain.profile.values(stream, np.arange(start, start + 100)))
+    wait_for(lambda: chain.consumer.points_seen(scan_id) == 1000, PATIENCE, "the first part delivered")
+    killed = time.monotonic()
+    chain.kill_sorter()
+    tally = chain.wait_scan_end(scan_id, timeout=PATIENCE)
+    took = time.monotonic() - killed
+    assert tally.aborted and "no sorter registered" in tally.end[protocol.META_REASON], tally.end
+    assert (tally.counts[:1000] == 1).all() and not tally.counts[1000:].any()
+    assert took < lease + sorter_timeout + 2 * master_module.SORTER_CHECK_SECONDS + 10, took
+    assert scan_id in chain.master.finished and chain.master.finished[scan_id].aborted
+

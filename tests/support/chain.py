@@ -133,6 +133,10 @@ class Chain:
         wait_registered(stage.registration, timeout=JOIN_TIMEOUT)
         return sorter
 
+    def kill_sorter(self) -> None:
+        """Drop the sorter as a crash would, and start none in its place."""
+        self.stage(self.sorter).stop(deregister=False)
+
     def kill_master(self) -> None:
         """Drop the master as a crash would: it says nothing to anyone, its
         registration lapses when its lease runs out, and the events it held
