@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 import tango
 
+from services.ops import supervise
 from services.ops.home import executable, pid_alive, process_cmdline, spawn, terminate
 from services.registration import DEFAULT_TOPOLOGY_DEVICE, ManagerUnavailable, TangoManagerLink
 from services.schema import validate
@@ -175,18 +176,35 @@ def exported_pid(db: tango.Database, server: ServerSpec) -> int | None:
 class Launcher(Protocol):
     def start(self, server: ServerSpec) -> None: ...
     def stop(self, server: ServerSpec) -> None: ...
+    def stop_supervising(self) -> None: ...
     def shutdown(self) -> None: ...
 
 
 class LocalLauncher:
-    """Servers as detached child processes of this host, logging under the home."""
+    """Servers as detached processes of this host, logging under the home.
+
+    They are started through the home's supervisor (``services/ops/supervise.py``),
+    which restarts a server that exits unexpectedly; a server is forgotten by the
+    supervisor before it is stopped on purpose. Without a supervisor they are
+    started directly and not restarted.
+    """
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self._supervised: bool | None = None
         for sub in ("logs", "run"):
             (root / sub).mkdir(parents=True, exist_ok=True)
 
+    def supervise(self) -> bool:
+        """Make sure the home's supervisor runs (once per launcher); False if it cannot."""
+        if self._supervised is None:
+            self._supervised = supervise.ensure_running(self.root) is not None
+        return self._supervised
+
     def start(self, server: ServerSpec) -> None:
+        if self.supervise() and supervise.request(
+                self.root, {"op": "start", "server": server.name, "env": dict(os.environ)}) is not None:
+            return  # the supervisor started it and wrote its pid file
         pid = spawn(
             [executable(server.executable), server.instance],
             self.root / "logs" / f"{server.file_stem}.log",
@@ -195,8 +213,11 @@ class LocalLauncher:
         (self.root / "run" / f"{server.file_stem}.pid").write_text(str(pid))
 
     def stop(self, server: ServerSpec) -> None:
-        pid_file = self.root / "run" / f"{server.file_stem}.pid"
         pids = set()
+        forgotten = supervise.request(self.root, {"op": "forget", "server": server.name})  # before it exits
+        if forgotten and forgotten.get("pid"):
+            pids.add(int(forgotten["pid"]))
+        pid_file = self.root / "run" / f"{server.file_stem}.pid"
         if pid_file.exists():
             try:
                 pids.add(int(pid_file.read_text()))
@@ -209,6 +230,10 @@ class LocalLauncher:
             if pid_alive(pid) and any(server.executable in p for p in process_cmdline(pid)[:3]):
                 terminate(pid)
         pid_file.unlink(missing_ok=True)
+
+    def stop_supervising(self) -> None:
+        """Stop the home's supervisor, so that stopping the servers races no restart."""
+        supervise.stop(self.root)
 
     def shutdown(self) -> None:
         pass
@@ -274,6 +299,9 @@ class StarterLauncher(LocalLauncher):
             time.sleep(0.2)
         raise TimeoutError(f"Starter {self.device} did not come up within {self.timeout:.0f} s")
 
+    def supervise(self) -> bool:
+        return False  # Starter restarts its servers itself (AutoRestartDuration)
+
     def start(self, server: ServerSpec) -> None:
         self.proxy.command_inout("DevStart", server.name)
 
@@ -333,6 +361,8 @@ def up(spec: MeshSpec, launcher: Launcher, root: Path, timeout: float = 60.0) ->
     Returns what happened per server: "started" or "running" (idempotent).
     """
     declare(spec, root)
+    if isinstance(launcher, LocalLauncher):
+        launcher.supervise()  # also when everything runs: a supervisor that died comes back and adopts them
     db = tango.Database()
     outcome: dict[str, str] = {}
     here = short_hostname()
@@ -363,6 +393,8 @@ def down(spec: MeshSpec, launchers: list[Launcher]) -> list[str]:
     here = short_hostname()
     declared = {s.name for s in spec.servers}
     scaled = [s for p in sorted(worker_pipelines(spec)) for s in worker_servers(db, p) if s.name not in declared]
+    for launcher in launchers:
+        launcher.stop_supervising()
     for level in sorted({*spec.levels, *(s.level for s in scaled)}, reverse=True):
         for server in [*spec.at_level(level), *(s for s in scaled if s.level == level)]:
             if server.host != here:
@@ -382,8 +414,10 @@ def down(spec: MeshSpec, launchers: list[Launcher]) -> list[str]:
 STATUS_ATTRIBUTES = ("State", "EventsIn", "EventsOut", "Errors", "QueueDepth")
 
 
-def status(spec: MeshSpec | None, topology_device: str) -> list[dict[str, Any]]:
-    """One row per service: registration facts plus live state and counters."""
+def status(spec: MeshSpec | None, topology_device: str, root: Path | None = None) -> list[dict[str, Any]]:
+    """One row per service: registration facts plus live state and counters,
+    and what the home's supervisor recorded of its server (``restarts``,
+    ``last_exit``; both None for a server it does not supervise)."""
     try:
         services = TangoManagerLink(topology_device, 1500).lookup({})
     except ManagerUnavailable:
@@ -405,6 +439,11 @@ def status(spec: MeshSpec | None, topology_device: str) -> list[dict[str, Any]]:
                         "name": device, "kind": "", "pipeline": "", "server": server.name,
                         "host": server.host, "pid": None, "endpoints": {}, **live,
                     })
+    supervised = {k.lower(): v for k, v in (supervise.read_state(root) if root is not None else {}).items()}
+    for row in rows:
+        record = supervised.get((row.get("server") or "").lower())
+        row["restarts"] = record["restarts"] if record else None
+        row["last_exit"] = record["last_exit"] if record else None
     return sorted(rows, key=lambda r: r["name"])
 
 
