@@ -35,6 +35,9 @@ STARTER_DEFAULTS = {
     "StartServersAtStartup": "false",
     "InterStartupLevelWait": "1",
     "ServerStartupTimeout": "30",
+    # Restart a controlled server that fails after running more than this many minutes (0: never);
+    # a server failing sooner stays stopped (Starter's guard against crash loops). See docs/operating.md.
+    "AutoRestartDuration": "1",
 }
 
 
@@ -173,6 +176,20 @@ def exported_pid(db: tango.Database, server: ServerSpec) -> int | None:
 # --------------------------------------------------------------------------- launching
 
 
+def stop_through_starter(server: ServerSpec) -> None:
+    """``DevStop`` through this host's Starter when it runs the server: a server
+    it runs and that just exits counts as failed, and with ``AutoRestartDuration``
+    set the Starter would start it again."""
+    try:
+        proxy = tango.DeviceProxy(f"tango/admin/{short_hostname()}")
+        proxy.ping()
+        if server.name not in proxy.command_inout("DevGetRunningServers", True):
+            return
+        proxy.command_inout("DevStop", server.name)
+    except tango.DevFailed as exc:
+        log.info("DevStop %s through this host's Starter: %s", server.name, exc.args[0].desc if exc.args else exc)
+
+
 class Launcher(Protocol):
     def start(self, server: ServerSpec) -> None: ...
     def stop(self, server: ServerSpec) -> None: ...
@@ -198,7 +215,11 @@ class LocalLauncher:
     def supervise(self) -> bool:
         """Make sure the home's supervisor runs (once per launcher); False if it cannot."""
         if self._supervised is None:
-            self._supervised = supervise.ensure_running(self.root) is not None
+            try:
+                self._supervised = supervise.ensure_running(self.root) is not None
+            except RuntimeError as exc:  # the mesh still starts, unsupervised
+                log.warning("%s: servers start unsupervised (no restarts)", exc)
+                self._supervised = False
         return self._supervised
 
     def start(self, server: ServerSpec) -> None:
@@ -213,8 +234,11 @@ class LocalLauncher:
         (self.root / "run" / f"{server.file_stem}.pid").write_text(str(pid))
 
     def stop(self, server: ServerSpec) -> None:
+        """Stop a server on purpose: first tell whoever would restart it (the
+        home's supervisor, this host's Starter), then SIGTERM, SIGKILL if it hangs."""
         pids = set()
         forgotten = supervise.request(self.root, {"op": "forget", "server": server.name})  # before it exits
+        stop_through_starter(server)
         if forgotten and forgotten.get("pid"):
             pids.add(int(forgotten["pid"]))
         pid_file = self.root / "run" / f"{server.file_stem}.pid"
@@ -305,15 +329,6 @@ class StarterLauncher(LocalLauncher):
     def start(self, server: ServerSpec) -> None:
         self.proxy.command_inout("DevStart", server.name)
 
-    def stop(self, server: ServerSpec) -> None:
-        proxy = self._running_proxy()
-        if proxy is not None and server.name in proxy.command_inout("DevGetRunningServers", True):
-            try:
-                proxy.command_inout("DevStop", server.name)
-            except tango.DevFailed as exc:
-                log.warning("DevStop %s: %s", server.name, exc.args[0].desc)
-        super().stop(server)  # waits for the process to go, kills it if it hangs
-
     def shutdown(self) -> None:
         try:
             pid = int(self.pid_file.read_text())
@@ -323,13 +338,6 @@ class StarterLauncher(LocalLauncher):
             terminate(pid)
         self.pid_file.unlink(missing_ok=True)
 
-    def _running_proxy(self) -> tango.DeviceProxy | None:
-        try:
-            proxy = tango.DeviceProxy(self.device)
-            proxy.ping()
-            return proxy
-        except tango.DevFailed:
-            return None
 
 
 # --------------------------------------------------------------------------- up / down

@@ -141,6 +141,9 @@ class SupervisorProcess:
             if op == "ping":
                 return {"pid": os.getpid()}
             if op == "start":
+                record = self.supervisor.records.get(server)
+                if record and record.pid and runs_server(record.pid, server):
+                    return {"pid": record.pid}  # it runs (maybe just restarted, still starting): not twice
                 self.envs[server] = {str(k): str(v) for k, v in request.get("env", os.environ).items()}
                 pid = self.supervisor.start(server)
                 log.info("%s started (pid %d)", server, pid)

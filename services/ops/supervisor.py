@@ -13,8 +13,9 @@ was stopped, and stop trying on a crash loop):
 - after ``first_delay`` (1 s), doubling for every further *quick* failure (a run
   shorter than ``quick_run_s``) up to ``max_delay`` (30 s); a run that lasted
   longer resets the back-off;
-- after ``give_up_after`` quick failures in a row it is left stopped, with one
-  log line saying so; ``tangomesh up`` starts it again (and resets the count).
+- the ``give_up_after``-th (5th) quick failure in a row is not restarted: the
+  server is left stopped, with one log line saying so; ``tangomesh up`` starts
+  it again (and resets the count).
 """
 
 from __future__ import annotations
@@ -142,7 +143,7 @@ class Supervisor:
         record.last_exit = {"code": how.code, "signal": how.signal, "at": self.wall(), "ran_s": round(ran, 3),
                             "how": how.describe()}
         record.pid = None
-        if record.quick_failures > self.policy.give_up_after:
+        if record.quick_failures >= self.policy.give_up_after:
             record.gave_up = True
             log.error("%s %s after running %.1f s; giving up after %d quick failures in a row "
                       "(each ran < %.0f s); see its log, then run `tangomesh up` to start it again",

@@ -79,17 +79,17 @@ def test_quick_failures_back_off_doubling_to_the_cap_then_give_up_with_one_log_l
     supervisor.start("PipelineWorker/counters-01")
     delays = []
     with caplog.at_level(logging.WARNING, "tangomesh.supervisor"):
-        for _ in range(6):
+        for _ in range(5):
             procs.kill(procs.spawned[-1][1], Exit(code=1))
             died = clock.now
             before = len(procs.spawned)
             while len(procs.spawned) == before and clock.now - died < 60:
                 advance(supervisor, clock, 0.25)
             delays.append(round(clock.now - died))
-    assert delays[:5] == [1, 2, 4, 4, 4]  # doubling, capped
-    assert delays[5] == 60  # the sixth quick failure in a row: no restart
+    assert delays[:4] == [1, 2, 4, 4]  # doubling, capped
+    assert delays[4] == 60  # the fifth quick failure in a row: no restart
     state = supervisor.state()["PipelineWorker/counters-01"]
-    assert state["state"] == "gave up" and state["restarts"] == 5 and state["last_exit"]["code"] == 1
+    assert state["state"] == "gave up" and state["restarts"] == 4 and state["last_exit"]["code"] == 1
     gave_up = [r for r in caplog.records if "giving up" in r.getMessage()]
     assert len(gave_up) == 1 and r"tangomesh up" in gave_up[0].getMessage()
 
@@ -97,7 +97,7 @@ def test_quick_failures_back_off_doubling_to_the_cap_then_give_up_with_one_log_l
     assert supervisor.state()["PipelineWorker/counters-01"]["state"] == "running"
     procs.kill(procs.spawned[-1][1])
     advance(supervisor, clock, 1.25)
-    assert supervisor.state()["PipelineWorker/counters-01"]["restarts"] == 6
+    assert supervisor.state()["PipelineWorker/counters-01"]["restarts"] == 5
 
 
 def test_a_long_run_resets_the_back_off(setup) -> None:
