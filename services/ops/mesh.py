@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import tango
 
-from services.ops import supervise
+from services.ops import starter_stats, supervise
 from services.ops.home import executable, pid_alive, process_cmdline, spawn, terminate
 from services.registration import DEFAULT_TOPOLOGY_DEVICE, ManagerUnavailable, TangoManagerLink
 from services.schema import validate
@@ -447,12 +447,24 @@ def status(spec: MeshSpec | None, topology_device: str, root: Path | None = None
                         "name": device, "kind": "", "pipeline": "", "server": server.name,
                         "host": server.host, "pid": None, "endpoints": {}, **live,
                     })
-    supervised = {k.lower(): v for k, v in (supervise.read_state(root) if root is not None else {}).items()}
+    add_restarts(rows, supervise.read_state(root) if root is not None else {})
+    return sorted(rows, key=lambda r: r["name"])
+
+
+def add_restarts(rows: list[dict[str, Any]], supervised: dict[str, dict[str, Any]]) -> None:
+    """``restarts`` and ``last_exit`` of each row's server: from the home's
+    supervisor, else from the Starter of the row's host; None from neither."""
+    supervised = {k.lower(): v for k, v in supervised.items()}
+    by_host: dict[str, dict[str, dict[str, Any]]] = {}
     for row in rows:
-        record = supervised.get((row.get("server") or "").lower())
+        server = (row.get("server") or "").lower()
+        record = supervised.get(server)
+        if record is None and server and row.get("host"):
+            if row["host"] not in by_host:
+                by_host[row["host"]] = {k.lower(): v for k, v in starter_stats.read_statistics(row["host"]).items()}
+            record = by_host[row["host"]].get(server)
         row["restarts"] = record["restarts"] if record else None
         row["last_exit"] = record["last_exit"] if record else None
-    return sorted(rows, key=lambda r: r["name"])
 
 
 def _read_live(device: str) -> dict[str, Any]:

@@ -13,6 +13,7 @@ import tango
 
 from support import topology_props, wait_for
 from services.ops.home import pid_alive
+from services.ops.starter_stats import read_statistics
 from services.ops.mesh import STARTER_PATH, ServerSpec, StarterLauncher, exported_pid, put_server_info, short_hostname
 
 TOPOLOGY = "test/starter/topology"
@@ -135,9 +136,13 @@ def test_starter_restarts_a_server_that_fails_after_auto_restart_duration(starte
                        "Starter to restart the killed recorder")
     wait_for(lambda: registered_pid() == new_pid, 15, "the restarted recorder to register again")
     print(f"Starter restarted the killed recorder; registered again after {time.monotonic() - killed:.1f} s")
+    stats = wait_for(lambda: (r := read_statistics(starter.host).get(recorder.name)) and r["restarts"] == 1 and r,
+                     10, "Starter's statistics to count the restart")  # what `tangomesh status` shows
+    assert stats["last_exit"]["ran_s"] > 60
 
     # killed again at once: it ran less than AutoRestartDuration, Starter leaves it stopped
     os.kill(new_pid, signal.SIGKILL)
     wait_for(lambda: stopped(proxy, recorder.name), 20, "Starter to see the recorder failed")
     time.sleep(8)  # four of Starter's 2 s checks
     assert recorder.name not in running(proxy) and exported_pid(db, recorder) is None
+    assert read_statistics(starter.host)[recorder.name]["restarts"] == 1
