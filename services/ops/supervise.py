@@ -8,7 +8,7 @@ restarts those that exit unexpectedly by the policy of ``services/ops/supervisor
 
 Files under ``run/``:
 
-- ``supervisor.pid``: its pid;
+- ``supervisor.pid``: its pid; ``supervisor.lock``: held while it runs (one per home);
 - ``supervisor.sock``: a Unix socket taking one JSON request per connection:
   ``{"op": "start", "server": S, "env": {...}}`` (start S as a child, reply
   ``{"pid": n}``), ``{"op": "forget", "server": S}`` (S is about to be stopped on
@@ -26,6 +26,7 @@ CLI starts servers itself, as before, and they are not restarted.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -185,6 +186,12 @@ class SupervisorProcess:
                     pass
 
     def run(self) -> int:
+        lock = open(self.root / "run" / "supervisor.lock", "w")
+        try:  # one supervisor per home, even when two `tangomesh up` race
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            log.info("another supervisor runs for %s", self.root)
+            return 0
         sock = socket_path(self.root)
         sock.unlink(missing_ok=True)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -267,10 +274,11 @@ def ensure_running(root: Path) -> int | None:
     pid = spawn([sys.executable, "-P", "-m", MODULE, str(root)], root / "logs" / "supervisor.log", dict(os.environ))
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
-        if not pid_alive(pid):
+        answer = request(root, {"op": "ping"}, timeout=1.0)
+        if answer is not None:
+            return int(answer["pid"])  # ours, or one another `tangomesh up` started at the same time
+        if not pid_alive(pid) and running_pid(root) is None:
             raise RuntimeError(f"the supervisor exited; see {root / 'logs' / 'supervisor.log'}")
-        if request(root, {"op": "ping"}, timeout=1.0) is not None:
-            return pid
         time.sleep(0.1)
     terminate(pid)
     raise RuntimeError(f"the supervisor did not answer within {START_TIMEOUT_S:.0f} s; "
