@@ -27,7 +27,7 @@ from rich.markup import escape
 from rich.console import Console
 from rich.table import Table
 
-from services.ops import mesh
+from services.ops import mesh, supervise
 from services.ops.driver import ScanDriver
 from services.ops.verdicts import consumer_verdict
 from services.sim.sims import SIM_NAMES, Simulation, make_simulation, parse_shape
@@ -148,6 +148,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     outcome = mesh.up(spec, launcher, root, timeout=args.timeout)
     for server, what in outcome.items():
         console.print(f"{server:32s} {what}")
+    if not args.via_starter:
+        pid = supervise.running_pid(root)
+        console.print(f"{'supervisor':32s} {f'pid {pid}: restarts servers that exit' if pid else 'none: no restarts'}")
     console.print(f"mesh up on TANGO_HOST={tango_host}{' (embedded)' if embedded else ''}")
     return 0
 
@@ -176,22 +179,31 @@ def cmd_status(args: argparse.Namespace) -> int:
     if embedded and not EmbeddedDatabase(root).running():
         rows: list[dict[str, Any]] = []
     else:
-        rows = mesh.status(spec, spec.topology_device)
+        rows = mesh.status(spec, spec.topology_device, root)
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
     table = Table(title=f"tangomesh on {tango_host or '(no database)'}")
-    for column in ("device", "kind", "pipeline", "host", "pid", "state", "in", "out", "errors", "queue", "endpoints"):
+    for column in ("device", "kind", "pipeline", "host", "pid", "state", "restarts", "in", "out", "errors", "queue",
+                   "endpoints"):
         table.add_column(column)
     for r in rows:
         c = r.get("counters", {})
         table.add_row(
-            r["name"], r["kind"], r["pipeline"], r["host"], str(r["pid"] or "-"), r["state"],
+            r["name"], r["kind"], r["pipeline"], r["host"], str(r["pid"] or "-"), r["state"], _restarts(r),
             *(str(c.get(k, "-")) for k in ("events_in", "events_out", "errors", "queue_depth")),
             " ".join(f"{k}={v}" for k, v in r["endpoints"].items()),
         )
     console.print(table)
     return 0
+
+
+def _restarts(row: dict[str, Any]) -> str:
+    """Restarts by the supervisor and how the server last ended ("-": not supervised)."""
+    if row.get("restarts") is None:
+        return "-"
+    last = row.get("last_exit")
+    return f"{row['restarts']} ({last['how']})" if last else str(row["restarts"])
 
 
 def _simulation(args: argparse.Namespace) -> Simulation:

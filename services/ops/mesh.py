@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 import tango
 
+from services.ops import starter_stats, supervise
 from services.ops.home import executable, pid_alive, process_cmdline, spawn, terminate
 from services.registration import DEFAULT_TOPOLOGY_DEVICE, ManagerUnavailable, TangoManagerLink
 from services.schema import validate
@@ -34,6 +35,9 @@ STARTER_DEFAULTS = {
     "StartServersAtStartup": "false",
     "InterStartupLevelWait": "1",
     "ServerStartupTimeout": "30",
+    # Restart a controlled server that fails after running more than this many minutes (0: never);
+    # a server failing sooner stays stopped (Starter's guard against crash loops). See docs/operating.md.
+    "AutoRestartDuration": "1",
 }
 
 
@@ -172,21 +176,56 @@ def exported_pid(db: tango.Database, server: ServerSpec) -> int | None:
 # --------------------------------------------------------------------------- launching
 
 
+def stop_through_starter(server: ServerSpec) -> None:
+    """``DevStop`` through this host's Starter when it runs the server: a server
+    it runs and that just exits counts as failed, and with ``AutoRestartDuration``
+    set the Starter would start it again."""
+    try:
+        proxy = tango.DeviceProxy(f"tango/admin/{short_hostname()}")
+        proxy.ping()
+        if server.name not in proxy.command_inout("DevGetRunningServers", True):
+            return
+        proxy.command_inout("DevStop", server.name)
+    except tango.DevFailed as exc:
+        log.info("DevStop %s through this host's Starter: %s", server.name, exc.args[0].desc if exc.args else exc)
+
+
 class Launcher(Protocol):
     def start(self, server: ServerSpec) -> None: ...
     def stop(self, server: ServerSpec) -> None: ...
+    def stop_supervising(self) -> None: ...
     def shutdown(self) -> None: ...
 
 
 class LocalLauncher:
-    """Servers as detached child processes of this host, logging under the home."""
+    """Servers as detached processes of this host, logging under the home.
+
+    They are started through the home's supervisor (``services/ops/supervise.py``),
+    which restarts a server that exits unexpectedly; a server is forgotten by the
+    supervisor before it is stopped on purpose. Without a supervisor they are
+    started directly and not restarted.
+    """
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self._supervised: bool | None = None
         for sub in ("logs", "run"):
             (root / sub).mkdir(parents=True, exist_ok=True)
 
+    def supervise(self) -> bool:
+        """Make sure the home's supervisor runs (once per launcher); False if it cannot."""
+        if self._supervised is None:
+            try:
+                self._supervised = supervise.ensure_running(self.root) is not None
+            except RuntimeError as exc:  # the mesh still starts, unsupervised
+                log.warning("%s: servers start unsupervised (no restarts)", exc)
+                self._supervised = False
+        return self._supervised
+
     def start(self, server: ServerSpec) -> None:
+        if self.supervise() and supervise.request(
+                self.root, {"op": "start", "server": server.name, "env": dict(os.environ)}) is not None:
+            return  # the supervisor started it and wrote its pid file
         pid = spawn(
             [executable(server.executable), server.instance],
             self.root / "logs" / f"{server.file_stem}.log",
@@ -195,8 +234,14 @@ class LocalLauncher:
         (self.root / "run" / f"{server.file_stem}.pid").write_text(str(pid))
 
     def stop(self, server: ServerSpec) -> None:
-        pid_file = self.root / "run" / f"{server.file_stem}.pid"
+        """Stop a server on purpose: first tell whoever would restart it (the
+        home's supervisor, this host's Starter), then SIGTERM, SIGKILL if it hangs."""
         pids = set()
+        forgotten = supervise.request(self.root, {"op": "forget", "server": server.name})  # before it exits
+        stop_through_starter(server)
+        if forgotten and forgotten.get("pid"):
+            pids.add(int(forgotten["pid"]))
+        pid_file = self.root / "run" / f"{server.file_stem}.pid"
         if pid_file.exists():
             try:
                 pids.add(int(pid_file.read_text()))
@@ -209,6 +254,10 @@ class LocalLauncher:
             if pid_alive(pid) and any(server.executable in p for p in process_cmdline(pid)[:3]):
                 terminate(pid)
         pid_file.unlink(missing_ok=True)
+
+    def stop_supervising(self) -> None:
+        """Stop the home's supervisor, so that stopping the servers races no restart."""
+        supervise.stop(self.root)
 
     def shutdown(self) -> None:
         pass
@@ -274,17 +323,11 @@ class StarterLauncher(LocalLauncher):
             time.sleep(0.2)
         raise TimeoutError(f"Starter {self.device} did not come up within {self.timeout:.0f} s")
 
+    def supervise(self) -> bool:
+        return False  # Starter restarts its servers itself (AutoRestartDuration)
+
     def start(self, server: ServerSpec) -> None:
         self.proxy.command_inout("DevStart", server.name)
-
-    def stop(self, server: ServerSpec) -> None:
-        proxy = self._running_proxy()
-        if proxy is not None and server.name in proxy.command_inout("DevGetRunningServers", True):
-            try:
-                proxy.command_inout("DevStop", server.name)
-            except tango.DevFailed as exc:
-                log.warning("DevStop %s: %s", server.name, exc.args[0].desc)
-        super().stop(server)  # waits for the process to go, kills it if it hangs
 
     def shutdown(self) -> None:
         try:
@@ -295,13 +338,6 @@ class StarterLauncher(LocalLauncher):
             terminate(pid)
         self.pid_file.unlink(missing_ok=True)
 
-    def _running_proxy(self) -> tango.DeviceProxy | None:
-        try:
-            proxy = tango.DeviceProxy(self.device)
-            proxy.ping()
-            return proxy
-        except tango.DevFailed:
-            return None
 
 
 # --------------------------------------------------------------------------- up / down
@@ -333,6 +369,8 @@ def up(spec: MeshSpec, launcher: Launcher, root: Path, timeout: float = 60.0) ->
     Returns what happened per server: "started" or "running" (idempotent).
     """
     declare(spec, root)
+    if isinstance(launcher, LocalLauncher):
+        launcher.supervise()  # also when everything runs: a supervisor that died comes back and adopts them
     db = tango.Database()
     outcome: dict[str, str] = {}
     here = short_hostname()
@@ -363,6 +401,8 @@ def down(spec: MeshSpec, launchers: list[Launcher]) -> list[str]:
     here = short_hostname()
     declared = {s.name for s in spec.servers}
     scaled = [s for p in sorted(worker_pipelines(spec)) for s in worker_servers(db, p) if s.name not in declared]
+    for launcher in launchers:
+        launcher.stop_supervising()
     for level in sorted({*spec.levels, *(s.level for s in scaled)}, reverse=True):
         for server in [*spec.at_level(level), *(s for s in scaled if s.level == level)]:
             if server.host != here:
@@ -382,8 +422,10 @@ def down(spec: MeshSpec, launchers: list[Launcher]) -> list[str]:
 STATUS_ATTRIBUTES = ("State", "EventsIn", "EventsOut", "Errors", "QueueDepth")
 
 
-def status(spec: MeshSpec | None, topology_device: str) -> list[dict[str, Any]]:
-    """One row per service: registration facts plus live state and counters."""
+def status(spec: MeshSpec | None, topology_device: str, root: Path | None = None) -> list[dict[str, Any]]:
+    """One row per service: registration facts plus live state and counters,
+    and what the home's supervisor recorded of its server (``restarts``,
+    ``last_exit``; both None for a server it does not supervise)."""
     try:
         services = TangoManagerLink(topology_device, 1500).lookup({})
     except ManagerUnavailable:
@@ -405,7 +447,24 @@ def status(spec: MeshSpec | None, topology_device: str) -> list[dict[str, Any]]:
                         "name": device, "kind": "", "pipeline": "", "server": server.name,
                         "host": server.host, "pid": None, "endpoints": {}, **live,
                     })
+    add_restarts(rows, supervise.read_state(root) if root is not None else {})
     return sorted(rows, key=lambda r: r["name"])
+
+
+def add_restarts(rows: list[dict[str, Any]], supervised: dict[str, dict[str, Any]]) -> None:
+    """``restarts`` and ``last_exit`` of each row's server: from the home's
+    supervisor, else from the Starter of the row's host; None from neither."""
+    supervised = {k.lower(): v for k, v in supervised.items()}
+    by_host: dict[str, dict[str, dict[str, Any]]] = {}
+    for row in rows:
+        server = (row.get("server") or "").lower()
+        record = supervised.get(server)
+        if record is None and server and row.get("host"):
+            if row["host"] not in by_host:
+                by_host[row["host"]] = {k.lower(): v for k, v in starter_stats.read_statistics(row["host"]).items()}
+            record = by_host[row["host"]].get(server)
+        row["restarts"] = record["restarts"] if record else None
+        row["last_exit"] = record["last_exit"] if record else None
 
 
 def _read_live(device: str) -> dict[str, Any]:

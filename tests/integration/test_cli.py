@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -32,7 +34,8 @@ EXPECTED = {
         (f"tangomesh/{pipeline}/sorter", "sorter"), (f"tangomesh/{pipeline}-worker/01", "worker"),
         (f"tangomesh/{pipeline}/master", "master"))},
 }
-STATUS_KEYS = {"name", "kind", "pipeline", "server", "host", "pid", "state", "endpoints", "counters"}
+STATUS_KEYS = {"name", "kind", "pipeline", "server", "host", "pid", "state", "endpoints", "counters", "restarts",
+               "last_exit"}
 
 
 def tangomesh(home: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -80,6 +83,9 @@ def test_up_status_down_round_trip(home) -> None:
         assert row["state"] == "ON", row
         assert pid_alive(row["pid"])
         assert set(row["counters"]) == {"events_in", "events_out", "errors", "queue_depth"}
+        assert row["restarts"] == 0 and row["last_exit"] is None, row  # supervised, never restarted
+    supervisor_pid = int((home / "run" / "supervisor.pid").read_text())
+    assert pid_alive(supervisor_pid) and f"pid {supervisor_pid}" in first.stdout
     recorder = next(r for r in rows if r["kind"] == "recorder")
     assert recorder["endpoints"]["data_in"].startswith("tcp://127.0.0.1:")
 
@@ -114,12 +120,36 @@ def test_up_status_down_round_trip(home) -> None:
     tap = next(r for r in status(home) if r["kind"] == "recorder")
     assert tap["counters"]["events_in"] >= 3  # the tap (pipeline "") is a consumer of every pipeline
 
+    # a killed server comes back by itself: the supervisor restarts it and it registers again
+    victims = {r["name"]: r["pid"] for r in rows if r["name"] in ("tangomesh/counters-worker/02",
+                                                                   "tangomesh/sink/beamline")}
+    killed = time.monotonic()
+    for pid in victims.values():
+        os.kill(pid, signal.SIGKILL)
+
+    def restarted() -> dict | None:
+        now = {r["name"]: r for r in status(home)}
+        back = all(now[n]["pid"] not in (None, pid) and pid_alive(now[n]["pid"]) and now[n]["state"] == "ON"
+                   for n, pid in victims.items())
+        return now if back else None
+
+    now = wait_for(restarted, 30, f"{sorted(victims)} to be restarted, ON and registered again", interval=0.2)
+    print(f"killed servers back, ON and registered after {time.monotonic() - killed:.1f} s")
+    for name, row in now.items():
+        if name in victims:
+            assert row["restarts"] == 1 and row["last_exit"]["signal"] == signal.SIGKILL, row
+            assert row["last_exit"]["how"] == "killed by SIGKILL"
+        else:
+            assert row["restarts"] == 0 and row["pid"] == next(r["pid"] for r in rows if r["name"] == name), row
+    restarted_pids = [now[n]["pid"] for n in victims]
+
     # scaling declares and starts a third worker, then stops the extra ones
     assert "3 worker(s)" in tangomesh(home, "scale", "counters", "3").stdout
     workers = [r for r in status(home) if r["kind"] == "worker" and r["pipeline"] == "counters"]
     assert len(workers) == 3 and all(r["state"] == "ON" for r in workers)
     third_pid = next(r["pid"] for r in workers if r["name"] == "tangomesh/counters-worker/03")
     assert "1 worker(s)" in tangomesh(home, "scale", "counters", "1").stdout
+    time.sleep(2.5)  # longer than the supervisor's first restart delay: workers stopped on purpose stay stopped
     running = [r for r in status(home) if r["kind"] == "worker" and r["pipeline"] == "counters"]
     assert [r["name"] for r in running] == ["tangomesh/counters-worker/01"]
     assert not pid_alive(third_pid)
@@ -143,7 +173,8 @@ def test_up_status_down_round_trip(home) -> None:
 
     db_pid = int((home / "run" / "databaseds.pid").read_text())
     tangomesh(home, "down")
-    assert_all_gone([r["pid"] for r in rows] + scaled_pids + [db_pid])  # scaled workers too
+    assert_all_gone([r["pid"] for r in rows] + scaled_pids + restarted_pids + [supervisor_pid, db_pid])
+    assert not (home / "run" / "supervisor.pid").exists()
     assert status(home) == []
     assert "mesh is down" in tangomesh(home, "down").stdout  # down twice is harmless
 

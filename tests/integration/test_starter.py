@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import tango
 
 from support import topology_props, wait_for
 from services.ops.home import pid_alive
+from services.ops.starter_stats import read_statistics
 from services.ops.mesh import STARTER_PATH, ServerSpec, StarterLauncher, exported_pid, put_server_info, short_hostname
 
 TOPOLOGY = "test/starter/topology"
@@ -102,3 +104,45 @@ def test_starter_starts_stops_and_respects_levels(starter) -> None:
     os.kill(pid, signal.SIGTERM)
     wait_for(lambda: not pid_alive(pid), 10, "the recorder to exit on SIGTERM")
     assert RECORDER not in [s["name"] for s in json.loads(tango.DeviceProxy(TOPOLOGY).Lookup("{}"))]
+
+
+def test_starter_restarts_a_server_that_fails_after_auto_restart_duration(starter) -> None:
+    """``AutoRestartDuration`` (minutes, tangomesh sets 1): Starter restarts a
+    controlled server that fails after running longer than that, within a few
+    seconds; one that fails sooner (a crash loop) it leaves stopped."""
+    db = tango.Database()
+    proxy = starter.proxy
+    assert list(db.get_device_property(proxy.name(), "AutoRestartDuration")["AutoRestartDuration"]) == ["1"]
+    topology = ServerSpec("TopologyManager/starter", 1, starter.host, (TOPOLOGY,))
+    recorder = ServerSpec("Recorder/starter", 2, starter.host, (RECORDER,))
+    for server in (topology, recorder):
+        proxy.DevStart(server.name)
+        wait_for(lambda s=server: s.name in running(proxy), 30, f"Starter to report {server.name} running")
+        put_server_info(db, server)
+    proxy.UpdateServersInfo()  # controlled, with a startup level: only those are restarted
+    manager = tango.DeviceProxy(TOPOLOGY)
+
+    def registered_pid() -> int | None:
+        return next((s["pid"] for s in json.loads(manager.Lookup("{}")) if s["name"] == RECORDER), None)
+
+    wait_for(lambda: registered_pid() == exported_pid(db, recorder), 15, "the recorder to register")
+    states = lambda: {line.split("\t")[0]: line.split("\t")[1:3] for line in proxy.read_attribute("Servers").value}
+    wait_for(lambda: states().get(recorder.name) == ["ON", "1"], 15, "Starter to see the recorder ON, controlled")
+    time.sleep(65)  # Starter measures the run from when it saw the server ON; it must exceed 60 s
+    pid = exported_pid(db, recorder)
+    os.kill(pid, signal.SIGKILL)
+    killed = time.monotonic()
+    new_pid = wait_for(lambda: (p := exported_pid(db, recorder)) not in (None, pid) and p, 30,
+                       "Starter to restart the killed recorder")
+    wait_for(lambda: registered_pid() == new_pid, 15, "the restarted recorder to register again")
+    print(f"Starter restarted the killed recorder; registered again after {time.monotonic() - killed:.1f} s")
+    stats = wait_for(lambda: (r := read_statistics(starter.host).get(recorder.name)) and r["restarts"] == 1 and r,
+                     10, "Starter's statistics to count the restart")  # what `tangomesh status` shows
+    assert stats["last_exit"]["ran_s"] > 60
+
+    # killed again at once: it ran less than AutoRestartDuration, Starter leaves it stopped
+    os.kill(new_pid, signal.SIGKILL)
+    wait_for(lambda: stopped(proxy, recorder.name), 20, "Starter to see the recorder failed")
+    time.sleep(8)  # four of Starter's 2 s checks
+    assert recorder.name not in running(proxy) and exported_pid(db, recorder) is None
+    assert read_statistics(starter.host)[recorder.name]["restarts"] == 1

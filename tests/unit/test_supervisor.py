@@ -1,0 +1,155 @@
+"""The embedded mesh's restart policy, without processes: a fake clock, spawn and exit."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from services.ops.supervisor import Exit, Policy, Supervisor
+
+
+class FakeProcesses:
+    """Pids handed out by ``spawn``; a test ends one with ``kill``."""
+
+    def __init__(self) -> None:
+        self.next_pid = 100
+        self.spawned: list[tuple[str, int]] = []
+        self.ended: dict[int, Exit] = {}
+        self.fail_spawn = False
+
+    def spawn(self, name: str) -> int:
+        if self.fail_spawn:
+            raise FileNotFoundError(f"{name} is not installed")
+        self.next_pid += 1
+        self.spawned.append((name, self.next_pid))
+        return self.next_pid
+
+    def exited(self, name: str, pid: int) -> Exit | None:
+        return self.ended.get(pid)
+
+    def kill(self, pid: int, how: Exit = Exit(signal=9)) -> None:
+        self.ended[pid] = how
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def setup() -> tuple[Supervisor, FakeProcesses, Clock]:
+    procs, clock = FakeProcesses(), Clock()
+    return Supervisor(procs.spawn, procs.exited, clock, lambda: 1.7e9 + clock.now), procs, clock
+
+
+def advance(supervisor: Supervisor, clock: Clock, seconds: float, step: float = 0.25) -> None:
+    end = clock.now + seconds
+    while clock.now < end:
+        clock.now += step
+        supervisor.tick()
+
+
+def test_an_exited_server_is_restarted_after_a_second_and_counted(setup) -> None:
+    supervisor, procs, clock = setup
+    pid = supervisor.start("Sink/beamline")
+    advance(supervisor, clock, 60)  # a long, healthy run
+    procs.kill(pid)
+    clock.now += 0.25
+    assert supervisor.tick()
+    state = supervisor.state()["Sink/beamline"]
+    assert state["state"] == "restarting" and state["pid"] is None
+    assert state["last_exit"]["signal"] == 9 and state["last_exit"]["how"] == "killed by SIGKILL"
+    assert state["last_exit"]["ran_s"] == pytest.approx(60.25)
+    advance(supervisor, clock, 0.5)
+    assert len(procs.spawned) == 1  # not before the first delay
+    advance(supervisor, clock, 0.5)
+    assert procs.spawned[-1][0] == "Sink/beamline" and len(procs.spawned) == 2
+    state = supervisor.state()["Sink/beamline"]
+    assert state == {"pid": procs.spawned[-1][1], "state": "running", "restarts": 1,
+                     "last_exit": state["last_exit"], "last_restart": pytest.approx(1.7e9 + clock.now)}
+
+
+def test_quick_failures_back_off_doubling_to_the_cap_then_give_up_with_one_log_line(setup, caplog) -> None:
+    supervisor, procs, clock = setup
+    supervisor.policy = Policy(first_delay=1, max_delay=4, quick_run_s=10, give_up_after=5)
+    supervisor.start("PipelineWorker/counters-01")
+    delays = []
+    with caplog.at_level(logging.WARNING, "tangomesh.supervisor"):
+        for _ in range(5):
+            procs.kill(procs.spawned[-1][1], Exit(code=1))
+            died = clock.now
+            before = len(procs.spawned)
+            while len(procs.spawned) == before and clock.now - died < 60:
+                advance(supervisor, clock, 0.25)
+            delays.append(round(clock.now - died))
+    assert delays[:4] == [1, 2, 4, 4]  # doubling, capped
+    assert delays[4] == 60  # the fifth quick failure in a row: no restart
+    state = supervisor.state()["PipelineWorker/counters-01"]
+    assert state["state"] == "gave up" and state["restarts"] == 4 and state["last_exit"]["code"] == 1
+    gave_up = [r for r in caplog.records if "giving up" in r.getMessage()]
+    assert len(gave_up) == 1 and r"tangomesh up" in gave_up[0].getMessage()
+
+    supervisor.start("PipelineWorker/counters-01")  # `tangomesh up` starts it again: a fresh count of failures
+    assert supervisor.state()["PipelineWorker/counters-01"]["state"] == "running"
+    procs.kill(procs.spawned[-1][1])
+    advance(supervisor, clock, 1.25)
+    assert supervisor.state()["PipelineWorker/counters-01"]["restarts"] == 5
+
+
+def test_a_long_run_resets_the_back_off(setup) -> None:
+    supervisor, procs, clock = setup
+    supervisor.start("Sorter/counters")
+    for _ in range(3):  # quick failures: 1, 2, 4 s
+        procs.kill(procs.spawned[-1][1])
+        advance(supervisor, clock, 8)
+    assert supervisor.records["Sorter/counters"].quick_failures == 3
+    advance(supervisor, clock, 11)  # then it runs well
+    procs.kill(procs.spawned[-1][1])
+    before = len(procs.spawned)
+    advance(supervisor, clock, 1.25)
+    assert len(procs.spawned) == before + 1
+
+
+def test_a_forgotten_server_is_never_restarted(setup) -> None:
+    supervisor, procs, clock = setup
+    pid = supervisor.start("PipelineWorker/counters-03")
+    supervisor.forget("PipelineWorker/counters-03")  # `tangomesh scale counters 2`, `tangomesh down`
+    procs.kill(pid, Exit(signal=15))
+    advance(supervisor, clock, 60)
+    assert len(procs.spawned) == 1 and supervisor.state() == {}
+
+
+def test_an_adopted_server_is_restarted_though_its_exit_status_is_lost(setup) -> None:
+    supervisor, procs, clock = setup
+    supervisor.watch("Recorder/tap", 42)  # started while no supervisor ran
+    advance(supervisor, clock, 30)
+    procs.kill(42, Exit())
+    advance(supervisor, clock, 1.5)
+    state = supervisor.state()["Recorder/tap"]
+    assert state["restarts"] == 1 and state["pid"] == procs.spawned[-1][1]
+    assert state["last_exit"]["code"] is None and "unknown" in state["last_exit"]["how"]
+    supervisor.watch("Recorder/tap", state["pid"])  # the same pid file again: nothing changes
+    assert supervisor.state()["Recorder/tap"]["restarts"] == 1
+
+
+def test_a_restart_that_cannot_spawn_counts_as_a_quick_failure(setup, caplog) -> None:
+    supervisor, procs, clock = setup
+    supervisor.start("FioWriter/beamline")
+    procs.kill(procs.spawned[-1][1])
+    procs.fail_spawn = True
+    with caplog.at_level(logging.ERROR, "tangomesh.supervisor"):
+        advance(supervisor, clock, 200)
+    state = supervisor.state()["FioWriter/beamline"]
+    assert state["state"] == "gave up" and state["restarts"] == 0
+    assert any("restart failed" in r.getMessage() for r in caplog.records)
+
+
+def test_exit_descriptions() -> None:
+    assert Exit(code=0).describe() == "exit status 0"
+    assert Exit(signal=15).describe() == "killed by SIGTERM"
+    assert Exit.from_wait_status(9) == Exit(signal=9)  # a raw wait status: signal in the low bits
+    assert Exit.from_wait_status(3 << 8) == Exit(code=3)
