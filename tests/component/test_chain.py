@@ -236,10 +236,7 @@ def test_a_dead_master_gets_its_open_scan_aborted_with_a_reason_within_the_bound
     chain = make_chain(topology_config=TopologyConfig(lease_seconds=lease, heartbeat_seconds=0.3),
                        sorter_config=SorterConfig(master_timeout=master_timeout))
     scan_id = chain.start_scan(5000)
-    for start in range(0, 2000, 100):  # the first part only, and no scan_end: the scan is open when the master dies
-        for stream, source in chain.sources.items():
-            source.block(scan_id, start, chain.profile.values(stream, np.arange(start, start + 100)))
-    wait_for(lambda: chain.consumer.points_seen(scan_id) == 2000, PATIENCE, "the first part delivered")
+    chain.deliver_first_part(scan_id, 2000)  # no scan_end: the scan is open when the master dies
     killed = time.monotonic()
     chain.kill_master()
     tally = chain.wait_scan_end(scan_id, timeout=PATIENCE)
@@ -259,10 +256,7 @@ def test_a_sorter_that_never_comes_back_gets_its_scans_aborted_at_the_consumers(
     chain = make_chain(topology_config=TopologyConfig(lease_seconds=lease, heartbeat_seconds=0.3),
                        master_config=MasterConfig(sorter_timeout=sorter_timeout))
     scan_id = chain.start_scan(5000)
-    for start in range(0, 1000, 100):  # a first part; the scan stays open
-        for stream, source in chain.sources.items():
-            source.block(scan_id, start, chain.profile.values(stream, np.arange(start, start + 100)))
-    wait_for(lambda: chain.consumer.points_seen(scan_id) == 1000, PATIENCE, "the first part delivered")
+    chain.deliver_first_part(scan_id, 1000)
     killed = time.monotonic()
     chain.kill_sorter()
     tally = chain.wait_scan_end(scan_id, timeout=PATIENCE)

@@ -165,6 +165,14 @@ class Chain:
         for source in self.sources.values():
             source.end(scan_id, points)
 
+    def deliver_first_part(self, scan_id: str, points: int, block: int = 100) -> None:
+        """Send points [0, points) of every stream, no scan_end (the scan stays
+        open), and wait until the consumer holds them all."""
+        for start in range(0, points, block):
+            for stream, source in self.sources.items():
+                source.block(scan_id, start, self.profile.values(stream, np.arange(start, min(points, start + block))))
+        wait_for(lambda: self.consumer.points_seen(scan_id) == points, JOIN_TIMEOUT, "the first part delivered")
+
     def end_scan(self, scan_id: str) -> None:
         self.master.end_scan(scan_id)
 
