@@ -30,7 +30,7 @@ from pipelines.component import PipelineComponent
 from pipelines.dispatch import Affinity, Dispatcher
 from pipelines.formation import EventFormer
 from services import codec
-from services.dataplane import bind
+from services.dataplane import CONTROL_MAX_FRAME_BYTES, DATA_MAX_FRAME_BYTES, bind, limit_frames
 from services.registration import ManagerLink
 from services.scan import ScanError, ScanMeta, parse_scan
 
@@ -122,8 +122,10 @@ class MasterComponent(PipelineComponent):
         self.router = self.context.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.router.linger = 0
+        limit_frames(self.router, CONTROL_MAX_FRAME_BYTES)  # workers send credit only
         self.acks = self.context.socket(zmq.PULL)
         self.acks.linger = 0
+        limit_frames(self.acks, CONTROL_MAX_FRAME_BYTES)
         self.endpoints = {
             protocol.WORK: bind(self.router, bind_host, advertised_host),
             protocol.ACKS: bind(self.acks, bind_host, advertised_host),
@@ -377,6 +379,7 @@ class MasterComponent(PipelineComponent):
                 sock = self.context.socket(zmq.PULL)
                 sock.rcvhwm = SOURCE_HWM
                 sock.linger = 0
+                limit_frames(sock, DATA_MAX_FRAME_BYTES)
                 sock.connect(endpoint)
                 self.sources[endpoint] = SourceLink(sock, stream)
 

@@ -30,7 +30,7 @@ from services import protocol
 from pipelines.component import PipelineComponent
 from pipelines.reorder import Chunker, ScanOrder
 from services import codec
-from services.dataplane import bind
+from services.dataplane import DATA_MAX_FRAME_BYTES, bind, limit_frames
 from services.registration import ManagerLink, ManagerUnavailable
 from services.scan import parse_scan
 
@@ -93,6 +93,7 @@ class SorterComponent(PipelineComponent):
         self.config = config
         self.inlet = self.context.socket(zmq.PULL)
         self.inlet.linger = 0
+        limit_frames(self.inlet, DATA_MAX_FRAME_BYTES)
         self.endpoints = {protocol.RESULTS_IN: bind(self.inlet, bind_host, advertised_host)}
         self.runs: dict[str, SortRun] = {}
         self.finished: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()

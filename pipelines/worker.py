@@ -28,6 +28,7 @@ from services import protocol
 from pipelines.component import PipelineComponent
 from services import codec
 from services.ledger import fill_value
+from services.dataplane import DATA_MAX_FRAME_BYTES, limit_frames
 from services.registration import ManagerLink, ManagerUnavailable
 from services.scan import ScanMeta, parse_scan
 
@@ -147,6 +148,7 @@ class WorkerComponent(PipelineComponent):
         dealer = self.context.socket(zmq.DEALER)
         dealer.identity = f"{self.name}#{os.getpid()}-{next(_identities)}".encode()
         dealer.linger = 0
+        limit_frames(dealer, DATA_MAX_FRAME_BYTES)
         dealer.connect(endpoint)
         # Work still queued here from an earlier master connection stays valid:
         # only units not yet received are asked for.

@@ -56,3 +56,22 @@ def test_sockets_carry_their_limits():
     finally:
         inlet.socket.close(0)
         control.socket.close(0)
+
+
+def test_the_pipeline_stages_cap_what_they_receive():
+    from pipelines.master import MasterComponent, MasterConfig
+    from pipelines.sorter import SorterComponent, SorterConfig
+    from topology_manager.local import LocalManagerLink
+    from topology_manager.registry import Registry
+
+    link = LocalManagerLink(Registry(10.0, 2.0))
+    master = MasterComponent("test/caps/master", "caps", "127.0.0.1", "127.0.0.1", MasterConfig(), link)
+    sorter = SorterComponent("test/caps/sorter", "caps", "127.0.0.1", "127.0.0.1", SorterConfig(), link)
+    try:
+        assert master.router.maxmsgsize == master.acks.maxmsgsize == CONTROL_MAX_FRAME_BYTES
+        master._connect_sources({"tcp://127.0.0.1:1": "scaler"})  # connecting does not need the source up
+        assert master.sources["tcp://127.0.0.1:1"].socket.maxmsgsize == DATA_MAX_FRAME_BYTES
+        assert sorter.inlet.maxmsgsize == DATA_MAX_FRAME_BYTES
+    finally:
+        master.stop()
+        sorter.stop()
