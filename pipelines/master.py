@@ -310,18 +310,17 @@ class MasterComponent(PipelineComponent):
                          for s in self.link.lookup({"kind": protocol.Kind.SORTER, "pipeline": self.pipeline})]
                 found = [e for e in found if e]
                 moved = len(found) == 1 and any(r.plan.sorter != found[0] for r in list(self.runs.values()))
-                consumers: tuple[str, ...] = ()
                 now = time.monotonic()
                 missing_since = (missing_since or now) if not found else None
-                if missing_since is not None and now - missing_since >= self.config.sorter_timeout:
-                    consumers = tuple(sorted(self._consumer_endpoints()))
+                gone = missing_since is not None and now - missing_since >= self.config.sorter_timeout
+                consumers = tuple(sorted(self._consumer_endpoints())) if gone else ()
             except Exception as exc:  # the manager is away: look again later, scans go on meanwhile
                 log.debug("sorter lookup failed: %s", exc)
                 continue
             if moved:
                 self._calls.put((lambda endpoint=found[0]: self._sorter_moved(endpoint),
                                  concurrent.futures.Future()))
-            elif missing_since is not None and now - missing_since >= self.config.sorter_timeout:
+            elif gone:
                 self._calls.put((lambda c=consumers: self._sorter_gone(c), concurrent.futures.Future()))
                 missing_since = None
 

@@ -107,7 +107,10 @@ class SorterComponent(PipelineComponent):
         self.resumed = 0
         self.masters_lost = 0
         self._master_checked = 0.0
-        self.threads = [thread_factory(target=self._run, name="sorter-loop", daemon=True)]
+        # ack endpoints of the pipeline's registered masters, as the watcher last found them (None: no answer)
+        self._masters: frozenset[str] | None = None
+        self.threads = [thread_factory(target=self._run, name="sorter-loop", daemon=True),
+                        thread_factory(target=self._watch_masters, name="sorter-master-watch", daemon=True)]
 
     def stop(self) -> None:
         super().stop()
@@ -285,17 +288,29 @@ class SorterComponent(PipelineComponent):
                 del self.orphans[scan]
         self.counters.queue_depth = sum(len(r.order.pending) for r in self.runs.values())
 
+    def _watch_masters(self) -> None:
+        """Look up the pipeline's masters now and then (a Tango call: never on
+        the loop thread, which only reads the latest answer)."""
+        while not self._stopping.wait(MASTER_CHECK_SECONDS):
+            if not self.runs:
+                self._masters = None  # an answer from before the next scan's master registered means nothing
+                continue
+            try:
+                masters = self.link.lookup({"kind": protocol.Kind.MASTER, "pipeline": self.pipeline})
+            except ManagerUnavailable:
+                self._masters = None
+                continue
+            self._masters = frozenset(s.get("endpoints", {}).get(protocol.ACKS, "") for s in masters)
+
     def _check_masters(self, now: float) -> None:
         """Abort every open scan whose master has been missing from the
         topology for ``master_timeout`` seconds: the sources' data it held is
         gone, so the scan can never complete, and consumers must not wait for
         it (nor call it complete). A manager that does not answer proves
         nothing: then no scan is aborted."""
-        try:
-            masters = self.link.lookup({"kind": protocol.Kind.MASTER, "pipeline": self.pipeline})
-        except ManagerUnavailable:
+        registered = self._masters
+        if registered is None:
             return
-        registered = {s.get("endpoints", {}).get(protocol.ACKS) for s in masters}
         for run in list(self.runs.values()):
             if run.acks_endpoint in registered:
                 run.master_seen = now

@@ -97,7 +97,7 @@ class ImageFiles(ScanFile):
         self.settings = settings
         self.claim = FileClaim(run.stem.with_name(run.stem.name + SUFFIX), owner_info(run.owner), part=False)
         self.products: dict[str, Accumulator] = {}
-        self.refused: set[str] = set()
+        self.refused: set[str] = set()  # results that get no image (no picture for them, or beyond MaxBytes)
         self._rendered = time.monotonic()
 
     def write(self, index: int, stop: int, arrays: dict[str, np.ndarray], failed: np.ndarray) -> None:
@@ -115,8 +115,11 @@ class ImageFiles(ScanFile):
                 acc.add(parts, arr, failed - index, unsummed)
 
     def _accumulator(self, result: str, arr: np.ndarray) -> Accumulator | None:
+        if result in self.refused:
+            return None
         picture = display.picture(self.run.meta, arr.shape[1:], live=False)
-        if result in self.refused or picture is None:
+        if picture is None:
+            self.refused.add(result)  # decided once, not again for every chunk
             return None
         acc = Accumulator(self.run.meta, arr.shape[1:], picture)
         used = sum(a.nbytes for a in self.products.values())
