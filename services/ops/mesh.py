@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import tango
 
 from services.ops import starter_stats, supervise
-from services.ops.home import executable, pid_alive, process_cmdline, spawn, terminate
+from services.ops.home import executable, pid_alive, spawn, terminate
 from services.registration import DEFAULT_TOPOLOGY_DEVICE, ManagerUnavailable, TangoManagerLink
 from services.schema import validate
 
@@ -168,7 +168,7 @@ def exported_pid(db: tango.Database, server: ServerSpec) -> int | None:
     except tango.DevFailed:
         return None
     pid = int(getattr(info, "pid", 0) or 0)
-    if pid and pid_alive(pid) and any(server.executable in part for part in process_cmdline(pid)[:3]):
+    if pid and supervise.runs_server(pid, server.name):
         return pid
     return None
 
@@ -231,7 +231,7 @@ class LocalLauncher:
             self.root / "logs" / f"{server.file_stem}.log",
             dict(os.environ),
         )
-        (self.root / "run" / f"{server.file_stem}.pid").write_text(str(pid))
+        supervise.server_pid_file(self.root, server.name).write_text(str(pid))
 
     def stop(self, server: ServerSpec) -> None:
         """Stop a server on purpose: first tell whoever would restart it (the
@@ -241,7 +241,7 @@ class LocalLauncher:
         stop_through_starter(server)
         if forgotten and forgotten.get("pid"):
             pids.add(int(forgotten["pid"]))
-        pid_file = self.root / "run" / f"{server.file_stem}.pid"
+        pid_file = supervise.server_pid_file(self.root, server.name)
         if pid_file.exists():
             try:
                 pids.add(int(pid_file.read_text()))
@@ -251,7 +251,7 @@ class LocalLauncher:
         if exported:
             pids.add(exported)
         for pid in pids:
-            if pid_alive(pid) and any(server.executable in p for p in process_cmdline(pid)[:3]):
+            if supervise.runs_server(pid, server.name):
                 terminate(pid)
         pid_file.unlink(missing_ok=True)
 
