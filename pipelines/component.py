@@ -8,7 +8,7 @@ from typing import Iterator
 
 import zmq
 
-from services import codec, schema
+from services import codec, schema, security
 from services.component import Component
 from services.registration import ManagerLink
 
@@ -22,7 +22,8 @@ class PipelineComponent(Component):
         if not pipeline:
             raise ValueError(f"the Pipeline property must name the pipeline this {self.kind} serves")
         schema.preload("scan")  # at start, not as a ~60 ms stall on the first scan
-        self.link = link
+        self.auth = security.Auth(link, self.counters, name)
+        self.link = self.auth.link or link  # its lookups teach the auth the keys of the peers found
         self.context = zmq.Context.instance()
         self.threads: list[threading.Thread] = []
 

@@ -29,7 +29,7 @@ from services import protocol
 from pipelines.component import PipelineComponent
 from pipelines.dispatch import Affinity, Dispatcher
 from pipelines.formation import EventFormer
-from services import codec
+from services import codec, security
 from services.dataplane import CONTROL_MAX_FRAME_BYTES, DATA_MAX_FRAME_BYTES, bind, limit_frames
 from services.registration import ManagerLink
 from services.scan import ScanError, ScanMeta, parse_scan
@@ -123,9 +123,11 @@ class MasterComponent(PipelineComponent):
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.router.linger = 0
         limit_frames(self.router, CONTROL_MAX_FRAME_BYTES)  # workers send credit only
+        self.auth.serve(self.router, security.rule(protocol.Kind.WORKER, pipeline=pipeline), "the work socket")
         self.acks = self.context.socket(zmq.PULL)
         self.acks.linger = 0
         limit_frames(self.acks, CONTROL_MAX_FRAME_BYTES)
+        self.auth.serve(self.acks, security.rule(protocol.Kind.SORTER, pipeline=pipeline), "the ack socket")
         self.endpoints = {
             protocol.WORK: bind(self.router, bind_host, advertised_host),
             protocol.ACKS: bind(self.acks, bind_host, advertised_host),
@@ -279,9 +281,9 @@ class MasterComponent(PipelineComponent):
         sock.linger = 2000
         sock.sndtimeo = 2000
         try:
-            sock.connect(endpoint)
+            self.auth.connect(sock, endpoint)
             codec.send(sock, msg)
-        except zmq.ZMQError as exc:
+        except (zmq.ZMQError, security.UnknownPeer) as exc:
             self.counters.error(f"{msg.type} of scan {msg.scan} not delivered to {endpoint}: {exc}")
         finally:
             sock.close()
@@ -289,10 +291,15 @@ class MasterComponent(PipelineComponent):
     def _sorter_socket(self, endpoint: str) -> zmq.Socket:
         sorter = self.sorters.get(endpoint)
         if sorter is None:
-            sorter = self.sorters[endpoint] = self.context.socket(zmq.PUSH)
+            sorter = self.context.socket(zmq.PUSH)
             sorter.linger = 0
             sorter.sndtimeo = 2000
-            sorter.connect(endpoint)
+            try:
+                self.auth.connect(sorter, endpoint)
+            except security.UnknownPeer:
+                sorter.close(0)
+                raise
+            self.sorters[endpoint] = sorter
         return sorter
 
     # ------------------------------------------------------------ a restarted sorter
@@ -379,7 +386,11 @@ class MasterComponent(PipelineComponent):
                 sock.rcvhwm = SOURCE_HWM
                 sock.linger = 0
                 limit_frames(sock, DATA_MAX_FRAME_BYTES)
-                sock.connect(endpoint)
+                try:
+                    self.auth.connect(sock, endpoint)
+                except security.UnknownPeer:
+                    sock.close(0)
+                    raise
                 self.sources[endpoint] = SourceLink(sock, stream)
 
     def _scan_start_message(self, run: ScanRun) -> codec.Message:

@@ -29,7 +29,7 @@ import zmq
 from services import protocol
 from pipelines.component import PipelineComponent
 from pipelines.reorder import Chunker, ScanOrder
-from services import codec
+from services import codec, security
 from services.dataplane import DATA_MAX_FRAME_BYTES, bind, limit_frames
 from services.registration import ManagerLink, ManagerUnavailable
 from services.scan import parse_scan
@@ -94,6 +94,9 @@ class SorterComponent(PipelineComponent):
         self.inlet = self.context.socket(zmq.PULL)
         self.inlet.linger = 0
         limit_frames(self.inlet, DATA_MAX_FRAME_BYTES)
+        # workers push results, the master scan control
+        self.auth.serve(self.inlet, security.rule(protocol.Kind.WORKER, protocol.Kind.MASTER, pipeline=pipeline),
+                        protocol.RESULTS_IN)
         self.endpoints = {protocol.RESULTS_IN: bind(self.inlet, bind_host, advertised_host)}
         self.runs: dict[str, SortRun] = {}
         self.finished: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
@@ -225,15 +228,23 @@ class SorterComponent(PipelineComponent):
         for s in services:
             endpoint = s.get("endpoints", {}).get(protocol.DATA_IN)
             if s["kind"] in protocol.CONSUMER_KINDS and s.get("pipeline", "") in ("", self.pipeline) and endpoint:
-                consumers.append(Consumer(s["name"], endpoint, self._socket(endpoint)))
+                try:
+                    consumers.append(Consumer(s["name"], endpoint, self._socket(endpoint)))
+                except security.UnknownPeer as exc:
+                    self.counters.error(f"consumer {s['name']} left out: {exc}")
         return consumers
 
     def _socket(self, endpoint: str) -> zmq.Socket:
         sock = self.sockets.get(endpoint)
         if sock is None:
-            sock = self.sockets[endpoint] = self.context.socket(zmq.PUSH)
+            sock = self.context.socket(zmq.PUSH)
             sock.linger = 0
-            sock.connect(endpoint)
+            try:
+                self.auth.connect(sock, endpoint)
+            except security.UnknownPeer:
+                sock.close(0)
+                raise
+            self.sockets[endpoint] = sock
         return sock
 
     # ------------------------------------------------------------ output

@@ -26,7 +26,7 @@ import zmq
 from pipelines import processors
 from services import protocol
 from pipelines.component import PipelineComponent
-from services import codec
+from services import codec, security
 from services.ledger import fill_value
 from services.dataplane import DATA_MAX_FRAME_BYTES, limit_frames
 from services.registration import ManagerLink, ManagerUnavailable
@@ -116,10 +116,16 @@ class WorkerComponent(PipelineComponent):
                     if dealer is not None:
                         poller.unregister(dealer)
                         dealer.close(0)
-                    dealer = self._connect(master)
-                    poller.register(dealer, zmq.POLLIN)
-                    self.master_endpoint = master
-                    last_sent = time.monotonic()
+                        dealer = None
+                        self.master_endpoint = ""
+                    try:
+                        dealer = self._connect(master)
+                    except security.UnknownPeer as exc:  # registered since the lookup, gone again: look again
+                        self.counters.error(f"cannot connect to the master: {exc}")
+                    else:
+                        poller.register(dealer, zmq.POLLIN)
+                        self.master_endpoint = master
+                        last_sent = time.monotonic()
             ready = dict(poller.poll(int(self.config.heartbeat * 500)))
             if dealer is None:
                 continue
@@ -149,7 +155,11 @@ class WorkerComponent(PipelineComponent):
         dealer.identity = f"{self.name}#{os.getpid()}-{next(_identities)}".encode()
         dealer.linger = 0
         limit_frames(dealer, DATA_MAX_FRAME_BYTES)
-        dealer.connect(endpoint)
+        try:
+            self.auth.connect(dealer, endpoint)
+        except security.UnknownPeer:
+            dealer.close(0)
+            raise
         # Work still queued here from an earlier master connection stays valid:
         # only units not yet received are asked for.
         self._send(dealer, self._credit(self.open_units))
@@ -225,10 +235,19 @@ class WorkerComponent(PipelineComponent):
                     if self.sorter_endpoint != connected_to:
                         if results is not None:
                             results.close(0)
-                        results = self.context.socket(zmq.PUSH)
-                        results.linger = 0
-                        results.connect(self.sorter_endpoint)
-                        connected_to = self.sorter_endpoint
+                            results, connected_to = None, ""
+                        if self.sorter_endpoint:
+                            results = self.context.socket(zmq.PUSH)
+                            results.linger = 0
+                            try:
+                                self.auth.connect(results, self.sorter_endpoint)
+                                connected_to = self.sorter_endpoint
+                            except security.UnknownPeer as exc:  # the master named a sorter not (yet) registered
+                                results.close(0)
+                                results = None
+                                self.counters.error(f"cannot send results: {exc}")
+                                time.sleep(0.5)
+                                continue
                     if not connected_to:
                         time.sleep(0.1)  # no sorter registered yet: wait, the master keeps the unit meanwhile
                         continue

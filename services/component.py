@@ -45,6 +45,14 @@ class Counters:
         self.last_error = brief(message, 4 * BRIEF_CHARS)
         self._log.error(self.last_error)
 
+    def refused(self, message: str, log: bool = True) -> None:
+        """Count and remember one refused input; log it only if ``log`` (a peer
+        that retries in a loop is logged now and then, by the caller's rule)."""
+        self.errors += 1
+        self.last_error = brief(message, 4 * BRIEF_CHARS)
+        if log:
+            self._log.error(self.last_error)
+
     def to_json(self) -> dict[str, Any]:
         return {
             "events_in": self.events_in,

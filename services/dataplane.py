@@ -10,6 +10,7 @@ import zmq
 
 from services import codec
 from services.component import Counters
+from services.security import Auth, Peer, Rule
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +42,14 @@ class BoundSocketThread:
 
     def __init__(self, context: zmq.Context, socket_type: int, bind_host: str, advertised_host: str,
                  thread_factory: Callable[..., threading.Thread], name: str,
-                 max_frame_bytes: int = CONTROL_MAX_FRAME_BYTES) -> None:
+                 max_frame_bytes: int = CONTROL_MAX_FRAME_BYTES, auth: Auth | None = None,
+                 admits: Rule | None = None) -> None:
         self.socket = context.socket(socket_type)
         self.socket.linger = 0
         limit_frames(self.socket, max_frame_bytes)
+        self.auth = auth
+        if auth is not None and admits is not None:
+            auth.serve(self.socket, admits, name)
         self.endpoint = bind(self.socket, bind_host, advertised_host)
         self._stop = threading.Event()
         self._thread = thread_factory(target=self._run, name=name, daemon=True)
@@ -70,6 +75,11 @@ class PullInlet(BoundSocketThread):
     block: backpressure, never a drop. A frame set that does not decode, or that
     the handler refuses by raising ``ValueError`` (``CodecError`` is one), is
     counted and logged, and the loop goes on.
+
+    With ``auth`` and ``admits`` the socket admits only those registered
+    services (services/security.py); ``check_sender`` then sees each message
+    with the registered service that sent it (None when authentication is
+    off: nothing to check) and refuses it by raising ``ValueError``.
     """
 
     def __init__(
@@ -83,10 +93,15 @@ class PullInlet(BoundSocketThread):
         hwm: int = 1000,
         name: str = "inlet",
         max_frame_bytes: int = DATA_MAX_FRAME_BYTES,
+        auth: Auth | None = None,
+        admits: Rule | None = None,
+        check_sender: Callable[[Peer | None, codec.Message], None] | None = None,
     ) -> None:
         self.handler = handler
         self.counters = counters
-        super().__init__(context, zmq.PULL, bind_host, advertised_host, thread_factory, name, max_frame_bytes)
+        super().__init__(context, zmq.PULL, bind_host, advertised_host, thread_factory, name, max_frame_bytes,
+                         auth, admits)
+        self.check_sender = check_sender if auth is not None and auth.on else None
         self.socket.set_hwm(hwm)  # applies to the peers, which all connect later
 
     def _run(self) -> None:
@@ -96,12 +111,16 @@ class PullInlet(BoundSocketThread):
             if not poller.poll(POLL_MS):
                 continue
             try:
-                msg = codec.recv(self.socket)
+                frames = codec.recv_frames(self.socket)
+                msg = codec.decode(frames)
             except codec.CodecError as exc:
                 self.counters.error(f"refused data-plane message on {self.endpoint}: {exc}")
                 continue
             self.counters.events_in += 1
             try:
+                if self.check_sender is not None:
+                    assert self.auth is not None
+                    self.check_sender(self.auth.sender(frames[0]), msg)
                 self.handler(msg)
             except ValueError as exc:
                 self.counters.error(

@@ -232,7 +232,9 @@ class MeshDevice(Device):
 
     def registration_info(self) -> dict[str, Any]:
         util = tango.Util.instance()
+        auth = getattr(self.component, "auth", None)  # services.security.Auth of a component on the data plane
         return {
+            **(auth.registration_fields() if auth is not None else {}),
             "name": self.get_name().lower(),
             "kind": self.component.kind,
             "pipeline": self.Pipeline,

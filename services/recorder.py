@@ -18,10 +18,11 @@ import zmq
 from tango.server import attribute, command
 from tango.utils import PyTangoThread
 
-from services import codec, protocol
+from services import codec, protocol, security
 from services.component import Component
 from services.dataplane import PullInlet
 from services.device import MeshDevice, config_property, console_script
+from services.registration import ManagerLink
 
 log = logging.getLogger("tangomesh.recorder")
 
@@ -65,14 +66,17 @@ class RecorderComponent(Component):
         advertised_host: str,
         config: RecorderConfig,
         thread_factory: Callable[..., threading.Thread] = threading.Thread,
+        link: ManagerLink | None = None,
     ) -> None:
         super().__init__(name, pipeline, log)
+        self.auth = security.Auth(link, self.counters, name)
         self.config = config
         self.records: collections.deque[dict[str, Any]] = collections.deque(maxlen=config.max_records)
         self.total = 0
         self._context = zmq.Context.instance()
         self.inlet = PullInlet(
-            self._context, bind_host, advertised_host, self._record, self.counters, thread_factory, name="recorder-in"
+            self._context, bind_host, advertised_host, self._record, self.counters, thread_factory, name="recorder-in",
+            auth=self.auth, admits=security.consumer_rule(pipeline), check_sender=security.check_consumer_sender,
         )
         self.endpoints = {"data_in": self.inlet.endpoint}
 
@@ -102,7 +106,7 @@ class Recorder(MeshDevice):
     def create_component(self) -> RecorderComponent:
         return RecorderComponent(
             self.get_name(), self.Pipeline, self.bind_host, self.advertised_host,
-            self.config_from_properties(RecorderConfig), PyTangoThread
+            self.config_from_properties(RecorderConfig), PyTangoThread, self.create_link()
         )
 
     @attribute(dtype=int, doc="Messages recorded since start or Clear")

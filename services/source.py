@@ -10,15 +10,19 @@ simulator, the Bluesky adapter and the ingesters all send through this class.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 
 import numpy as np
 import zmq
 
-from services import codec, protocol
+from services import codec, protocol, security
+from services.component import Counters
 from services.dataplane import bind
 from services.registration import ManagerLink, RegistrationClient
+
+log = logging.getLogger("tangomesh.source")
 
 
 class SourceClient:
@@ -27,15 +31,20 @@ class SourceClient:
     def __init__(self, stream: str, pipeline: str, link: ManagerLink, host: str = "127.0.0.1", hwm: int = 16,
                  prefix: str = "source") -> None:
         self.stream = stream
+        name = f"{prefix}/{pipeline}-{stream}/{os.getpid()}"
+        self.counters = Counters(log)  # refused peers (a PUSH socket reads nothing else)
+        self.auth = security.Auth(link, self.counters, name)
         self.socket = zmq.Context.instance().socket(zmq.PUSH)
         self.socket.sndhwm = hwm
         self.socket.linger = 0
+        # whoever connects to a PUSH gets a share of its blocks: only the pipeline's master may
+        self.auth.serve(self.socket, security.rule(protocol.Kind.MASTER, pipeline=pipeline), f"source {stream}")
         self.endpoint = bind(self.socket, host, host)
         self.blocked_seconds = 0.0
         self.registration = RegistrationClient(link, {
-            "name": f"{prefix}/{pipeline}-{stream}/{os.getpid()}", "kind": protocol.Kind.SOURCE, "pipeline": pipeline,
+            "name": name, "kind": protocol.Kind.SOURCE, "pipeline": pipeline,
             "host": host, "pid": os.getpid(), "endpoints": {protocol.SOURCE_OUT: self.endpoint},
-            "capabilities": {"stream": stream}})
+            "capabilities": {"stream": stream}, **self.auth.registration_fields()})
         self.registration.start()
 
     def send(self, msg: codec.Message) -> None:

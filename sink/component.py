@@ -18,9 +18,10 @@ from typing import Callable
 
 import zmq
 
-from services import codec, protocol
+from services import codec, protocol, security
 from services.component import Component
 from services.dataplane import PullInlet
+from services.registration import ManagerLink
 from services.scan import ScanError, parse_scan
 from services.schema import preload
 from sink.lavue import LavuePublisher
@@ -63,14 +64,16 @@ class SinkComponent(Component):
 
     def __init__(self, name: str, pipeline: str, bind_host: str, advertised_host: str, config: SinkConfig,
                  thread_factory: Callable[..., threading.Thread] = threading.Thread,
-                 on_refresh: Callable[[float], None] | None = None) -> None:
+                 on_refresh: Callable[[float], None] | None = None, link: ManagerLink | None = None) -> None:
         super().__init__(name, pipeline, log)
+        self.auth = security.Auth(link, self.counters, name)
         preload("scan", "sink-query")
         self.config = config
         self.store = ScanStore(config.budget_bytes, config.stale_seconds, on_error=self.counters.error)
         context = zmq.Context.instance()
         self.inlet = PullInlet(context, bind_host, advertised_host, self._ingest, self.counters, thread_factory,
-                               name="sink-in")
+                               name="sink-in", auth=self.auth, admits=security.consumer_rule(pipeline),
+                               check_sender=security.check_consumer_sender)
         self.queries = QueryServer(context, bind_host, advertised_host, self.store, self.counters, thread_factory)
         self.lavue = LavuePublisher(context, bind_host, advertised_host, config.viewer_hwm)
         self.endpoints = {protocol.DATA_IN: self.inlet.endpoint, QUERY: self.queries.endpoint,

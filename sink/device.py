@@ -57,7 +57,8 @@ class Sink(MeshDevice):
         if not 1 <= self.PreviewMaxSide <= PREVIEW_MAX_SIDE:
             raise ValueError(f"PreviewMaxSide must be in [1, {PREVIEW_MAX_SIDE}]")
         return SinkComponent(self.get_name(), self.Pipeline, self.bind_host, self.advertised_host,
-                             self.config_from_properties(SinkConfig), PyTangoThread, on_refresh=self._refresh_events)
+                             self.config_from_properties(SinkConfig), PyTangoThread, on_refresh=self._refresh_events,
+                             link=self.create_link())
 
     # ------------------------------------------------------------ events (viewer thread)
     def _refresh_events(self, now: float) -> None:

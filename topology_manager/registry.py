@@ -29,6 +29,7 @@ class ServiceRecord:
     registered_at: float
     last_seen: float
     pinned: bool = False
+    curve_key: str = ""  # CurveZMQ public key (Z85); a restart registers a new one, replacing this
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -42,6 +43,7 @@ class ServiceRecord:
             "capabilities": dict(self.capabilities),
             "registered_at": self.registered_at,
             "last_seen": self.last_seen,
+            "curve_key": self.curve_key,
         }
 
 
@@ -76,6 +78,7 @@ class Registry:
             registered_at=now,
             last_seen=now,
             pinned=pinned,
+            curve_key=info.get("curve_key", ""),
         )
         with self._lock:
             old = self._records.get(record.name)
@@ -137,5 +140,5 @@ class Registry:
 
 
 def _same_facts(a: ServiceRecord, b: ServiceRecord) -> bool:
-    keys = ("kind", "pipeline", "server", "host", "pid", "endpoints", "capabilities")
+    keys = ("kind", "pipeline", "server", "host", "pid", "endpoints", "capabilities", "curve_key")
     return all(getattr(a, k) == getattr(b, k) for k in keys)

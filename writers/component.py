@@ -25,9 +25,10 @@ from typing import Any, Callable
 import numpy as np
 import zmq
 
-from services import codec, protocol
+from services import codec, protocol, security
 from services.component import Component
 from services.dataplane import PullInlet
+from services.registration import ManagerLink
 from services.ledger import ABORTED, COMPLETE, INCOMPLETE, PointLedger
 from services.scan import ScanError, ScanMeta, parse_scan
 from services.schema import preload
@@ -115,9 +116,10 @@ class WriterComponent(Component):
     def __init__(self, name: str, pipeline: str, bind_host: str, advertised_host: str, layout: OutputLayout,
                  file_format: str, open_file: Callable[[ScanRun], ScanFile], config: WriterConfig,
                  thread_factory: Callable[..., threading.Thread] = threading.Thread,
-                 on_file: Callable[[str], None] | None = None) -> None:
+                 on_file: Callable[[str], None] | None = None, link: ManagerLink | None = None) -> None:
         self.file_format = file_format
         super().__init__(name, pipeline, logging.getLogger(f"tangomesh.writer.{file_format}"))
+        self.auth = security.Auth(link, self.counters, name)
         self.open_file = open_file
         preload("scan")
         self.layout = layout
@@ -133,7 +135,8 @@ class WriterComponent(Component):
         self.lock = threading.Lock()
         self._touched: dict[tuple[str, str], float] = {}
         self.inlet = PullInlet(zmq.Context.instance(), bind_host, advertised_host, self._handle, self.counters,
-                               thread_factory, name=f"{self.file_format}-in")
+                               thread_factory, name=f"{self.file_format}-in", auth=self.auth,
+                               admits=security.consumer_rule(pipeline), check_sender=security.check_consumer_sender)
         self.endpoints = {protocol.DATA_IN: self.inlet.endpoint}
         self.capabilities = {"format": self.file_format, "root": str(layout.root)}
         self._housekeeper = thread_factory(target=self._housekeeping, name=f"{self.file_format}-tick", daemon=True)

@@ -55,7 +55,7 @@ class WriterDevice(MeshDevice):
         layout = self.config_from_properties(OutputLayout, root=root)
         return WriterComponent(self.get_name(), self.Pipeline, self.bind_host, self.advertised_host, layout,
                                self.file_format, self.open_file, self.config_from_properties(WriterConfig),
-                               PyTangoThread, on_file=self._file_written)
+                               PyTangoThread, on_file=self._file_written, link=self.create_link())
 
     def open_file(self, run: ScanRun) -> ScanFile:
         raise NotImplementedError

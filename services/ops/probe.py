@@ -11,6 +11,7 @@ probe per pipeline.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import threading
@@ -21,9 +22,12 @@ from typing import Any
 import numpy as np
 import zmq
 
-from services import codec, protocol
+from services import codec, protocol, security
+from services.component import Counters
 from services.dataplane import bind
 from services.registration import ManagerLink, RegistrationClient
+
+log = logging.getLogger("tangomesh.probe")
 
 
 @dataclass
@@ -69,8 +73,12 @@ class Probe:
 
     def __init__(self, pipeline: str, link: ManagerLink, host: str = "127.0.0.1", keep: bool = False,
                  name: str | None = None) -> None:
+        name = name or f"sim/{pipeline}-probe/{os.getpid()}"
+        self.counters = Counters(log)  # refused peers and messages
+        self.auth = security.Auth(link, self.counters, name)
         self.socket = zmq.Context.instance().socket(zmq.PULL)
         self.socket.linger = 0
+        self.auth.serve(self.socket, security.consumer_rule(pipeline), "the probe's data_in")
         self.endpoint = bind(self.socket, host, host)
         self.keep = keep
         self.tallies: dict[str, Tally] = {}
@@ -79,8 +87,9 @@ class Probe:
         self._thread = threading.Thread(target=self._run, name="probe", daemon=True)
         self._thread.start()
         self.registration = RegistrationClient(link, {
-            "name": name or f"sim/{pipeline}-probe/{os.getpid()}", "kind": "recorder", "pipeline": pipeline,
-            "host": host, "pid": os.getpid(), "endpoints": {protocol.DATA_IN: self.endpoint}})
+            "name": name, "kind": "recorder", "pipeline": pipeline,
+            "host": host, "pid": os.getpid(), "endpoints": {protocol.DATA_IN: self.endpoint},
+            **self.auth.registration_fields()})
         self.registration.start()
 
     def _run(self) -> None:
@@ -88,9 +97,15 @@ class Probe:
             if not self.socket.poll(50):
                 continue
             try:
-                msg = codec.recv(self.socket)
+                frames = codec.recv_frames(self.socket)
+                msg = codec.decode(frames)
+                if self.auth.on:
+                    security.check_consumer_sender(self.auth.sender(frames[0]), msg)
             except codec.CodecError as exc:
                 self.errors.append(str(exc))
+                continue
+            except ValueError as exc:  # not from the pipeline's sorter: counted, not tallied
+                self.counters.error(f"probe refused {msg.type} of scan {msg.scan!r}: {exc}")
                 continue
             now = time.monotonic()
             if msg.type == codec.SCAN_START:

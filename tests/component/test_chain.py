@@ -18,6 +18,7 @@ import zmq
 
 from pipelines import master as master_module
 from pipelines import sorter as sorter_module
+from pipelines.component import PipelineComponent
 from pipelines.master import MasterConfig
 from pipelines.sorter import SorterConfig
 from pipelines.worker import WorkerConfig
@@ -109,11 +110,13 @@ def test_an_aborted_scan_reaches_the_consumer_as_scan_abort_and_the_next_scan_ru
 
 
 @contextlib.contextmanager
-def pusher(endpoint: str) -> Iterator[zmq.Socket]:
-    """A PUSH socket connected to a stage's bound inlet, as any peer would."""
+def pusher(endpoint: str, peer: PipelineComponent) -> Iterator[zmq.Socket]:
+    """A PUSH socket connected to a stage's bound inlet with the key of the
+    registered ``peer`` (a stage admits only the kinds that talk to it): a
+    registered peer's bad messages are refused one by one, by their content."""
     sock = zmq.Context.instance().socket(zmq.PUSH)
     sock.linger = 2000  # what was sent still leaves when the block ends
-    sock.connect(endpoint)
+    peer.auth.connect(sock, endpoint)
     try:
         yield sock
     finally:
@@ -125,12 +128,12 @@ def test_refused_messages_are_counted_and_the_chain_goes_on(make_chain, monkeypa
     monkeypatch.setattr(sorter_module, "ORPHAN_SECONDS", 0.2)
     chain = make_chain(workers=1)
     garbage = [b"\x00 not a tangomesh message"]
-    with pusher(chain.sorter.endpoints[protocol.RESULTS_IN]) as sorter_in:
+    with pusher(chain.sorter.endpoints[protocol.RESULTS_IN], chain.workers[0]) as sorter_in:
         sorter_in.send_multipart(garbage)
         codec.send(sorter_in, codec.Message(codec.SCAN_END, scan="never-started", meta={protocol.META_POINTS: 3}))
         codec.send(sorter_in, codec.Message(codec.RESULT, scan="no-such-scan", stream="p1", index=0, count=1,
                                             arrays={"sum": np.zeros(1)}))
-    with pusher(chain.master.endpoints[protocol.ACKS]) as master_acks:
+    with pusher(chain.master.endpoints[protocol.ACKS], chain.sorter) as master_acks:
         master_acks.send_multipart(garbage)
         codec.send(master_acks, protocol.ack("no-such-scan", [(0, 10)]))
     wait_for(lambda: chain.sorter.counters.errors == 3, PATIENCE, "the sorter to refuse three messages")
@@ -141,7 +144,7 @@ def test_refused_messages_are_counted_and_the_chain_goes_on(make_chain, monkeypa
     # mid-scan: right scan, right indices, wrong values and malformed meta; refused, the real result wins
     scan_id = chain.start_scan(2000)
     wait_for(lambda: scan_id in chain.sorter.runs, PATIENCE, "the sorter to start the scan")
-    with pusher(chain.sorter.endpoints[protocol.RESULTS_IN]) as sorter_in:
+    with pusher(chain.sorter.endpoints[protocol.RESULTS_IN], chain.workers[0]) as sorter_in:
         codec.send(sorter_in, codec.Message(codec.RESULT, scan=scan_id, stream="p1", index=0, count=10,
                                             arrays={"sum": np.full(10, -1.0)},
                                             meta={protocol.META_ERRORS: ["not", "a", "map"]}))
@@ -168,7 +171,7 @@ def test_results_that_overtake_their_scan_start_are_kept_even_behind_a_refused_o
     starts. One refused early result must not take the others down with it."""
     chain = make_chain(workers=0)  # nobody processes: the early result is the only one for its indices
     scan_id = "chain-early-results"
-    with pusher(chain.sorter.endpoints[protocol.RESULTS_IN]) as sorter_in:
+    with pusher(chain.sorter.endpoints[protocol.RESULTS_IN], chain.master) as sorter_in:
         codec.send(sorter_in, codec.Message(codec.RESULT, scan=scan_id, stream="p1", index=50, count=10,
                                             arrays={"sum": np.zeros(10)}, meta={protocol.META_ERRORS: ["bad"]}))
         codec.send(sorter_in, codec.Message(codec.RESULT, scan=scan_id, stream="p1", index=0, count=50,

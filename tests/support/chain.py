@@ -47,7 +47,8 @@ _scan_numbers = itertools.count(1)
 def registration_info(component: PipelineComponent) -> dict:
     """What ``MeshDevice.registration_info`` sends for a component, minus the Tango server name."""
     return {"name": component.name, "kind": component.kind, "pipeline": component.pipeline, "host": HOST,
-            "pid": os.getpid(), "endpoints": dict(component.endpoints), "capabilities": dict(component.capabilities)}
+            "pid": os.getpid(), "endpoints": dict(component.endpoints), "capabilities": dict(component.capabilities),
+            **component.auth.registration_fields()}  # its CurveZMQ public key
 
 
 @dataclass

@@ -64,14 +64,20 @@ def test_the_pipeline_stages_cap_what_they_receive():
     from topology_manager.local import LocalManagerLink
     from topology_manager.registry import Registry
 
+    from services.registration import wait_registered
+    from services.source import SourceClient
+
     link = LocalManagerLink(Registry(10.0, 2.0))
     master = MasterComponent("test/caps/master", "caps", "127.0.0.1", "127.0.0.1", MasterConfig(), link)
     sorter = SorterComponent("test/caps/sorter", "caps", "127.0.0.1", "127.0.0.1", SorterConfig(), link)
+    source = SourceClient("scaler", "caps", link)  # registered: the master connects to registered sources only
     try:
+        wait_registered(source.registration)
         assert master.router.maxmsgsize == master.acks.maxmsgsize == CONTROL_MAX_FRAME_BYTES
-        master._connect_sources({"tcp://127.0.0.1:1": "scaler"})  # connecting does not need the source up
-        assert master.sources["tcp://127.0.0.1:1"].socket.maxmsgsize == DATA_MAX_FRAME_BYTES
+        master._connect_sources({source.endpoint: "scaler"})
+        assert master.sources[source.endpoint].socket.maxmsgsize == DATA_MAX_FRAME_BYTES
         assert sorter.inlet.maxmsgsize == DATA_MAX_FRAME_BYTES
     finally:
         master.stop()
         sorter.stop()
+        source.close()
