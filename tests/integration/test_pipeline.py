@@ -17,6 +17,7 @@ import tango
 import zmq
 
 from support import ServerHandle, ServerPool, topology_props, wait_for
+from support.peers import RegisteredPeer
 from services import protocol
 from services import codec
 from services.ops import simulate
@@ -182,19 +183,18 @@ def test_source_that_skips_an_index_gives_incomplete_events(mesh) -> None:
 
 
 class RogueWorker:
-    """A real DEALER that asks for work, heartbeats, and never returns a result."""
+    """A real DEALER of a registered worker that asks for work, heartbeats, and never returns a result."""
 
-    def __init__(self, endpoint: str) -> None:
+    def __init__(self, endpoint: str, peer: RegisteredPeer) -> None:
         self.endpoint = endpoint
+        self.peer = peer
         self.units: list[tuple[int, int]] = []
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.run, daemon=True)
         self.thread.start()
 
     def run(self) -> None:
-        sock = zmq.Context.instance().socket(zmq.DEALER)
-        sock.linger = 0
-        sock.connect(self.endpoint)
+        sock = self.peer.socket(zmq.DEALER, self.endpoint, linger=0)
         codec.send(sock, protocol.credit(5, "test/rogue/1"))
         while not self.stop.is_set():
             if sock.poll(200):
@@ -207,7 +207,8 @@ class RogueWorker:
 
 def test_worker_that_never_answers_gives_a_gap_record(mesh) -> None:
     endpoint = mesh.link.lookup({"kind": "master", "pipeline": PIPE})[0]["endpoints"][protocol.WORK]
-    rogue = RogueWorker(endpoint)
+    peer = RegisteredPeer(mesh.link, "test/rogue/1", protocol.Kind.WORKER, PIPE)
+    rogue = RogueWorker(endpoint, peer)
     wait_for(lambda: len(mesh.worker_table()) == 4, 10, "the rogue worker to be known")
     gaps0 = mesh.sorter.GapPoints
     try:
@@ -217,6 +218,7 @@ def test_worker_that_never_answers_gives_a_gap_record(mesh) -> None:
     finally:
         rogue.stop.set()
         rogue.thread.join(2)
+        peer.close()
     held = sum(count for _, count in rogue.units)
     assert held > 0, "the rogue worker got work (it asked for the most)"
     assert summary["gaps"] == held and summary["points_delivered"] == 2000 - held, summary
@@ -234,7 +236,6 @@ def errors(proxy: tango.DeviceProxy) -> int:
 
 
 def test_bad_input_on_every_data_endpoint(mesh) -> None:
-    ctx = zmq.Context.instance()
     garbage = [b"\x00garbage"]
     fake_header = msgpack.packb({"v": 1, "t": "data"})  # missing keys
     before = {name: errors(p) for name, p in (("master", mesh.master), ("sorter", mesh.sorter),
@@ -243,33 +244,35 @@ def test_bad_input_on_every_data_endpoint(mesh) -> None:
     master_ep = services[MASTER]["endpoints"]
     sorter_ep = services[SORTER]["endpoints"][protocol.RESULTS_IN]
 
-    def push(endpoint: str, *messages: list) -> None:
-        sock = ctx.socket(zmq.PUSH)
-        sock.linger = 2000
-        sock.connect(endpoint)
+    # registered peers of the kinds each endpoint admits: what is refused below is the input itself
+    worker = RegisteredPeer(mesh.link, "test/p1-bad/worker", protocol.Kind.WORKER, PIPE)
+    sorter = RegisteredPeer(mesh.link, "test/p1-bad/sorter", protocol.Kind.SORTER, PIPE)
+
+    def push(peer: RegisteredPeer, endpoint: str, *messages: list) -> None:
+        sock = peer.socket(zmq.PUSH, endpoint)
         for frames in messages:
             sock.send_multipart(frames)
         sock.close()
 
     # master work socket: garbage, a data message instead of credit, an absurd credit
-    dealer = ctx.socket(zmq.DEALER)
-    dealer.linger = 2000
-    dealer.connect(master_ep[protocol.WORK])
+    dealer = worker.socket(zmq.DEALER, master_ep[protocol.WORK])
     dealer.send_multipart(garbage)
     dealer.send_multipart([fake_header])
     dealer.send_multipart(codec.encode(codec.Message(codec.DATA, scan="x", count=1, arrays={"a": np.zeros(1)})))
     dealer.send_multipart(codec.encode(codec.Message(codec.CREDIT, count=20_000, meta={"worker": "x", "role": ""})))
     dealer.close()
     # master ack socket: garbage, an inverted range, an ack for a scan never started
-    push(master_ep[protocol.ACKS], garbage,
+    push(sorter, master_ep[protocol.ACKS], garbage,
          codec.encode(codec.Message(codec.ACK, scan="x", meta={"ranges": [[5, 2]], "gap": False})),
          codec.encode(protocol.ack("never-started", [(0, 10)])))
     # sorter: garbage, scan_start with an invalid document, a result with malformed meta
-    push(sorter_ep, garbage,
+    push(worker, sorter_ep, garbage,
          codec.encode(codec.Message(codec.SCAN_START, scan="bad", meta={"scan": {"scan": "nonsense"}})),
          codec.encode(codec.Message(codec.SCAN_END, scan="never-started", meta={"points": 3})))
     # recorder: garbage
-    push(services[RECORDER]["endpoints"][protocol.DATA_IN], garbage, [fake_header])
+    push(sorter, services[RECORDER]["endpoints"][protocol.DATA_IN], garbage, [fake_header])
+    worker.close()
+    sorter.close()
 
     # the sources' own sockets, during a real scan: every kind of bad block, then the good data
     def bad_blocks(scan_id: str) -> None:
