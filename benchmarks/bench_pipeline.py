@@ -9,7 +9,9 @@ raw pyzmq PUSH/PULL hop between two processes carrying messages of the same
 size as the case's source messages. The ratio compares events per second
 end to end with the events per second that one bare hop carries.
 
-Cases: small events (a counter set of 9 float64, ~330 bytes on the wire),
+Every case runs twice, with data-plane authentication (CurveZMQ, the
+default) and without (``--trusted``), side by side: ``curve/off`` is the
+cost of authentication. Cases: small events (a counter set of 9 float64, ~330 bytes on the wire),
 XRF-sized events (a 4096-channel uint32 spectrum plus i0 and time, 16 KB),
 large frames (1024x2048 uint16, 4 MB); each with 1 and 2 workers and with
 one point per message as well as blocks. Latency: source send to consumer
@@ -39,7 +41,7 @@ from common import drain, report  # noqa: E402 - beside this script
 import numpy as np  # noqa: E402
 import zmq  # noqa: E402
 
-from services import codec  # noqa: E402
+from services import codec, security  # noqa: E402
 from services.ops import mesh, simulate  # noqa: E402
 from services.ops.home import EmbeddedDatabase, home  # noqa: E402
 from services.registration import TangoManagerLink  # noqa: E402
@@ -56,6 +58,7 @@ CASES = [
     ("XRF 16 KB, 20 points/msg", "spectra", 20, 40_000, 10_000),
     ("frame 4 MB, 1 point/msg", "frames", 1, 600, 200),
 ]
+CASE_ORDER = {case[0]: k for k, case in enumerate(CASES)}
 
 
 def mesh_file(root: Path) -> Path:
@@ -142,20 +145,13 @@ def wire_sizes(profile: profiles.Profile, block: int) -> list[list[int]]:
 # --------------------------------------------------------------------------- the run
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    os.environ["TANGOMESH_HOME"] = tempfile.mkdtemp(prefix="tangomesh-bench-")
-    root = home()
-    os.environ.pop("TANGO_HOST", None)
-    db = EmbeddedDatabase(root)
-    os.environ["TANGO_HOST"] = db.start()
-    spec = mesh.MeshSpec.load(mesh_file(root))
-    launcher = mesh.LocalLauncher(root)
-    results: dict[str, Any] = {"config": {
-        "python": platform.python_version(), "pyzmq": zmq.__version__, "libzmq": zmq.zmq_version(),
-        "cpus": os.cpu_count(), "quick": args.quick}, "throughput": [], "latency": {}}
+def run_mode(args: argparse.Namespace, spec: mesh.MeshSpec, launcher: mesh.LocalLauncher, root: Path, auth: str,
+             results: dict[str, Any]) -> None:
+    """Every case with data-plane authentication ``auth`` (curve or off)."""
+    security.configure(auth)  # this process's sources and probe, as the servers read it from the database
     beamlines: dict[str, simulate.SimBeamline] = {}
     try:
-        mesh.up(spec, launcher, root)
+        mesh.up(spec, launcher, root, trusted=auth == security.OFF)
         link = TangoManagerLink(spec.topology_device)
         for workers in (1, 2):
             mesh.scale_workers(spec, PIPELINE, workers, launcher, root)
@@ -170,24 +166,42 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 points = points_quick if args.quick else points_full
                 summary, _ = beamline.scan(points, block=block, timeout=600)
                 lossless = summary["missing"] == 0 and summary["duplicates"] == 0 and summary["out_of_order"] == 0
-                row = {"case": name, "workers": workers, "block": block, "points": points,
+                row = {"case": name, "workers": workers, "block": block, "points": points, "auth": auth,
                        "events_per_s": summary["events_per_s"], "wall_s": summary["wall_s"],
                        "lossless": lossless, "sources_blocked_s": summary["sources_blocked_s"]}
                 results["throughput"].append(row)
-                print(f"  {name:26s} workers={workers} {summary['events_per_s']:>10,.0f} events/s"
+                print(f"  [{auth}] {name:26s} workers={workers} {summary['events_per_s']:>10,.0f} events/s"
                       f" lossless={lossless}", file=sys.stderr)
         # latency at a fixed 1 kHz, one counter set per message, 2 workers
         beamline = beamlines.get("counterset") or simulate.SimBeamline(PIPELINE, "counterset", link)
         beamlines["counterset"] = beamline
         points = 3000 if args.quick else 10_000
         summary, _ = beamline.scan(points, rate=1000.0, block=1, timeout=600)
-        results["latency"] = {"rate_hz": 1000.0, "points": points, "workers": 2, **summary["latency_ms"],
-                              "lossless": summary["missing"] == 0 and summary["duplicates"] == 0}
-        print(f"  latency at 1 kHz: {summary['latency_ms']}", file=sys.stderr)
+        results["latency"][auth] = {"rate_hz": 1000.0, "points": points, "workers": 2, **summary["latency_ms"],
+                                    "lossless": summary["missing"] == 0 and summary["duplicates"] == 0}
+        print(f"  [{auth}] latency at 1 kHz: {summary['latency_ms']}", file=sys.stderr)
     finally:
         for beamline in beamlines.values():
             beamline.close()
         mesh.down(spec, [launcher])
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    os.environ["TANGOMESH_HOME"] = tempfile.mkdtemp(prefix="tangomesh-bench-")
+    root = home()
+    os.environ.pop("TANGO_HOST", None)
+    db = EmbeddedDatabase(root)
+    os.environ["TANGO_HOST"] = db.start()
+    spec = mesh.MeshSpec.load(mesh_file(root))
+    launcher = mesh.LocalLauncher(root)
+    modes = [security.CURVE, security.OFF] if args.auth == "both" else [args.auth]
+    results: dict[str, Any] = {"config": {
+        "python": platform.python_version(), "pyzmq": zmq.__version__, "libzmq": zmq.zmq_version(),
+        "cpus": os.cpu_count(), "quick": args.quick, "auth": modes}, "throughput": [], "latency": {}}
+    try:
+        for auth in modes:  # the whole mesh once per mode: servers read the switch when they start
+            run_mode(args, spec, launcher, root, auth, results)
+    finally:
         db.stop()
 
     # baselines, in the same run, once the mesh is down (the same CPUs, quiet)
@@ -202,6 +216,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               f"({[sum(s) for s in sizes]} bytes per message)", file=sys.stderr)
     for row in results["throughput"]:
         raw = baseline[(row["case"], row["block"])]
+        plain = [r for r in results["throughput"] if r["auth"] == security.OFF and
+                 (r["case"], r["workers"]) == (row["case"], row["workers"])]
+        if row["auth"] == security.CURVE and plain:  # the cost of authentication, in the same run
+            row["vs_plain"] = round(row["events_per_s"] / plain[0]["events_per_s"], 3)
         row["raw_events_per_s"] = round(raw, 1)
         row["ratio"] = round(row["events_per_s"] / raw, 3)
     return results
@@ -212,27 +230,32 @@ def print_table(results: dict[str, Any]) -> None:
     from rich.table import Table
 
     table = Table(title="tangomesh pipeline, end to end (sources -> master -> workers -> sorter -> consumer)")
-    for col in ("case", "workers", "events/s", "raw pyzmq hop events/s", "ratio", "lossless", "sources held s"):
+    for col in ("case", "workers", "auth", "events/s", "curve/off", "raw pyzmq hop events/s", "ratio", "lossless",
+                "sources held s"):
         table.add_column(col, justify="left" if col == "case" else "right")
-    for r in results["throughput"]:
-        table.add_row(r["case"], str(r["workers"]), f"{r['events_per_s']:,.0f}", f"{r['raw_events_per_s']:,.0f}",
+    for r in sorted(results["throughput"], key=lambda r: (r["workers"], CASE_ORDER[r["case"]], r["auth"])):
+        table.add_row(r["case"], str(r["workers"]), r["auth"], f"{r['events_per_s']:,.0f}",
+                      f"{r['vs_plain']:.3f}" if "vs_plain" in r else "", f"{r['raw_events_per_s']:,.0f}",
                       f"{r['ratio']:.3f}", str(r["lossless"]), f"{r['sources_blocked_s']:.2f}")
     console = Console()
     console.print(table)
-    lat = results["latency"]
-    console.print(f"latency source -> consumer at {lat['rate_hz']:.0f} Hz, 1 point/msg, {lat['workers']} workers, "
-                  f"{lat['points']} points: p50 {lat['p50']} ms, p90 {lat['p90']} ms, p99 {lat['p99']} ms, "
-                  f"max {lat['max']} ms, lossless {lat['lossless']}")
+    for auth, lat in results["latency"].items():
+        console.print(f"[{auth}] latency source -> consumer at {lat['rate_hz']:.0f} Hz, 1 point/msg, "
+                      f"{lat['workers']} workers, {lat['points']} points: p50 {lat['p50']} ms, p90 {lat['p90']} ms, "
+                      f"p99 {lat['p99']} ms, max {lat['max']} ms, lossless {lat['lossless']}")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer points per case (~1 min)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument("--auth", choices=("both", security.CURVE, security.OFF), default="both",
+                        help="data-plane authentication: CurveZMQ, off, or both side by side (the default)")
     args = parser.parse_args()
     results = run(args)
     return report(args, results, print_table,
-                  ok=all(r["lossless"] for r in results["throughput"]) and results["latency"]["lossless"])
+                  ok=all(r["lossless"] for r in results["throughput"])
+                  and all(lat["lossless"] for lat in results["latency"].values()))
 
 
 if __name__ == "__main__":

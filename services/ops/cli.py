@@ -2,7 +2,7 @@
 
     tangomesh db [start|stop|status]    the embedded Tango database
     tangomesh env                       the TANGO_HOST to export
-    tangomesh up [--mesh F] [--via-starter]
+    tangomesh up [--mesh F] [--via-starter] [--trusted]
     tangomesh status [--json]
     tangomesh down [--keep-db]
     tangomesh scan --sim NAME [--shape NXxNY] [--snake] [--rate HZ] [--json]
@@ -57,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     sub.choices["up"].add_argument("--via-starter", action="store_true",
                                    help="start servers through this host's Starter (as Astor does)")
     sub.choices["up"].add_argument("--timeout", type=float, default=60.0, help="seconds per startup level")
+    sub.choices["up"].add_argument("--trusted", action="store_true",
+                                   help="data plane without authentication (a laptop nobody else reaches); "
+                                        "sets the DataPlaneAuth property to off, see docs/operating.md")
     sub.choices["down"].add_argument("--keep-db", action="store_true", help="leave the embedded database running")
     sub.choices["status"].add_argument("--json", action="store_true", help="a JSON list instead of a table")
 
@@ -145,9 +148,13 @@ def cmd_up(args: argparse.Namespace) -> int:
     spec = mesh.MeshSpec.load(args.mesh)
     tango_host, embedded = resolve_tango_host(root)
     launcher = mesh.StarterLauncher(root) if args.via_starter else mesh.LocalLauncher(root)
-    outcome = mesh.up(spec, launcher, root, timeout=args.timeout)
+    outcome = mesh.up(spec, launcher, root, timeout=args.timeout, trusted=args.trusted)
     for server, what in outcome.items():
         console.print(f"{server:32s} {what}")
+    console.print(f"{'data plane':32s} " + ("plain: no authentication (--trusted)" if args.trusted else
+                                           "CurveZMQ: registered peers only"))
+    if any(what == "running" for what in outcome.values()):
+        console.print(f"{'':32s} (servers already running keep the mode they started with)")
     if not args.via_starter:
         pid = supervise.running_pid(root)
         console.print(f"{'supervisor':32s} {f'pid {pid}: restarts servers that exit' if pid else 'none: no restarts'}")

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 import tango
 
+from services import security
 from services.ops import starter_stats, supervise
 from services.ops.home import executable, pid_alive, spawn, terminate
 from services.registration import DEFAULT_TOPOLOGY_DEVICE, ManagerUnavailable, TangoManagerLink
@@ -363,12 +364,17 @@ def wait_registered(spec: MeshSpec, devices: list[str], root: Path, timeout: flo
     )
 
 
-def up(spec: MeshSpec, launcher: Launcher, root: Path, timeout: float = 60.0) -> dict[str, str]:
+def up(spec: MeshSpec, launcher: Launcher, root: Path, timeout: float = 60.0,
+       trusted: bool = False) -> dict[str, str]:
     """Declare the mesh and start what is not running, level by level.
 
+    States the data plane's mode first (the ``DataPlaneAuth`` free property,
+    which every server reads when it starts): CurveZMQ authentication, or
+    plain with ``trusted`` (a laptop nobody else reaches; docs/operating.md).
     Returns what happened per server: "started" or "running" (idempotent).
     """
     declare(spec, root)
+    security.write_switch(security.OFF if trusted else security.CURVE)
     if isinstance(launcher, LocalLauncher):
         launcher.supervise()  # also when everything runs: a supervisor that died comes back and adopts them
     db = tango.Database()

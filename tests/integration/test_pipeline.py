@@ -271,6 +271,10 @@ def test_bad_input_on_every_data_endpoint(mesh) -> None:
          codec.encode(codec.Message(codec.SCAN_END, scan="never-started", meta={"points": 3})))
     # recorder: garbage
     push(sorter, services[RECORDER]["endpoints"][protocol.DATA_IN], garbage, [fake_header])
+    # the peers stay registered until their input has been judged; then the fake sorter leaves (a pipeline
+    # with two registered sorters takes no scan)
+    wait_for(lambda: errors(mesh.master) - before["master"] >= 4 + 3 and errors(mesh.sorter) - before["sorter"] >= 3
+             and errors(mesh.recorder) - before["recorder"] >= 2, 10, "the hand-made bad input to be refused")
     worker.close()
     sorter.close()
 

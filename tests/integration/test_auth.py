@@ -1,0 +1,208 @@
+"""Data-plane authentication end to end (docs/operating.md, "Data-plane
+authentication"): real TopologyManager, master, worker, sorter, sink, NeXus
+writer and recorder processes with authentication on (the default), the
+simulated sources and the probe in this process.
+
+An unregistered peer (its own keypair, and a plain peer without CURVE) talks
+to every bound data-plane endpoint the topology lists: nothing of it arrives,
+each endpoint's service counts the refusals, and a registered scan right after
+is lossless. A registered peer of the wrong kind is refused by the consumers'
+sorter-only rule.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tango
+import zmq
+
+from services import codec, protocol, security
+from services.component import Counters
+from services.ops import simulate
+from services.registration import TangoManagerLink
+from services.sim.profiles import PROFILES, ProfileScan
+from sink.queries import QUERY, SinkClient
+from support import ServerPool, topology_props, wait_for
+from support.peers import RegisteredPeer
+
+MANAGER = "tangomesh/topology/manager"
+PIPE = "a1"
+LOOP = "127.0.0.1"
+MASTER, WORKER, SORTER = "test/a1/master", "test/a1-worker/0", "test/a1/sorter"
+SINK, NEXUS, RECORDER = "test/sink/auth", "test/writer/auth", "test/a1/recorder"
+#: Endpoints not authenticated, by design (docs/operating.md): Lavue speaks no CURVE, and
+#: the sink's query socket answers the CLI and notebooks, which are not registered services.
+PLAIN_ROLES = {"lavue", QUERY}
+
+
+@pytest.fixture(scope="module")
+def mesh(tango_db, tmp_path_factory):
+    pool = ServerPool(tmp_path_factory.mktemp("auth-logs"))
+    root = tmp_path_factory.mktemp("auth-beamtime")
+    try:
+        pool.start("TopologyManager/auth", {"TopologyManager": {MANAGER: topology_props(heartbeat=0.5, lease=3.0)}})
+        pool.start("Sink/auth", {"Sink": {SINK: {"DataHost": LOOP, "Pipeline": PIPE}}})
+        pool.start("NexusWriter/auth", {"NexusWriter": {NEXUS: {"DataHost": LOOP, "Pipeline": PIPE,
+                                                                 "BeamtimeRoot": str(root)}}})
+        pool.start("Recorder/a1", {"Recorder": {RECORDER: {"DataHost": LOOP, "Pipeline": PIPE}}})
+        pool.start("Sorter/a1", {"Sorter": {SORTER: {"DataHost": LOOP, "Pipeline": PIPE}}})
+        pool.start("PipelineWorker/a1-0", {"PipelineWorker": {WORKER: {"Pipeline": PIPE}}})
+        pool.start("PipelineMaster/a1", {"PipelineMaster": {MASTER: {"DataHost": LOOP, "Pipeline": PIPE}}})
+        link = TangoManagerLink(MANAGER)
+        master = tango.DeviceProxy(MASTER)
+        wait_for(lambda: len(json.loads(master.WorkerTable)) == 1, 20, "the worker to join the master")
+        wanted = {SORTER, SINK, NEXUS, RECORDER}
+        wait_for(lambda: wanted <= {s["name"] for s in link.lookup({})}, 20, "sorter, sink, writer, recorder")
+        beamline = simulate.SimBeamline(PIPE, "counters", link)
+        yield pool, root, link, beamline
+        beamline.close()
+    finally:
+        pool.stop_all()
+
+
+def errors_of(beamline: simulate.SimBeamline) -> dict[str, int]:
+    """Errors of every service, by name: the devices' attribute, the in-process sources' and probe's counters."""
+    counts = {name: tango.DeviceProxy(name).Errors for name in (MASTER, WORKER, SORTER, SINK, NEXUS, RECORDER)}
+    for source in beamline.sources.values():
+        counts[source.registration.name] = source.counters.errors
+    for probe in beamline.driver.probes.values():
+        counts[probe.registration.name] = probe.counters.errors
+    return counts
+
+
+def files_under(root: Path) -> set[Path]:
+    return {p for p in root.rglob("*") if p.is_file()}
+
+
+def forged_scan(scan_id: str) -> list[codec.Message]:
+    """A complete scan a consumer would write: a valid document, a result block, the end."""
+    document = ProfileScan(PROFILES["counters"], PIPE, 4).document(scan_id, 1)
+    return [codec.Message(codec.SCAN_START, scan=scan_id, stream=PIPE, meta={protocol.META_SCAN: document}),
+            codec.Message(codec.RESULT, scan=scan_id, stream=PIPE, index=0, count=4,
+                          arrays={"i0": np.arange(4.0)}),
+            codec.Message(codec.SCAN_END, scan=scan_id, stream=PIPE, meta={"delivered": 4})]
+
+
+def attack(endpoint: str, role: str, key: bytes | None, auth: security.Auth | None) -> zmq.Socket:
+    """Talk to ``endpoint`` the way its peers do, as ``auth``'s (unregistered) key or plain (None).
+    Returns the socket (open, so that what it queued has every chance to arrive)."""
+    ctx = zmq.Context.instance()
+    sock_type = {protocol.WORK: zmq.DEALER, protocol.SOURCE_OUT: zmq.PULL}.get(role, zmq.PUSH)
+    sock = ctx.socket(sock_type)
+    sock.linger = 0
+    if auth is not None:
+        auth.connect(sock, endpoint, server_key=key)
+    else:
+        sock.connect(endpoint)
+    if role == protocol.WORK:
+        messages = [protocol.credit(50, "test/forged/worker", open_units=50)]
+    elif role == protocol.ACKS:
+        messages = [protocol.ack("forged-ack", [(0, 10)])]
+    elif role == protocol.RESULTS_IN:
+        messages = forged_scan("forged-at-sorter")
+    elif role == protocol.DATA_IN:
+        # 70 scan_starts would fill a writer's MaxOpenScans (64), then a whole checksummed forged file
+        messages = [forged_scan(f"forged-open-{k}")[0] for k in range(70)] + forged_scan("forged-file")
+    else:
+        messages = []  # a source's PUSH: the forger reads, below
+    for msg in messages:
+        try:
+            codec.send(sock, msg, zmq.NOBLOCK)
+        except zmq.Again:
+            break  # nothing admitted to queue on
+    return sock
+
+
+def test_an_unregistered_peer_is_refused_on_every_endpoint_and_a_registered_scan_is_lossless(mesh) -> None:
+    _, root, link, beamline = mesh
+    services = link.lookup({})
+    targets = [(s["name"], role, endpoint, s[security.KEY_FIELD]) for s in services
+               for role, endpoint in sorted(s.get("endpoints", {}).items()) if role not in PLAIN_ROLES]
+    roles = {role for _, role, _, _ in targets}
+    assert {protocol.WORK, protocol.ACKS, protocol.RESULTS_IN, protocol.DATA_IN, protocol.SOURCE_OUT} <= roles
+    assert {name for name, *_ in targets} >= {MASTER, SORTER, SINK, NEXUS, RECORDER}
+    assert all(key for *_, key in targets), "every service with an endpoint publishes its key"
+    files_before = files_under(root)
+    errors_before = errors_of(beamline)
+    workers_before = json.loads(tango.DeviceProxy(MASTER).WorkerTable)
+    stranger = security.Auth(link, Counters(logging.getLogger("test.stranger")), "test/forged/stranger")
+    assert stranger.on and not link.lookup({"name": "test/forged/stranger"})  # a keypair, never registered
+
+    sockets = []
+    try:
+        for _, role, endpoint, key in targets:
+            sockets.append(attack(endpoint, role, key.encode(), stranger))
+            sockets.append(attack(endpoint, role, None, None))
+        per_service: dict[str, int] = {}
+        for name, *_ in targets:
+            per_service[name] = per_service.get(name, 0) + 2  # each endpoint: the stranger and the plain peer
+        wait_for(lambda: all(errors_of(beamline)[n] - errors_before[n] >= k for n, k in per_service.items()),
+                 15, "every endpoint's service to count both refusals")
+        time.sleep(0.5)
+        pulled = [s for s in sockets if s.type == zmq.PULL and s.poll(0)]
+        assert not pulled, "a forger read blocks off a source"
+    finally:
+        for sock in sockets:
+            sock.close(0)
+
+    after = errors_of(beamline)
+    for name, k in per_service.items():
+        assert after[name] - errors_before[name] == k, f"{name}: one refusal per connection, nothing more"
+    nexus = tango.DeviceProxy(NEXUS)
+    assert nexus.OpenScans == 0, "no forged scan_start reached the writer"
+    assert files_under(root) == files_before, "no forged file"
+    recorded = {r["scan"] for r in json.loads(tango.DeviceProxy(RECORDER).LatestRecords(0))}
+    assert not {s for s in recorded if s.startswith("forged")}
+    sink = SinkClient(json.loads(tango.DeviceProxy(SINK).Endpoints)[QUERY])
+    try:
+        assert not [s for s in sink.list()["scans"] if str(s.get("scan", s)).startswith("forged")]
+    finally:
+        sink.close()
+    assert json.loads(tango.DeviceProxy(MASTER).WorkerTable) == workers_before, "no forged worker took credit"
+    assert "refused" in tango.DeviceProxy(NEXUS).Status()
+
+    summary, tally = beamline.scan(500, block=25)
+    assert summary["points_delivered"] == 500 and summary["missing"] == 0 and summary["duplicates"] == 0, summary
+    assert not summary["aborted"]
+    wait_for(lambda: [f for f in json.loads(nexus.ListFiles(0)) if f["scan"] == summary["scan"]], 15,
+             "the registered scan's file")
+    assert errors_of(beamline) == after, "the registered scan was refused nothing"
+
+
+def test_a_registered_peer_that_is_not_the_pipelines_sorter_cannot_drive_a_consumer(mesh) -> None:
+    """A registered master of the pipeline is admitted to the consumers (it
+    sends scan_abort when its sorter is gone) but may not start, fill or end
+    a scan there; a registered worker is not admitted at all."""
+    _, root, link, beamline = mesh
+    consumers = {s["name"]: s["endpoints"][protocol.DATA_IN] for s in link.lookup({})
+                 if s["kind"] in protocol.CONSUMER_KINDS and s["name"] in (SINK, NEXUS, RECORDER)}
+    files_before = files_under(root)
+    before = errors_of(beamline)
+    master_peer = RegisteredPeer(link, "test/a1-forged/master", protocol.Kind.MASTER, PIPE)
+    worker_peer = RegisteredPeer(link, "test/a1-forged/worker", protocol.Kind.WORKER, PIPE)
+    try:
+        for endpoint in consumers.values():
+            for peer in (master_peer, worker_peer):
+                sock = peer.socket(zmq.PUSH, endpoint, linger=1000)
+                for msg in forged_scan(f"forged-by-{peer.registration.name.split('/')[-1]}"):
+                    try:
+                        codec.send(sock, msg, zmq.NOBLOCK)
+                    except zmq.Again:
+                        break  # the worker's connection is refused: nothing to queue on
+                sock.close()
+        # each consumer: three messages of the master refused one by one, the worker's connection refused once
+        wait_for(lambda: all(errors_of(beamline)[n] - before[n] >= 4 for n in consumers), 15,
+                 "every consumer to refuse the master's messages and the worker")
+    finally:
+        master_peer.close()
+        worker_peer.close()
+    after = errors_of(beamline)
+    assert {n: after[n] - before[n] for n in consumers} == {n: 4 for n in consumers}
+    assert "only from that pipeline's sorter" in tango.DeviceProxy(NEXUS).Status()
+    assert tango.DeviceProxy(NEXUS).OpenScans == 0 and files_under(root) == files_before
