@@ -76,6 +76,26 @@ def errors_of(beamline: simulate.SimBeamline) -> dict[str, int]:
     return counts
 
 
+def settled_errors(beamline: simulate.SimBeamline) -> dict[str, int]:
+    """Errors once no refusal is still on its way: a connection a ZAP handler
+    is still deciding on (an unknown key gets a few topology reads first), or
+    a forger's reconnection (ZeroMQ reconnects when the refusal and the closed
+    connection race), is counted a little later."""
+    last = errors_of(beamline)
+    while True:
+        time.sleep(1 + security.UNKNOWN_KEY_ATTEMPTS * security.REFRESH_SECONDS)
+        now = errors_of(beamline)
+        if now == last:
+            return now
+        last = now
+
+
+def status_of(beamline: simulate.SimBeamline, name: str) -> str:
+    """The device's Status, or the in-process client's last error."""
+    clients = {c.registration.name: c for c in [*beamline.sources.values(), *beamline.driver.probes.values()]}
+    return clients[name].counters.last_error if name in clients else tango.DeviceProxy(name).Status()
+
+
 def files_under(root: Path) -> set[Path]:
     return {p for p in root.rglob("*") if p.is_file()}
 
@@ -151,9 +171,10 @@ def test_an_unregistered_peer_is_refused_on_every_endpoint_and_a_registered_scan
         for sock in sockets:
             sock.close(0)
 
-    after = errors_of(beamline)
+    after = settled_errors(beamline)
     for name, k in per_service.items():
-        assert after[name] - errors_before[name] == k, f"{name}: one refusal per connection, nothing more"
+        assert after[name] - errors_before[name] >= k, status_of(beamline, name)
+        assert "refused" in status_of(beamline, name)
     nexus = tango.DeviceProxy(NEXUS)
     assert nexus.OpenScans == 0, "no forged scan_start reached the writer"
     assert files_under(root) == files_before, "no forged file"
@@ -165,7 +186,6 @@ def test_an_unregistered_peer_is_refused_on_every_endpoint_and_a_registered_scan
     finally:
         sink.close()
     assert json.loads(tango.DeviceProxy(MASTER).WorkerTable) == workers_before, "no forged worker took credit"
-    assert "refused" in tango.DeviceProxy(NEXUS).Status()
 
     summary, tally = beamline.scan(500, block=25)
     assert summary["points_delivered"] == 500 and summary["missing"] == 0 and summary["duplicates"] == 0, summary
@@ -186,23 +206,31 @@ def test_a_registered_peer_that_is_not_the_pipelines_sorter_cannot_drive_a_consu
     before = errors_of(beamline)
     master_peer = RegisteredPeer(link, "test/a1-forged/master", protocol.Kind.MASTER, PIPE)
     worker_peer = RegisteredPeer(link, "test/a1-forged/worker", protocol.Kind.WORKER, PIPE)
+
+    def send_forged_scan(peer: RegisteredPeer, endpoint: str) -> None:
+        sock = peer.socket(zmq.PUSH, endpoint, linger=1000)
+        for msg in forged_scan(f"forged-by-{peer.registration.name.split('/')[-1]}"):
+            try:
+                codec.send(sock, msg, zmq.NOBLOCK)
+            except zmq.Again:
+                break  # a refused connection: nothing to queue on
+        sock.close()
+
     try:
-        for endpoint in consumers.values():
-            for peer in (master_peer, worker_peer):
-                sock = peer.socket(zmq.PUSH, endpoint, linger=1000)
-                for msg in forged_scan(f"forged-by-{peer.registration.name.split('/')[-1]}"):
-                    try:
-                        codec.send(sock, msg, zmq.NOBLOCK)
-                    except zmq.Again:
-                        break  # the worker's connection is refused: nothing to queue on
-                sock.close()
-        # each consumer: three messages of the master refused one by one, the worker's connection refused once
-        wait_for(lambda: all(errors_of(beamline)[n] - before[n] >= 4 for n in consumers), 15,
-                 "every consumer to refuse the master's messages and the worker")
+        for endpoint in consumers.values():  # a worker is no consumer's peer: its connection is refused
+            send_forged_scan(worker_peer, endpoint)
+        wait_for(lambda: all(errors_of(beamline)[n] > before[n] for n in consumers), 15,
+                 "every consumer to refuse the worker")
+        middle = settled_errors(beamline)
+        assert all("test/a1-forged/worker is a worker" in status_of(beamline, n) for n in consumers)
+        for endpoint in consumers.values():  # a master is admitted, for scan_abort only
+            send_forged_scan(master_peer, endpoint)
+        wait_for(lambda: all(errors_of(beamline)[n] - middle[n] >= 3 for n in consumers), 15,
+                 "every consumer to refuse the master's scan_start, result and scan_end one by one")
     finally:
         master_peer.close()
         worker_peer.close()
     after = errors_of(beamline)
-    assert {n: after[n] - before[n] for n in consumers} == {n: 4 for n in consumers}
-    assert "only from that pipeline's sorter" in tango.DeviceProxy(NEXUS).Status()
+    assert {n: after[n] - middle[n] for n in consumers} == {n: 3 for n in consumers}
+    assert all("only from that pipeline's sorter" in status_of(beamline, n) for n in consumers)
     assert tango.DeviceProxy(NEXUS).OpenScans == 0 and files_under(root) == files_before
