@@ -154,7 +154,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     console.print(f"{'data plane':32s} " + ("plain: no authentication (--trusted)" if args.trusted else
                                            "CurveZMQ: registered peers only"))
     if any(what == "running" for what in outcome.values()):
-        console.print(f"{'':32s} (servers already running keep the mode they started with)")
+        console.print(f"{'':32s} (servers that were up already keep their mode until restarted)")
     if not args.via_starter:
         pid = supervise.running_pid(root)
         console.print(f"{'supervisor':32s} {f'pid {pid}: restarts servers that exit' if pid else 'none: no restarts'}")

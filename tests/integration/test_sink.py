@@ -17,7 +17,8 @@ import tango
 import zmq
 
 from support import ServerPool, topology_props, wait_for
-from services import codec
+from support.peers import RegisteredPeer
+from services import codec, protocol
 from services.ops import cli, simulate
 from services.sim import profiles
 from services.registration import TangoManagerLink
@@ -260,7 +261,7 @@ def test_lru_budget_holds_in_accounting_and_in_rss(mesh, tmp_path) -> None:
 
 
 def test_bad_queries_and_bad_data_get_errors_and_the_sink_stays_up(mesh) -> None:
-    _, _, _, sink, client = mesh
+    _, link, _, sink, client = mesh
     errors0 = sink.Errors
     endpoints = json.loads(sink.Endpoints)
     ctx = zmq.Context.instance()
@@ -280,15 +281,18 @@ def test_bad_queries_and_bad_data_get_errors_and_the_sink_stays_up(mesh) -> None
     with pytest.raises(tango.DevFailed, match="no scan 'nope'"):
         sink.ScanInfo("nope")
 
-    push = ctx.socket(zmq.PUSH)
-    push.linger = 2000  # close() below must not discard what is still queued
-    push.connect(endpoints["data_in"])
+    # bad data from a registered sorter of the pipeline (the only peer whose results a sink takes)
+    sorter = RegisteredPeer(link, "test/s1-forged/sorter", protocol.Kind.SORTER, PIPE)
+    push = sorter.socket(zmq.PUSH, endpoints["data_in"])  # linger: close() must not discard what is queued
     push.send_multipart([b"not a header"])
     codec.send(push, codec.Message(codec.RESULT, scan="unknown", stream=PIPE, index=0, count=1,
                                    arrays={"x": np.zeros(1)}))
     codec.send(push, codec.Message(codec.SCAN_START, scan="x", stream=PIPE, meta={"scan": {"bad": 1}}))
     push.close()
     # 3 bad queries, the query and the ScanInfo for "nope", 3 bad data messages
-    wait_for(lambda: sink.Errors >= errors0 + 5 + 3, 5, "the refusals to be counted")
+    try:
+        wait_for(lambda: sink.Errors >= errors0 + 5 + 3, 5, "the refusals to be counted")
+    finally:
+        sorter.close()
     assert "scan_start refused" in sink.Status()
     assert sink.state() == tango.DevState.ON and client.stats()["budget"] == 512 * 2**20

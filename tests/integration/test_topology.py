@@ -12,7 +12,9 @@ import tango
 import zmq
 
 from support import topology_props, wait_for
-from services import codec
+from support.peers import RegisteredPeer
+from services import codec, protocol
+from services.registration import TangoManagerLink
 
 MANAGER = "tangomesh/topology/manager"
 
@@ -140,10 +142,9 @@ def test_garbage_frames_on_a_data_endpoint_are_counted_and_survived(manager, tan
         [good[0].replace(b"counters", b"counter\xff")],  # invalid UTF-8 inside the header
         [np.random.default_rng(1).bytes(5000)],
     ]
-    context = zmq.Context.instance()
-    push = context.socket(zmq.PUSH)
-    push.linger = 1000
-    push.connect(endpoint)
+    # from a registered sorter (a recorder of every pipeline takes sorters of any): refused by content
+    sorter = RegisteredPeer(TangoManagerLink(MANAGER), "test/garbage/sorter", protocol.Kind.SORTER, "counters")
+    push = sorter.socket(zmq.PUSH, endpoint, linger=1000)
     try:
         for frames in garbage:
             push.send_multipart(frames)
@@ -151,6 +152,7 @@ def test_garbage_frames_on_a_data_endpoint_are_counted_and_survived(manager, tan
         wait_for(lambda: recorder.RecordCount == 1, 10, "the valid message after the garbage")
     finally:
         push.close()
+        sorter.close()
     assert recorder.Errors == len(garbage)
     assert recorder.EventsIn == 1
     assert recorder.state() == tango.DevState.ON

@@ -19,6 +19,7 @@ import zmq
 from matplotlib.image import imread
 
 from support import ServerPool, topology_props, wait_for
+from support.peers import RegisteredPeer
 from services import protocol
 from services import codec
 from services.ops import simulate
@@ -200,7 +201,7 @@ def test_a_second_writer_on_the_same_files_is_refused(mesh) -> None:
 
 
 def test_paths_outside_the_beamtime_root_are_refused(mesh, tmp_path) -> None:
-    _, root, _, beamline, _ = mesh
+    _, root, link, beamline, _ = mesh
     doc = ProfileScan(PROFILES["counters"], PIPE, 20).document("evil-1", 1)
     doc["beamtime"]["paths"]["processed"] = "../../etc"
     with pytest.raises(tango.DevFailed, match="contains '..'"):
@@ -213,17 +214,20 @@ def test_paths_outside_the_beamtime_root_are_refused(mesh, tmp_path) -> None:
     (root / "escape").symlink_to(outside)
     escape = ProfileScan(PROFILES["counters"], PIPE, 20).document("evil-2", 2)
     escape["beamtime"]["paths"]["processed"] = "escape"
-    push = zmq.Context.instance().socket(zmq.PUSH)
-    push.linger = 2000
-    push.connect(json.loads(nexus.Endpoints)[protocol.DATA_IN])
-    # as if a bad document reached the writer without the master's check
+    # as if a bad document reached the writer without the master's check, from a registered sorter of the
+    # pipeline (the only peer whose scan control a writer takes)
+    sorter = RegisteredPeer(link, "test/w1-forged/sorter", protocol.Kind.SORTER, PIPE)
+    push = sorter.socket(zmq.PUSH, json.loads(nexus.Endpoints)[protocol.DATA_IN])
     codec.send(push, codec.Message(codec.SCAN_START, scan="evil-1", stream=PIPE, meta={protocol.META_SCAN: doc}))
     codec.send(push, codec.Message(codec.SCAN_START, scan="evil-2", stream=PIPE, meta={protocol.META_SCAN: escape}))
     for scan in ("evil-1", "evil-2"):
         codec.send(push, codec.Message(codec.RESULT, scan=scan, stream=PIPE, index=0, count=2,
                                        arrays={"i0": np.ones(2)}))
     push.close()
-    wait_for(lambda: nexus.Errors == errors + 2 and nexus.SkippedMessages == skipped + 2, 5, "two refusals")
+    try:
+        wait_for(lambda: nexus.Errors == errors + 2 and nexus.SkippedMessages == skipped + 2, 5, "two refusals")
+    finally:
+        sorter.close()
     assert "outside the beamtime root" in nexus.Status()
     assert not list(outside.iterdir()) and not (root.parent / "etc").exists()
     assert nexus.state() == tango.DevState.ON
