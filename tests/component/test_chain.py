@@ -228,6 +228,36 @@ def test_a_restarted_sorter_resumes_the_scan_and_every_point_arrives_once_in_ord
     assert chain.sorter.resumed == 1 and chain.sorter.counters.errors == 0, chain.sorter.counters.last_error
 
 
+def test_a_restarted_consumer_is_given_the_rest_of_the_open_scan_once_in_order(make_chain) -> None:
+    """The consumer (a sink or a writer, here the probe) dies mid-scan and
+    comes back under its name on a new endpoint. The sorter gives it the
+    scan's start with where delivery stands and then the rest: each point
+    from there once, in order; what went to the dead process is not sent
+    again (the master has let it go), and the scan itself goes on."""
+    chain = make_chain()
+    points, first = 6000, 2000
+    scan_id = chain.start_scan(points)
+    chain.deliver_first_part(scan_id, first)
+    chain.restart_consumer()
+    # joined before more data comes: so where it joins is known exactly
+    wait_for(lambda: chain.sorter.consumers_joined == 1, PATIENCE, "the sorter to give the new consumer the scan")
+    chain.send_part(scan_id, first, points)
+    for source in chain.sources.values():
+        source.end(scan_id, points)
+    chain.end_scan(scan_id)
+    tally = chain.wait_scan_end(scan_id)
+    assert tally.joined_at == first and not tally.aborted, (tally.joined_at, tally.end)
+    assert not tally.counts[:first].any() and (tally.counts[first:] == 1).all()
+    assert tally.out_of_order == 0 and tally.end["points"] == points and tally.end["delivered"] == points
+    np.testing.assert_array_equal(tally.delivered_indices(), np.arange(first, points))
+    for name, want in expected_counters(np.arange(first, points)).items():
+        np.testing.assert_allclose(tally.arrays()[name], want, rtol=1e-13, err_msg=name)
+    assert chain.master.scan_summary()["acked"] == points
+    # the next scan reaches it from the start, as any other
+    _, tally = chain.run_scan(1000)
+    assert tally.joined_at is None and (tally.counts == 1).all()
+
+
 def test_a_dead_master_gets_its_open_scan_aborted_with_a_reason_within_the_bound(make_chain) -> None:
     """The master dies mid-scan: what it held of the sources' data is gone, so
     the scan can never complete. Once its lease runs out the sorter gives it

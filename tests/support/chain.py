@@ -133,6 +133,15 @@ class Chain:
         wait_registered(stage.registration, timeout=JOIN_TIMEOUT)
         return sorter
 
+    def restart_consumer(self) -> Probe:
+        """Kill the consumer as a crash would, then start a new one under the
+        same name (a new endpoint), as a restarted sink or writer; returns once
+        it is registered. The sorter finds it on its own."""
+        self.consumer.close(deregister=False)
+        self.consumer = Probe(self.pipeline, self.link, HOST, keep=True, name=self.consumer.registration.name)
+        wait_registered(self.consumer.registration, timeout=JOIN_TIMEOUT)
+        return self.consumer
+
     def kill_sorter(self) -> None:
         """Drop the sorter as a crash would, and start none in its place."""
         self.stage(self.sorter).stop(deregister=False)
@@ -165,12 +174,16 @@ class Chain:
         for source in self.sources.values():
             source.end(scan_id, points)
 
+    def send_part(self, scan_id: str, start: int, stop: int, block: int = 100) -> None:
+        """Points [start, stop) of every stream, block by block; no scan_end."""
+        for first in range(start, stop, block):
+            for stream, source in self.sources.items():
+                source.block(scan_id, first, self.profile.values(stream, np.arange(first, min(stop, first + block))))
+
     def deliver_first_part(self, scan_id: str, points: int, block: int = 100) -> None:
         """Send points [0, points) of every stream, no scan_end (the scan stays
         open), and wait until the consumer holds them all."""
-        for start in range(0, points, block):
-            for stream, source in self.sources.items():
-                source.block(scan_id, start, self.profile.values(stream, np.arange(start, min(points, start + block))))
+        self.send_part(scan_id, 0, points, block)
         wait_for(lambda: self.consumer.points_seen(scan_id) == points, JOIN_TIMEOUT, "the first part delivered")
 
     def end_scan(self, scan_id: str) -> None:
