@@ -9,6 +9,7 @@ reaching the consumer; refused input counted while the chain goes on.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 import time
 from typing import Iterator
@@ -24,6 +25,7 @@ from pipelines.worker import WorkerConfig
 from services import codec, protocol
 from support import wait_for
 from support.chain import Chain, Tally, expected_counters
+from services.sim.profiles import compressed_frames, noise_values
 from topology_manager.component import TopologyConfig
 
 PATIENCE = 30.0  # seconds any single condition may take on a loaded machine; normally well under one
@@ -160,6 +162,23 @@ def test_the_passthrough_processor_carries_the_chosen_arrays(make_chain) -> None
     _, tally = chain.run_scan(1000)
     assert tally.end["delivered"] == 1000 and (tally.counts == 1).all() and tally.out_of_order == 0, tally.end
     np.testing.assert_allclose(tally.arrays()["counters/t"], np.arange(1000) * 1e-3)
+
+
+def test_compressed_frames_reach_the_processor_decoded_and_exact(make_chain) -> None:
+    """The EIGER's frames travel compressed through the master, which cuts units
+    from them without decoding; the worker alone decompresses them: the
+    passthrough processor's results are the detector's frames exactly."""
+    profile = compressed_frames((32, 48))
+    profile = dataclasses.replace(profile, settings={"arrays": ["eiger/image", "scaler/i0"]})
+    chain = make_chain(profile=profile, workers=2, sorter_config=SorterConfig(chunk_points=50))
+    points = 300
+    _, tally = chain.run_scan(points, block=20)
+    assert tally.end["delivered"] == points and (tally.counts == 1).all() and tally.out_of_order == 0, tally.end
+    plain = noise_values(profile.streams)
+    want = np.concatenate([plain("eiger", np.arange(start, start + 20))["image"] for start in range(0, points, 20)])
+    got = tally.arrays()["eiger/image"]
+    assert isinstance(got, np.ndarray) and got.dtype == want.dtype
+    np.testing.assert_array_equal(got, want)
 
 
 def test_results_that_overtake_their_scan_start_are_kept_even_behind_a_refused_one(make_chain) -> None:

@@ -221,7 +221,7 @@ class Chain:
         self.topology.stop()
 
 
-def build_chain(pipeline: str = "p1", profile: str = "counters", workers: int | Sequence[WorkerConfig] = 2,
+def build_chain(pipeline: str = "p1", profile: str | Profile = "counters", workers: int | Sequence[WorkerConfig] = 2,
                 master_config: MasterConfig | None = None, sorter_config: SorterConfig | None = None,
                 worker_config: WorkerConfig | None = None,
                 topology_config: TopologyConfig | None = None) -> Chain:
@@ -248,12 +248,13 @@ def build_chain(pipeline: str = "p1", profile: str = "counters", workers: int | 
         stages = [start_stage(sorter, link), start_stage(master, link)]
         undo += [s.registration.stop for s in stages]
         sources: dict[str, SourceClient] = {}
-        for stream in PROFILES[profile].streams:
+        profile = PROFILES[profile] if isinstance(profile, str) else profile
+        for stream in profile.streams:
             sources[stream] = SourceClient(stream, pipeline, link, HOST)
             undo.append(sources[stream].close)
         wait_registered(consumer.registration, *(s.registration for s in stages),
                         *(s.registration for s in sources.values()), timeout=JOIN_TIMEOUT)
-        chain = Chain(pipeline, PROFILES[profile], topology, link, consumer, sorter, master, sources,
+        chain = Chain(pipeline, profile, topology, link, consumer, sorter, master, sources,
                       worker_config, sorter_config, stages)
         undo = [chain.close]
         for config in [worker_config] * workers if isinstance(workers, int) else workers:
@@ -266,5 +267,10 @@ def build_chain(pipeline: str = "p1", profile: str = "counters", workers: int | 
 
 
 def threads_left(before: set[threading.Thread]) -> list[threading.Thread]:
-    """Threads started since ``before`` that are still alive."""
-    return [t for t in threading.enumerate() if t not in before and t.is_alive()]
+    """Threads started since ``before`` that are still alive, except pyzmq's
+    own garbage collector (one per process, started by the first zero-copy
+    send of a large frame and kept for the process's life: not ours to stop)."""
+    from zmq.utils.garbage import GarbageCollectorThread
+
+    return [t for t in threading.enumerate()
+            if t not in before and t.is_alive() and not isinstance(t, GarbageCollectorThread)]
