@@ -244,6 +244,11 @@ def _compressed(name: str, dtype: np.dtype, shape: tuple[int, ...], spec: Any, b
         raise CodecError(f"array {name!r}: {exc}") from None
 
 
+def frame_buffer(frame: Any) -> memoryview:
+    """The bytes of one frame (``zmq.Frame``, bytes or a buffer) as a flat view, without a copy."""
+    return _as_buffer(frame)
+
+
 def _as_buffer(frame: Any) -> memoryview:
     if isinstance(frame, zmq.Frame):
         frame = frame.buffer
