@@ -195,6 +195,9 @@ def cmd_status(args: argparse.Namespace) -> int:
             " ".join(f"{k}={v}" for k, v in r["endpoints"].items()),
         )
     console.print(table)
+    if supervise.left_behind(root):
+        console.print("[bold yellow]supervisor: not running[/] (killed?): nothing restarts the servers; "
+                      "`tangomesh up` starts it again, carrying on its restart counts")
     return 0
 
 

@@ -307,3 +307,48 @@ def test_scan_with_a_dead_master_gives_up_on_its_pipeline_alone_within_the_timeo
     assert short.returncode == 2 and not summary["lossless"] and "within the timeout" in summary["error"], summary
     assert set(summary["pipelines"]) == {"counters", "position"} and "sink" in summary["consumers"], summary
     tangomesh(home, "down", "--mesh", str(mesh_file))
+
+
+@pytest.mark.slow
+def test_a_killed_supervisor_comes_back_with_up_adopts_the_servers_and_carries_on_counting(home) -> None:
+    mesh_file = small_mesh(home)
+    mesh = ("--mesh", str(mesh_file))
+    tangomesh(home, "up", *mesh)
+    worker = "tangomesh/counters-worker/01"
+
+    def rows() -> dict[str, dict]:
+        return {r["name"]: r for r in json.loads(tangomesh(home, "status", "--json", *mesh).stdout)}
+
+    def back(old_pid: int, restarts: int) -> dict | None:
+        row = rows()[worker]
+        ok = row["pid"] not in (None, old_pid) and row["state"] == "ON" and row["restarts"] == restarts
+        return row if ok else None
+
+    first = rows()[worker]
+    os.kill(first["pid"], signal.SIGKILL)
+    wait_for(lambda: back(first["pid"], 1), 30, "the worker restarted once")
+    before = rows()
+    state_file = home / "run" / "supervisor.json"
+    assert json.loads(state_file.read_text())["servers"]["PipelineWorker/counters-01"]["restarts"] == 1
+
+    old_supervisor = int((home / "run" / "supervisor.pid").read_text())
+    os.kill(old_supervisor, signal.SIGKILL)
+    wait_for(lambda: not pid_alive(old_supervisor), 10, "the supervisor to die")
+    table = tangomesh(home, "status", *mesh).stdout
+    assert "supervisor: not running" in table and "tangomesh up" in table
+    assert all(r["restarts"] is None for r in rows().values())  # nothing restarts them now: said so
+    assert state_file.exists()  # what the next supervisor carries on from
+
+    again = tangomesh(home, "up", *mesh)  # how the product gets its supervisor back
+    assert "started" not in again.stdout.replace("pid", "")  # every server adopted, none started twice
+    new_supervisor = int((home / "run" / "supervisor.pid").read_text())
+    assert new_supervisor != old_supervisor and f"pid {new_supervisor}" in again.stdout
+    after = rows()
+    assert {n: r["pid"] for n, r in after.items()} == {n: r["pid"] for n, r in before.items()}
+    assert after[worker]["restarts"] == 1 and after[worker]["last_exit"]["how"] == "killed by SIGKILL"
+    assert all(r["restarts"] == 0 for n, r in after.items() if n != worker and r["server"]), after
+
+    os.kill(after[worker]["pid"], signal.SIGKILL)  # supervised by the new one, adopted: counted on from 1
+    row = wait_for(lambda: back(after[worker]["pid"], 2), 30, "the adopted worker restarted, counted on")
+    assert row["last_exit"]["how"].startswith("gone (exit status unknown")  # not the new supervisor's child
+    tangomesh(home, "down", *mesh)
