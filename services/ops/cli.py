@@ -195,6 +195,9 @@ def cmd_status(args: argparse.Namespace) -> int:
             " ".join(f"{k}={v}" for k, v in r["endpoints"].items()),
         )
     console.print(table)
+    if supervise.left_behind(root):
+        console.print("[bold yellow]supervisor: not running[/] (killed?): nothing restarts the servers; "
+                      "`tangomesh up` starts it again, carrying on its restart counts")
     return 0
 
 
@@ -219,24 +222,31 @@ def cmd_scan(args: argparse.Namespace) -> int:
     link = TangoManagerLink(spec.topology_device)
     pipelines = args.pipelines.split(",") if args.pipelines else None
     scan_id = f"sim-{args.sim}-{time.time_ns() // 1000}"
-    deadline = time.monotonic() + args.timeout
+    deadline = time.monotonic() + args.timeout  # the whole command's: sending, the pipelines' ends, the consumers
     driver: ScanDriver | None = None
     try:
         driver = ScanDriver.for_data(sim, link, pipelines)
         outcome = driver.run(sim, scan_id, int(time.time()) % 100_000, rate=args.rate, block=args.block,
-                             timeout=args.timeout, command=" ".join(["tangomesh scan", *sys.argv[2:]]))
+                             timeout=args.timeout, command=" ".join(["tangomesh scan", *sys.argv[2:]]),
+                             deadline=deadline)
     except Exception as exc:
         if not args.json:
             raise
-        # a script reading --json gets its summary on failure too: what failed, what each pipeline delivered
+        # a script reading --json gets its summary on failure too: what failed, what each pipeline
+        # delivered, and what the consumers hold of it (asked briefly: the time is up already)
         delivered = driver.delivered(scan_id) if driver is not None else {}
-        print(json.dumps({"scan": scan_id, "lossless": False, "error": one_line(exc),
-                          "pipelines": {p: {"points_delivered": n} for p, n in delivered.items()}}, indent=1))
+        summary: dict[str, Any] = {"scan": scan_id, "lossless": False, "error": one_line(exc),
+                                   "pipelines": {p: {"points_delivered": n} for p, n in delivered.items()}}
+        if driver is not None:
+            summary["consumers"] = _consumers_json(link, scan_id, [], list(delivered), AFTER_FAILURE_S)
+        print(json.dumps(summary, indent=1))
         return 2
     finally:
         if driver is not None:
             driver.close()
-    consumers = consumer_verdict(link, scan_id, list(outcome.per_pipeline), max(1.0, deadline - time.monotonic()))
+    healthy = [p for p in outcome.per_pipeline if p not in outcome.failed]
+    consumers = consumer_verdict(link, scan_id, healthy, max(1.0, deadline - time.monotonic()),
+                                 failed=list(outcome.failed))
     lossless = outcome.lossless and consumers.ok
     if args.json:
         print(json.dumps({**outcome.to_json(), "lossless": lossless, "consumers": consumers.to_json()}, indent=1))
@@ -251,6 +261,8 @@ def cmd_scan(args: argparse.Namespace) -> int:
             latency = s.get("latency_ms", {})
             table.add_row(pipeline, *(str(s[k]) for k in keys), f"{latency.get('p50', '-')}/{latency.get('p99', '-')}")
         console.print(table)
+        for pipeline, why in outcome.failed.items():
+            console.print(f"[bold red]pipeline {pipeline} lost mid-scan:[/] {escape(why)}")
         sink = consumers.sink
         console.print(("sink: " + (f"{sink.get('status')}, {sink.get('received')}/{sink.get('expected')} points"
                                    if sink else "none in the mesh"))
@@ -258,6 +270,20 @@ def cmd_scan(args: argparse.Namespace) -> int:
                       + (f"; [bold red]no files from {', '.join(consumers.missing_files)}[/]"
                          if consumers.missing_files else ""))
     return 0 if lossless else 2
+
+
+#: How long a failed scan's summary asks the consumers for what they hold.
+AFTER_FAILURE_S = 3.0
+
+
+def _consumers_json(link: TangoManagerLink, scan_id: str, pipelines: list[str], failed: list[str],
+                    timeout: float) -> dict[str, Any]:
+    """The consumers' verdict as JSON, or why they could not be asked: a
+    summary is printed whatever the consumers do."""
+    try:
+        return consumer_verdict(link, scan_id, pipelines, timeout, failed=failed).to_json()
+    except Exception as exc:  # noqa: BLE001 - the summary reports it instead
+        return {"ok": False, "error": one_line(exc)}
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
