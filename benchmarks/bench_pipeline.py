@@ -13,7 +13,8 @@ Every case runs twice, with data-plane authentication (CurveZMQ, the
 default) and without (``--trusted``), side by side: ``curve/off`` is the
 cost of authentication. Cases: small events (a counter set of 9 float64, ~330 bytes on the wire),
 XRF-sized events (a 4096-channel uint32 spectrum plus i0 and time, 16 KB),
-large frames (1024x2048 uint16, 4 MB); each with 1 and 2 workers and with
+large frames (1024x2048 uint16, 4 MB), plain and as the detector sends them
+(bitshuffle-LZ4, decompressed in the worker only); each with 1 and 2 workers and with
 one point per message as well as blocks. Latency: source send to consumer
 receipt at a fixed rate of 1 kHz, one point per message.
 
@@ -57,6 +58,7 @@ CASES = [
     ("XRF 16 KB, 1 point/msg", "spectra", 1, 10_000, 4_000),
     ("XRF 16 KB, 20 points/msg", "spectra", 20, 40_000, 10_000),
     ("frame 4 MB, 1 point/msg", "frames", 1, 600, 200),
+    ("frame 4 MB bslz4, 1 point/msg", "frames-bslz4", 1, 600, 200),  # travels compressed, decoded in the worker
 ]
 CASE_ORDER = {case[0]: k for k, case in enumerate(CASES)}
 
@@ -207,8 +209,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # baselines, in the same run, once the mesh is down (the same CPUs, quiet)
     seconds = 1.0 if args.quick else 2.0
     baseline: dict[tuple[str, int], float] = {}
+    wire_bytes: dict[str, int] = {}
     for name, profile_name, block, *_ in CASES:
         sizes = wire_sizes(profiles.PROFILES[profile_name], block)
+        wire_bytes[name] = sum(map(sum, sizes))
         # one hop per stream message; the slowest stream bounds the events a bare hop carries
         per_stream = [raw_hop(s, seconds) for s in sizes]
         baseline[(name, block)] = min(per_stream) * block
@@ -221,6 +225,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if row["auth"] == security.CURVE and plain:  # the cost of authentication, in the same run
             row["vs_plain"] = round(row["events_per_s"] / plain[0]["events_per_s"], 3)
         row["raw_events_per_s"] = round(raw, 1)
+        row["wire_bytes_per_msg"] = wire_bytes[row["case"]]
         row["ratio"] = round(row["events_per_s"] / raw, 3)
     return results
 
@@ -230,13 +235,14 @@ def print_table(results: dict[str, Any]) -> None:
     from rich.table import Table
 
     table = Table(title="tangomesh pipeline, end to end (sources -> master -> workers -> sorter -> consumer)")
-    for col in ("case", "workers", "auth", "events/s", "curve/off", "raw pyzmq hop events/s", "ratio", "lossless",
-                "sources held s"):
+    for col in ("case", "workers", "auth", "events/s", "curve/off", "raw pyzmq hop events/s", "ratio",
+                "wire bytes/msg", "lossless", "sources held s"):
         table.add_column(col, justify="left" if col == "case" else "right")
     for r in sorted(results["throughput"], key=lambda r: (r["workers"], CASE_ORDER[r["case"]], r["auth"])):
         table.add_row(r["case"], str(r["workers"]), r["auth"], f"{r['events_per_s']:,.0f}",
                       f"{r['vs_plain']:.3f}" if "vs_plain" in r else "", f"{r['raw_events_per_s']:,.0f}",
-                      f"{r['ratio']:.3f}", str(r["lossless"]), f"{r['sources_blocked_s']:.2f}")
+                      f"{r['ratio']:.3f}", f"{r['wire_bytes_per_msg']:,}", str(r["lossless"]),
+                      f"{r['sources_blocked_s']:.2f}")
     console = Console()
     console.print(table)
     for auth, lat in results["latency"].items():

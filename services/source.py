@@ -25,6 +25,10 @@ from services.registration import ManagerLink, RegistrationClient
 log = logging.getLogger("tangomesh.source")
 
 
+class SendTimeout(Exception):
+    """A bounded send found the stream held back for its whole timeout; nothing was sent."""
+
+
 class SourceClient:
     """One detector stream: a bound PUSH socket, registered as a source."""
 
@@ -47,22 +51,40 @@ class SourceClient:
             "capabilities": {"stream": stream}, **self.auth.registration_fields()})
         self.registration.start()
 
-    def send(self, msg: codec.Message) -> None:
-        """Blocks while the master holds this stream back (its high-water mark is full)."""
+    def send(self, msg: codec.Message, timeout: float | None = None) -> None:
+        """Blocks while the master holds this stream back (its high-water mark
+        is full); with ``timeout``, at most that long, then :class:`SendTimeout`
+        with nothing sent, so that a caller can ask whether the master is still there."""
         frames = codec.encode(msg)
         try:
             codec.send_frames(self.socket, frames, zmq.NOBLOCK)
+            return
         except zmq.Again:
-            t0 = time.monotonic()
-            codec.send_frames(self.socket, frames)
+            pass
+        t0 = time.monotonic()
+        try:
+            if timeout is None:
+                codec.send_frames(self.socket, frames)
+                return
+            while True:
+                left = t0 + timeout - time.monotonic()
+                if left <= 0 or not self.socket.poll(max(1, int(left * 1000)), zmq.POLLOUT):
+                    raise SendTimeout(f"the {self.stream} source's master took nothing for {timeout:g} s")
+                try:
+                    codec.send_frames(self.socket, frames, zmq.NOBLOCK)
+                    return
+                except zmq.Again:
+                    continue
+        finally:
             self.blocked_seconds += time.monotonic() - t0
 
-    def block(self, scan: str, index: int, arrays: dict[str, np.ndarray]) -> None:
+    def block(self, scan: str, index: int, arrays: dict[str, np.ndarray], timeout: float | None = None) -> None:
         count = len(next(iter(arrays.values())))
-        self.send(codec.Message(codec.DATA, scan=scan, stream=self.stream, index=index, count=count, arrays=arrays))
+        self.send(codec.Message(codec.DATA, scan=scan, stream=self.stream, index=index, count=count, arrays=arrays),
+                  timeout)
 
-    def end(self, scan: str, points: int) -> None:
-        self.send(codec.Message(codec.SCAN_END, scan=scan, stream=self.stream, count=points))
+    def end(self, scan: str, points: int, timeout: float | None = None) -> None:
+        self.send(codec.Message(codec.SCAN_END, scan=scan, stream=self.stream, count=points), timeout)
 
     def close(self) -> None:
         self.registration.stop(deregister=True)

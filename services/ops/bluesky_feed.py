@@ -128,7 +128,10 @@ class MeshFeed:
                 points = int(doc.get("num_events", {}).get("primary", 0))
                 for source in self.sources.values():
                     source.end(self.scan_id, points)
-                self.masters.end(self.scan_id)
+                refused = self.masters.end(self.scan_id)
+                if refused:  # those pipelines' scans would stay open: abort them there, say why
+                    log.warning("EndScan %s refused: %s", self.scan_id, refused)
+                    self.masters.abort(self.scan_id, only=refused)
             else:
                 self.masters.abort(self.scan_id)
         finally:

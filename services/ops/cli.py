@@ -29,6 +29,7 @@ from rich.table import Table
 
 from services.ops import mesh, supervise
 from services.ops.driver import ScanDriver
+from services.ops.replay import Replay
 from services.ops.verdicts import consumer_verdict
 from services.sim.sims import SIM_NAMES, Simulation, make_simulation, parse_shape
 from services.ops.demo import demo
@@ -81,6 +82,15 @@ def main(argv: list[str] | None = None) -> int:
     sub.choices["scan"].add_argument("--block", type=int, default=1, help="points per source message")
     sub.choices["scan"].add_argument("--pipelines", help="comma-separated subset of the simulation's pipelines")
     sub.choices["demo"].add_argument("--keep", action="store_true", help="leave the mesh running (for Lavue)")
+
+    p = sub.add_parser("replay", help="send a recorded scan (a master's RecordDirectory) through the running mesh")
+    p.add_argument("recording", type=Path, help="the recording of one scan and pipeline: <root>/<scan>/<pipeline>")
+    p.add_argument("--rate", type=float, default=0.0, help="points per second (0: the recorded pace)")
+    p.add_argument("--fast", action="store_true", help="as fast as the mesh takes it (overrides the recorded pace)")
+    p.add_argument("--analysis", type=Path, help="JSON file: this pipeline's analysis entry to use instead")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the scan's end")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--mesh", type=Path, default=mesh.DEFAULT_MESH, help="mesh file (dsconfig JSON)")
 
     p = sub.add_parser("scale", help="start or stop worker servers of a pipeline until N run")
     p.add_argument("pipeline")
@@ -202,6 +212,9 @@ def cmd_status(args: argparse.Namespace) -> int:
             " ".join(f"{k}={v}" for k, v in r["endpoints"].items()),
         )
     console.print(table)
+    if supervise.left_behind(root):
+        console.print("[bold yellow]supervisor: not running[/] (killed?): nothing restarts the servers; "
+                      "`tangomesh up` starts it again, carrying on its restart counts")
     return 0
 
 
@@ -220,30 +233,51 @@ def _simulation(args: argparse.Namespace) -> Simulation:
 
 
 def cmd_scan(args: argparse.Namespace) -> int:
-    sim = _simulation(args)
+    pipelines = args.pipelines.split(",") if args.pipelines else None
+    return _drive(args, _simulation(args), f"sim-{args.sim}-{time.time_ns() // 1000}", pipelines,
+                  block=args.block, command=" ".join(["tangomesh scan", *sys.argv[2:]]))
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    analysis = json.loads(args.analysis.read_text()) if args.analysis else None
+    recording = Replay(args.recording, analysis)
+    scan_id = f"replay-{recording.meta.scan_id}-{time.time_ns() // 1000}"[:200]
+    return _drive(args, recording, scan_id, None, recorded_pace=args.rate == 0 and not args.fast,
+                  command=" ".join(["tangomesh replay", *sys.argv[2:]]))
+
+
+def _drive(args: argparse.Namespace, data: Any, scan_id: str, pipelines: list[str] | None, *, block: int = 1,
+           command: str, recorded_pace: bool = False) -> int:
+    """One scan of ``data`` through the running mesh, and the report: what
+    every pipeline delivered and what the consumers hold (``tangomesh scan``
+    and ``tangomesh replay``)."""
     spec = mesh.MeshSpec.load(args.mesh)
     resolve_tango_host(home(), start=False)
     link = TangoManagerLink(spec.topology_device)
-    pipelines = args.pipelines.split(",") if args.pipelines else None
-    scan_id = f"sim-{args.sim}-{time.time_ns() // 1000}"
-    deadline = time.monotonic() + args.timeout
+    deadline = time.monotonic() + args.timeout  # the whole command's: sending, the pipelines' ends, the consumers
     driver: ScanDriver | None = None
     try:
-        driver = ScanDriver.for_data(sim, link, pipelines)
-        outcome = driver.run(sim, scan_id, int(time.time()) % 100_000, rate=args.rate, block=args.block,
-                             timeout=args.timeout, command=" ".join(["tangomesh scan", *sys.argv[2:]]))
+        driver = ScanDriver.for_data(data, link, pipelines)
+        outcome = driver.run(data, scan_id, int(time.time()) % 100_000, rate=args.rate, block=block,
+                             timeout=args.timeout, command=command, deadline=deadline, recorded_pace=recorded_pace)
     except Exception as exc:
         if not args.json:
             raise
-        # a script reading --json gets its summary on failure too: what failed, what each pipeline delivered
+        # a script reading --json gets its summary on failure too: what failed, what each pipeline
+        # delivered, and what the consumers hold of it (asked briefly: the time is up already)
         delivered = driver.delivered(scan_id) if driver is not None else {}
-        print(json.dumps({"scan": scan_id, "lossless": False, "error": one_line(exc),
-                          "pipelines": {p: {"points_delivered": n} for p, n in delivered.items()}}, indent=1))
+        summary: dict[str, Any] = {"scan": scan_id, "lossless": False, "error": one_line(exc),
+                                   "pipelines": {p: {"points_delivered": n} for p, n in delivered.items()}}
+        if driver is not None:
+            summary["consumers"] = _consumers_json(link, scan_id, [], list(delivered), AFTER_FAILURE_S)
+        print(json.dumps(summary, indent=1))
         return 2
     finally:
         if driver is not None:
             driver.close()
-    consumers = consumer_verdict(link, scan_id, list(outcome.per_pipeline), max(1.0, deadline - time.monotonic()))
+    healthy = [p for p in outcome.per_pipeline if p not in outcome.failed]
+    consumers = consumer_verdict(link, scan_id, healthy, max(1.0, deadline - time.monotonic()),
+                                 failed=list(outcome.failed))
     lossless = outcome.lossless and consumers.ok
     if args.json:
         print(json.dumps({**outcome.to_json(), "lossless": lossless, "consumers": consumers.to_json()}, indent=1))
@@ -258,6 +292,8 @@ def cmd_scan(args: argparse.Namespace) -> int:
             latency = s.get("latency_ms", {})
             table.add_row(pipeline, *(str(s[k]) for k in keys), f"{latency.get('p50', '-')}/{latency.get('p99', '-')}")
         console.print(table)
+        for pipeline, why in outcome.failed.items():
+            console.print(f"[bold red]pipeline {pipeline} lost mid-scan:[/] {escape(why)}")
         sink = consumers.sink
         console.print(("sink: " + (f"{sink.get('status')}, {sink.get('received')}/{sink.get('expected')} points"
                                    if sink else "none in the mesh"))
@@ -265,6 +301,20 @@ def cmd_scan(args: argparse.Namespace) -> int:
                       + (f"; [bold red]no files from {', '.join(consumers.missing_files)}[/]"
                          if consumers.missing_files else ""))
     return 0 if lossless else 2
+
+
+#: How long a failed scan's summary asks the consumers for what they hold.
+AFTER_FAILURE_S = 3.0
+
+
+def _consumers_json(link: TangoManagerLink, scan_id: str, pipelines: list[str], failed: list[str],
+                    timeout: float) -> dict[str, Any]:
+    """The consumers' verdict as JSON, or why they could not be asked: a
+    summary is printed whatever the consumers do."""
+    try:
+        return consumer_verdict(link, scan_id, pipelines, timeout, failed=failed).to_json()
+    except Exception as exc:  # noqa: BLE001 - the summary reports it instead
+        return {"ok": False, "error": one_line(exc)}
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -347,7 +397,7 @@ def cmd_query(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"db": cmd_db, "env": cmd_env, "up": cmd_up, "down": cmd_down, "status": cmd_status,
-            "scan": cmd_scan, "demo": cmd_demo, "scale": cmd_scale, "query": cmd_query}
+            "scan": cmd_scan, "replay": cmd_replay, "demo": cmd_demo, "scale": cmd_scale, "query": cmd_query}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -86,7 +86,8 @@ def run_scan(sim: Simulation, link: TangoManagerLink, console: Console, rate: fl
             outcome = driver.run(sim, scan_id, number, rate=rate, block=block, timeout=timeout, progress=progress)
             progress(points, driver.delivered(scan_id))
         info = wait_sink_complete(client, scan_id, 30.0)
-        files, missing = wait_for_files(link, scan_id, driver.pipelines, file_timeout)
+        files, missing, unanswered = wait_for_files(link, scan_id, driver.pipelines, file_timeout)
+        missing += unanswered  # a writer that did not answer made no file the demo can show
 
         def fetch(product: str, regrid: str | None) -> np.ndarray:
             return np.asarray(client.get(scan_id, product, regrid=regrid), dtype=np.float64)

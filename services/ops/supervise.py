@@ -14,8 +14,12 @@ Files under ``run/``:
   ``{"pid": n}``), ``{"op": "forget", "server": S}`` (S is about to be stopped on
   purpose: never restart it, remove its pid file, reply ``{"pid": n|null}``),
   ``{"op": "ping"}``;
-- ``supervisor.json``: per server its pid, restarts, last exit and last restart
-  time, rewritten whenever something changes (``tangomesh status`` reads it);
+- ``supervisor.json``: per server its pid, restarts, last exit, last restart
+  time and quick failures in a row, rewritten whenever something changes
+  (``tangomesh status`` reads it). It outlives a supervisor that is killed: the
+  next one (``tangomesh up`` starts it) restores every record from it before
+  adopting, so the counts carry on; only a supervisor stopped on purpose
+  (``tangomesh down``) removes it;
 - ``<Server>_<instance>.pid``: what should run. Servers with a pid file that
   the supervisor did not start (it was not running then) are adopted: restarted
   as well when they exit, but their exit status is lost (not our child).
@@ -122,6 +126,30 @@ class SupervisorProcess:
             if done:
                 self.children.discard(pid)
 
+    def _restore(self) -> None:
+        """Carry on from the state file a killed supervisor left: each server
+        that still has a pid file (is meant to run) gets its record back."""
+        try:
+            saved = json.loads(state_path(self.root).read_text())
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as exc:
+            log.warning("previous state %s unreadable (%s): restart counts start from 0", state_path(self.root), exc)
+            return
+        servers = saved.get("servers") if isinstance(saved, dict) else None
+        for server, record in (servers if isinstance(servers, dict) else {}).items():
+            path = server_pid_file(self.root, str(server))
+            if not isinstance(record, dict) or not path.exists():
+                continue  # forgotten (stopped on purpose) since
+            try:
+                pid: int | None = int(path.read_text())
+            except (OSError, ValueError):
+                pid = None
+            running = pid is not None and runs_server(pid, server)
+            self.supervisor.restore(server, pid, record, running)
+            log.info("%s: carried on from the previous supervisor (%s, %s restarts)", server,
+                     f"running, pid {pid}" if running else "not running", record.get("restarts"))
+
     def _adopt(self) -> None:
         """Watch the servers that have a pid file (started while no supervisor ran)."""
         for path in (self.root / "run").glob("*.pid"):
@@ -203,6 +231,7 @@ class SupervisorProcess:
         threading.Thread(target=self._serve, args=(listener,), name="requests", daemon=True).start()
         log.info("supervising the servers of %s (pid %d)", self.root, os.getpid())
         with self.lock:
+            self._restore()
             self._adopt()
             self._write_state()
         while not self.stopping.wait(TICK_S):
@@ -294,6 +323,12 @@ def stop(root: Path) -> bool:
     for path in (pid_path(root), socket_path(root), state_path(root)):
         path.unlink(missing_ok=True)
     return True
+
+
+def left_behind(root: Path) -> bool:
+    """A state file but no supervisor: it was killed, nothing restarts the
+    servers until ``tangomesh up`` starts a new one (which carries on from the file)."""
+    return state_path(root).exists() and running_pid(root) is None
 
 
 def read_state(root: Path) -> dict[str, dict[str, Any]]:

@@ -16,6 +16,12 @@ was stopped, and stop trying on a crash loop):
 - the ``give_up_after``-th (5th) quick failure in a row is not restarted: the
   server is left stopped, with one log line saying so; ``tangomesh up`` starts
   it again (and resets the count).
+
+A supervisor that is itself killed and started again (``tangomesh up`` does)
+carries on: :meth:`Supervisor.restore` takes each server's record from the
+state file the previous one left, so restart counts, the last exit and the
+crash-loop count go on from there, and a server still running is adopted,
+never started twice.
 """
 
 from __future__ import annotations
@@ -83,7 +89,7 @@ class Record:
     def to_json(self) -> dict[str, Any]:
         state = "gave up" if self.gave_up else "restarting" if self.restart_at is not None else "running"
         return {"pid": self.pid, "state": state, "restarts": self.restarts, "last_exit": self.last_exit,
-                "last_restart": self.last_restart}
+                "last_restart": self.last_restart, "quick_failures": self.quick_failures}
 
 
 class Supervisor:
@@ -105,6 +111,31 @@ class Supervisor:
             self.records[name] = Record(name, pid, self.clock())
         elif record.pid != pid:
             record.pid, record.started, record.restart_at, record.gave_up = pid, self.clock(), None, False
+
+    def restore(self, name: str, pid: int | None, saved: dict[str, Any], running: bool) -> None:
+        """Take over a server from a previous supervisor's state record
+        (``saved``, from :meth:`state`): its counts carry on. ``pid`` is the
+        server's pid file's (what should run), ``running`` whether that
+        process is the server. A running server is adopted as it is; one
+        given up on stays given up; one that was waiting for its restart is
+        restarted now; one that died while nobody watched is found gone by
+        the next :meth:`tick` and restarted by the policy."""
+        record = Record(name, pid, self.clock())
+        try:
+            record.restarts = max(0, int(saved.get("restarts") or 0))
+            record.quick_failures = max(0, int(saved.get("quick_failures") or 0))
+            last_exit = saved.get("last_exit")
+            record.last_exit = dict(last_exit) if isinstance(last_exit, dict) else None
+            last_restart = saved.get("last_restart")
+            record.last_restart = float(last_restart) if last_restart is not None else None
+        except (TypeError, ValueError) as exc:  # a damaged record: keep what could be read
+            log.warning("%s: previous supervisor's record %r not fully readable (%s)", name, saved, exc)
+        if not running:
+            if saved.get("state") == "gave up":
+                record.pid, record.gave_up = None, True
+            elif saved.get("state") == "restarting" or pid is None:
+                record.pid, record.restart_at = None, self.clock()
+        self.records[name] = record
 
     def start(self, name: str) -> int:
         """Start a server now (``tangomesh up``/``scale``); a server given up on starts afresh."""

@@ -218,3 +218,137 @@ def test_the_demo_runs_end_to_end_and_agrees_with_the_phantom(home) -> None:
     failed = [c for c in report["agreement"] if not c["passed"]]
     assert not failed and report["ok"], failed
     assert status(home) == []  # taken down
+
+
+def small_mesh(home: Path) -> Path:
+    """The default mesh cut to the counters and position pipelines (the
+    `counters` simulation's two) with the sink and one writer: a scan with
+    two pipelines on a third of the processes."""
+    spec = json.loads(DEFAULT_MESH.read_text())
+    keep = {"TopologyManager/mesh", "Sink/beamline", "NexusWriter/beamline", "Sorter/counters", "Sorter/position",
+            "PipelineWorker/counters-01", "PipelineWorker/position-01", "PipelineMaster/counters",
+            "PipelineMaster/position"}
+    spec["_tangomesh"]["servers"] = {k: v for k, v in spec["_tangomesh"]["servers"].items() if k in keep}
+    spec["servers"] = {server: {i: v for i, v in instances.items() if f"{server}/{i}" in keep}
+                       for server, instances in spec["servers"].items()}
+    spec["servers"] = {k: v for k, v in spec["servers"].items() if v}
+    home.mkdir(parents=True, exist_ok=True)
+    path = home / "two-pipelines.json"
+    path.write_text(json.dumps(spec))
+    return path
+
+
+@pytest.mark.slow
+def test_scan_with_a_dead_master_gives_up_on_its_pipeline_alone_within_the_timeout(home) -> None:
+    """`tangomesh scan --timeout T --json` while one pipeline's master is
+    stopped (SIGSTOP: hung, Tango calls to it hang until their timeout), then
+    killed (SIGKILL: the supervisor restarts it, without the scan): the
+    command gives up on that pipeline alone, the other delivers every point,
+    and a JSON summary with the consumers' verdict comes out within T."""
+    mesh_file = small_mesh(home)
+    tangomesh(home, "up", "--mesh", str(mesh_file))
+    env = {k: v for k, v in os.environ.items() if k != "TANGO_HOST"} | {"TANGOMESH_HOME": str(home)}
+    timeout, slack, points = 40.0, 10.0, 30 * 30
+    master = next(r for r in status(home) if r["name"] == "tangomesh/position/master")
+
+    def events_in(name: str) -> int:
+        return next(r for r in status(home) if r["name"] == name)["counters"]["events_in"]
+
+    for how in (signal.SIGSTOP, signal.SIGKILL):
+        before = events_in("tangomesh/position/master")
+        t0 = time.monotonic()
+        scan = subprocess.Popen([str(bin_dir() / "tangomesh"), "scan", "--sim", "counters", "--shape", "30x30",
+                                 "--rate", "100", "--timeout", str(timeout), "--json", "--mesh", str(mesh_file)],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                stdin=subprocess.DEVNULL)
+        try:
+            wait_for(lambda: events_in("tangomesh/position/master") > before + 50, 30,
+                     "the position master to take the scan's first points")
+            os.kill(master["pid"], how)
+            out, errors = scan.communicate(timeout=timeout + slack)
+        finally:
+            if scan.poll() is None:
+                scan.kill()
+                scan.communicate()
+            if how == signal.SIGSTOP:
+                os.kill(master["pid"], signal.SIGCONT)
+        took = time.monotonic() - t0
+        print(f"{how.name}: tangomesh scan gave up on the position pipeline after {took:.1f} s (timeout {timeout} s)")
+        assert took < timeout + slack
+        assert scan.returncode == 2, (out, errors)
+        summary = json.loads(out)  # stdout is one JSON document
+        assert not summary["lossless"] and set(summary["failed"]) == {"position"}, summary
+        reason = summary["failed"]["position"]
+        assert ("does not answer" if how == signal.SIGSTOP else "no longer holds the scan") in reason, reason
+        assert summary["pipelines"]["position"]["error"] == reason
+        assert summary["pipelines"]["position"]["points_delivered"] < points
+        counters = summary["pipelines"]["counters"]  # not stalled by the dead master
+        assert counters["points_delivered"] == points and counters["missing"] == 0 and not counters["aborted"]
+        consumers = summary["consumers"]  # every consumer's word, also on failure
+        assert consumers["ok"] is False and consumers["sink"] is not None and consumers["errors"] == []
+        assert "tangomesh/writer/nexus:position" in consumers["missing_files"] or any(
+            f["pipeline"] == "position" and f["status"] != "complete" for f in consumers["files"]), consumers
+        assert {(f["pipeline"], f["status"]) for f in consumers["files"] if f["pipeline"] == "counters"} == {
+            ("counters", "complete")}, consumers
+        if how == signal.SIGKILL:
+            master = wait_for(lambda: next((r for r in status(home) if r["name"] == "tangomesh/position/master"
+                                            and r["state"] == "ON" and r["pid"] != master["pid"]), None),
+                              30, "the killed master to be restarted")
+            assert master["restarts"] == 1
+
+    # a scan longer than its timeout: given up at the timeout, with a summary all the same
+    t0 = time.monotonic()
+    short = subprocess.run([str(bin_dir() / "tangomesh"), "scan", "--sim", "counters", "--shape", "30x30",
+                            "--rate", "100", "--timeout", "3", "--json", "--mesh", str(mesh_file)],
+                           env=env, capture_output=True, text=True, timeout=3 + slack, stdin=subprocess.DEVNULL)
+    took = time.monotonic() - t0
+    print(f"a 9 s scan with --timeout 3 gave up after {took:.1f} s")
+    summary = json.loads(short.stdout)
+    assert short.returncode == 2 and not summary["lossless"] and "within the timeout" in summary["error"], summary
+    assert set(summary["pipelines"]) == {"counters", "position"} and "sink" in summary["consumers"], summary
+    tangomesh(home, "down", "--mesh", str(mesh_file))
+
+
+@pytest.mark.slow
+def test_a_killed_supervisor_comes_back_with_up_adopts_the_servers_and_carries_on_counting(home) -> None:
+    mesh_file = small_mesh(home)
+    mesh = ("--mesh", str(mesh_file))
+    tangomesh(home, "up", *mesh)
+    worker = "tangomesh/counters-worker/01"
+
+    def rows() -> dict[str, dict]:
+        return {r["name"]: r for r in json.loads(tangomesh(home, "status", "--json", *mesh).stdout)}
+
+    def back(old_pid: int, restarts: int) -> dict | None:
+        row = rows()[worker]
+        ok = row["pid"] not in (None, old_pid) and row["state"] == "ON" and row["restarts"] == restarts
+        return row if ok else None
+
+    first = rows()[worker]
+    os.kill(first["pid"], signal.SIGKILL)
+    wait_for(lambda: back(first["pid"], 1), 30, "the worker restarted once")
+    before = rows()
+    state_file = home / "run" / "supervisor.json"
+    assert json.loads(state_file.read_text())["servers"]["PipelineWorker/counters-01"]["restarts"] == 1
+
+    old_supervisor = int((home / "run" / "supervisor.pid").read_text())
+    os.kill(old_supervisor, signal.SIGKILL)
+    wait_for(lambda: not pid_alive(old_supervisor), 10, "the supervisor to die")
+    table = tangomesh(home, "status", *mesh).stdout
+    assert "supervisor: not running" in table and "tangomesh up" in table
+    assert all(r["restarts"] is None for r in rows().values())  # nothing restarts them now: said so
+    assert state_file.exists()  # what the next supervisor carries on from
+
+    again = tangomesh(home, "up", *mesh)  # how the product gets its supervisor back
+    assert "started" not in again.stdout.replace("pid", "")  # every server adopted, none started twice
+    new_supervisor = int((home / "run" / "supervisor.pid").read_text())
+    assert new_supervisor != old_supervisor and f"pid {new_supervisor}" in again.stdout
+    after = rows()
+    assert {n: r["pid"] for n, r in after.items()} == {n: r["pid"] for n, r in before.items()}
+    assert after[worker]["restarts"] == 1 and after[worker]["last_exit"]["how"] == "killed by SIGKILL"
+    assert all(r["restarts"] == 0 for n, r in after.items() if n != worker and r["server"]), after
+
+    os.kill(after[worker]["pid"], signal.SIGKILL)  # supervised by the new one, adopted: counted on from 1
+    row = wait_for(lambda: back(after[worker]["pid"], 2), 30, "the adopted worker restarted, counted on")
+    assert row["last_exit"]["how"].startswith("gone (exit status unknown")  # not the new supervisor's child
+    tangomesh(home, "down", *mesh)

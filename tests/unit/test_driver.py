@@ -4,7 +4,11 @@ sockets and register with an in-process link; the masters are stand-ins."""
 
 from __future__ import annotations
 
+import json
+import threading
+import time
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -34,6 +38,13 @@ class Link:
 class Master:
     def __init__(self, pipeline: str, calls: list, refuse: str = "") -> None:
         self.pipeline, self.calls, self.refuse = pipeline, calls, refuse
+        self.CurrentScan = ""
+
+    def set_timeout_millis(self, ms: int) -> None:
+        pass
+
+    def read_attribute(self, name: str) -> SimpleNamespace:
+        return SimpleNamespace(value=getattr(self, name))
 
     def _call(self, command: str, argument: str) -> None:
         self.calls.append((self.pipeline, command))
@@ -42,6 +53,7 @@ class Master:
 
     def StartScan(self, document: str) -> None:
         self._call("StartScan", document)
+        self.CurrentScan = json.loads(document)["scan"]["id"]
 
     def EndScan(self, scan: str) -> None:
         self._call("EndScan", scan)
@@ -75,8 +87,12 @@ class SamePointsForEveryPipeline:
 def calls(monkeypatch) -> list:
     made: list = []
     refusals = {"p2": "StartScan"}
-    monkeypatch.setattr(masters_module, "master_proxy",
-                        lambda link, pipeline: Master(pipeline, made, refusals.get(pipeline, "")))
+    proxies: dict = {}
+
+    def proxy(link, pipeline, timeout_ms=0):  # one per master, also for the watch (which only reads)
+        return proxies.setdefault(pipeline, Master(pipeline, made, refusals.get(pipeline, "")))
+
+    monkeypatch.setattr(masters_module, "master_proxy", proxy)
     return made
 
 
@@ -95,8 +111,8 @@ def test_a_refused_start_aborts_the_masters_that_started(calls) -> None:
             driver.run(data, "s1", 1)
     finally:
         driver.close()
-    assert calls == [("p1", "StartScan"), ("p3", "StartScan"), ("p2", "StartScan"),
-                     ("p1", "AbortScan"), ("p3", "AbortScan")]
+    assert calls[:3] == [("p1", "StartScan"), ("p3", "StartScan"), ("p2", "StartScan")]
+    assert sorted(calls[3:]) == [("p1", "AbortScan"), ("p3", "AbortScan")]  # all at once
 
 
 def test_a_scan_whose_end_never_arrives_times_out_and_is_aborted(calls) -> None:
@@ -144,3 +160,53 @@ def test_the_consumers_verdict_needs_the_sink_complete_and_every_writer_file_com
     assert not ConsumerVerdict(complete, [{**good_file, "status": "aborted"}]).ok
     assert not ConsumerVerdict(complete, [good_file], missing_files=["w/fio:p1"]).ok
     assert ConsumerVerdict(complete, [good_file], ["w/fio:p1"]).to_json()["missing_files"] == ["w/fio:p1"]
+
+
+def test_the_watch_loses_a_master_that_stops_answering_or_forgets_the_scan_and_only_those() -> None:
+    from services.ops.masters import MasterWatch
+
+    hung = threading.Event()
+
+    def stopped() -> str:  # a SIGSTOPped server: the call hangs until the client timeout
+        if hung.is_set():
+            time.sleep(0.3)
+            raise RuntimeError("TRANSIENT_CallTimedout")
+        return "s1"
+
+    current = {"restarted": "s1"}
+    watch = MasterWatch("s1", {"healthy": lambda: "s1", "stopped": stopped, "restarted": lambda: current["restarted"]},
+                        lost_after=0.5, period=0.05)
+    try:
+        time.sleep(0.3)
+        assert watch.lost == {}
+        hung.set()
+        current["restarted"] = ""
+        t0 = time.monotonic()
+        while len(watch.lost) < 2 and time.monotonic() - t0 < 5:
+            time.sleep(0.02)
+        assert set(watch.lost) == {"stopped", "restarted"}
+        assert time.monotonic() - t0 < 2  # lost_after plus one hung call, not the caller's whole timeout
+        assert "does not answer (TRANSIENT_CallTimedout)" in watch.lost["stopped"]
+        assert "no longer holds the scan (current: none" in watch.lost["restarted"]
+        time.sleep(0.3)
+        assert "healthy" not in watch.lost
+    finally:
+        watch.stop()
+
+
+def test_calls_to_all_masters_go_at_once_and_a_hung_one_is_waited_for_only_so_long() -> None:
+    from services.ops.masters import _all_at_once
+
+    release = threading.Event()
+    ended: list[str] = []
+    t0 = time.monotonic()
+    errors = _all_at_once({"hung": release.wait, "fine": lambda: ended.append("fine"),
+                           "refusing": lambda: 1 / 0}, wait_s=0.5)
+    took = time.monotonic() - t0
+    release.set()
+    assert ended == ["fine"] and set(errors) == {"hung", "refusing"}
+    assert errors["hung"] == "no answer within 0.5 s" and "division by zero" in errors["refusing"]
+    assert 0.45 < took < 1.5
+    t0 = time.monotonic()
+    errors = _all_at_once({"hung": threading.Event().wait}, wait_s=10, given_up=lambda pipeline: True)
+    assert errors == {"hung": "given up waiting"} and time.monotonic() - t0 < 1

@@ -70,7 +70,8 @@ def test_an_exited_server_is_restarted_after_a_second_and_counted(setup) -> None
     assert procs.spawned[-1][0] == "Sink/beamline" and len(procs.spawned) == 2
     state = supervisor.state()["Sink/beamline"]
     assert state == {"pid": procs.spawned[-1][1], "state": "running", "restarts": 1,
-                     "last_exit": state["last_exit"], "last_restart": pytest.approx(1.7e9 + clock.now)}
+                     "last_exit": state["last_exit"], "last_restart": pytest.approx(1.7e9 + clock.now),
+                     "quick_failures": 0}
 
 
 def test_quick_failures_back_off_doubling_to_the_cap_then_give_up_with_one_log_line(setup, caplog) -> None:
@@ -153,3 +154,41 @@ def test_exit_descriptions() -> None:
     assert Exit(signal=15).describe() == "killed by SIGTERM"
     assert Exit.from_wait_status(9) == Exit(signal=9)  # a raw wait status: signal in the low bits
     assert Exit.from_wait_status(3 << 8) == Exit(code=3)
+
+
+def test_a_new_supervisor_carries_on_from_the_previous_ones_state(setup) -> None:
+    """What a killed supervisor left in supervisor.json: the counts go on, a
+    running server is adopted (never spawned), a pending restart happens, a
+    server given up on stays stopped."""
+    old, procs, clock = setup
+    running = old.start("Sink/beamline")
+    advance(old, clock, 60)
+    procs.kill(running)
+    advance(old, clock, 2)  # restarted once
+    waiting = old.start("Sorter/xrf")
+    advance(old, clock, 60)
+    procs.kill(waiting)
+    advance(old, clock, 0.25)  # exited, its restart not yet due
+    saved = old.state()
+    assert saved["Sorter/xrf"]["state"] == "restarting" and saved["Sink/beamline"]["restarts"] == 1
+    saved["PipelineWorker/xrf-01"] = {"pid": None, "state": "gave up", "restarts": 4, "quick_failures": 5,
+                                      "last_exit": {"how": "exit status 1"}, "last_restart": 1.7e9}
+
+    new = Supervisor(procs.spawn, procs.exited, clock, lambda: 1.7e9 + clock.now)
+    sink_pid = saved["Sink/beamline"]["pid"]
+    new.restore("Sink/beamline", sink_pid, saved["Sink/beamline"], running=True)
+    new.restore("Sorter/xrf", waiting, saved["Sorter/xrf"], running=False)
+    new.restore("PipelineWorker/xrf-01", 555, saved["PipelineWorker/xrf-01"], running=False)
+    spawned = len(procs.spawned)
+    assert new.state()["Sink/beamline"] == {**saved["Sink/beamline"]}
+    advance(new, clock, 0.25)
+    assert [name for name, _ in procs.spawned[spawned:]] == ["Sorter/xrf"]  # only the one waiting to restart
+    state = new.state()
+    assert state["Sorter/xrf"]["restarts"] == 1 and state["Sorter/xrf"]["last_exit"]["how"] == "killed by SIGKILL"
+    assert state["Sink/beamline"]["pid"] == sink_pid and state["Sink/beamline"]["restarts"] == 1
+    assert state["PipelineWorker/xrf-01"]["state"] == "gave up" and state["PipelineWorker/xrf-01"]["restarts"] == 4
+    procs.kill(sink_pid)  # the adopted server dies: restarted, the count goes on from 1
+    advance(new, clock, 2)
+    assert new.state()["Sink/beamline"]["restarts"] == 2
+    new.restore("Recorder/tap", 7, {"restarts": "many", "last_exit": 3}, running=True)  # damaged: read what can be
+    assert new.state()["Recorder/tap"]["restarts"] == 0 and new.state()["Recorder/tap"]["pid"] == 7
