@@ -17,6 +17,9 @@ import zmq
 from services.ops import masters as masters_module
 from services.ops.driver import ScanDriver, acquisition_order
 from services.sim.profiles import PROFILES, ProfileScan
+from support.peers import RegisteredPeer
+from topology_manager.local import LocalManagerLink
+from topology_manager.registry import Registry
 
 
 class Link:
@@ -117,17 +120,20 @@ def test_a_refused_start_aborts_the_masters_that_started(calls) -> None:
 
 def test_a_scan_whose_end_never_arrives_times_out_and_is_aborted(calls) -> None:
     data = ProfileScan(PROFILES["counters"], "p1", 20)
-    driver = ScanDriver.for_data(data, Link())
+    link = LocalManagerLink(Registry(30.0, 10.0))  # a real registry: sources admit only a registered master
+    driver = ScanDriver.for_data(data, link)
     # a master that connects and never reads: the queues take the 20 points, the probe sees nothing
-    readers = [zmq.Context.instance().socket(zmq.PULL) for _ in driver.sources]
+    master = RegisteredPeer(link, "test/p1/master", "master", "p1")
+    readers = []
     try:
-        for reader, source in zip(readers, driver.sources.values()):
-            reader.connect(source.endpoint)
+        for source in driver.sources.values():
+            readers.append(master.socket(zmq.PULL, source.endpoint, linger=0))
         with pytest.raises(TimeoutError, match=r"pipelines \['p1'\] did not end"):
             driver.run(data, "s1", 1, block=5, timeout=0.2)
     finally:
         for reader in readers:
             reader.close(0)
+        master.close()
         driver.close()
     assert calls == [("p1", "StartScan"), ("p1", "EndScan"), ("p1", "AbortScan")]
 
