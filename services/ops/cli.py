@@ -164,7 +164,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     console.print(f"{'data plane':32s} " + ("plain: no authentication (--trusted)" if args.trusted else
                                            "CurveZMQ: registered peers only"))
     if any(what == "running" for what in outcome.values()):
-        console.print(f"{'':32s} (servers that were up already keep their mode until restarted)")
+        console.print(f"{'':32s} (servers that were up already keep their mode: restart the mesh to change it)")
     if not args.via_starter:
         pid = supervise.running_pid(root)
         console.print(f"{'supervisor':32s} {f'pid {pid}: restarts servers that exit' if pid else 'none: no restarts'}")
