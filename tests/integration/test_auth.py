@@ -234,3 +234,28 @@ def test_a_registered_peer_that_is_not_the_pipelines_sorter_cannot_drive_a_consu
     assert {n: after[n] - middle[n] for n in consumers} == {n: 3 for n in consumers}
     assert all("only from that pipeline's sorter" in status_of(beamline, n) for n in consumers)
     assert tango.DeviceProxy(NEXUS).OpenScans == 0 and files_under(root) == files_before
+
+
+def test_the_switch_is_one_free_property_and_a_service_started_with_it_off_runs_plain(mesh, tango_server) -> None:
+    """``DataPlaneAuth`` unset means curve; ``off`` (what ``tangomesh up --trusted``
+    writes) makes a service started afterwards bind plain sockets and publish no key."""
+    _, _, link, _ = mesh
+    db = tango.Database()
+    assert security.read_switch(db) == security.CURVE  # unset, or stated as curve by the default
+    device = "test/plain/recorder"
+    security.write_switch(security.OFF, db)
+    try:
+        assert security.read_switch(db) == security.OFF
+        tango_server("Recorder/plain", {"Recorder": {device: {"DataHost": LOOP}}})
+        recorder = tango.DeviceProxy(device)
+        (record,) = wait_for(lambda: link.lookup({"name": device}), 10, "the plain recorder to register")
+    finally:
+        security.write_switch(security.CURVE, db)
+    assert record[security.KEY_FIELD] == ""
+    push = zmq.Context.instance().socket(zmq.PUSH)  # no CURVE at all
+    push.linger = 1000
+    push.connect(record["endpoints"][protocol.DATA_IN])
+    codec.send(push, codec.Message(codec.DATA, scan="plain", stream="x", index=0, count=1, arrays={"a": np.zeros(1)}))
+    push.close()
+    wait_for(lambda: recorder.RecordCount == 1, 10, "the plain peer's message")
+    assert recorder.Errors == 0
