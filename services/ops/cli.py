@@ -225,7 +225,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
     deadline = time.monotonic() + args.timeout  # the whole command's: sending, the pipelines' ends, the consumers
     driver: ScanDriver | None = None
     try:
-        driver = ScanDriver.for_data(sim, link, pipelines)
+        driver = ScanDriver.for_data(sim, link, pipelines, max_block=max(1, args.block))
         outcome = driver.run(sim, scan_id, int(time.time()) % 100_000, rate=args.rate, block=args.block,
                              timeout=args.timeout, command=" ".join(["tangomesh scan", *sys.argv[2:]]),
                              deadline=deadline)
