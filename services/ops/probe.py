@@ -22,7 +22,7 @@ import numpy as np
 import zmq
 
 from services import codec, protocol
-from services.dataplane import bind
+from services.dataplane import DATA_MAX_FRAME_BYTES, bind, limit_frames
 from services.registration import ManagerLink, RegistrationClient
 
 
@@ -71,6 +71,7 @@ class Probe:
                  name: str | None = None) -> None:
         self.socket = zmq.Context.instance().socket(zmq.PULL)
         self.socket.linger = 0
+        limit_frames(self.socket, DATA_MAX_FRAME_BYTES)  # a data inlet like any consumer's
         self.endpoint = bind(self.socket, host, host)
         self.keep = keep
         self.tallies: dict[str, Tally] = {}

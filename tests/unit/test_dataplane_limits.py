@@ -121,9 +121,20 @@ def test_the_pipeline_stages_cap_what_they_receive():
         master._connect_sources({"tcp://127.0.0.1:1": "scaler"})  # connecting does not need the source up
         assert master.sources["tcp://127.0.0.1:1"].socket.maxmsgsize == DATA_MAX_FRAME_BYTES
         assert sorter.inlet.maxmsgsize == DATA_MAX_FRAME_BYTES
+        master._connect_sources({"tcp://127.0.0.1:2": "frames"}, {"tcp://127.0.0.1:2": 5 * 2**20})  # described
+        assert master.sources["tcp://127.0.0.1:2"].socket.maxmsgsize == 5 * 2**20
     finally:
         master.stop()
         sorter.stop()
+    from services.ops.probe import Probe
+    from sink.queries import SinkClient
+
+    probe, client = Probe("caps", link), SinkClient("tcp://127.0.0.1:1")
+    try:  # the scan driver's consumer and the sink's query client receive data too
+        assert probe.socket.maxmsgsize == client._connect().maxmsgsize == DATA_MAX_FRAME_BYTES
+    finally:
+        probe.close()
+        client.close()
 
 
 def test_a_stream_descriptor_sizes_the_frame_cap_within_the_fixed_bounds():
