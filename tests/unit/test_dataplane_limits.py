@@ -166,3 +166,45 @@ def test_the_registry_refuses_a_malformed_stream_descriptor():
                          {"arrays": {"i0": {"dtype": "<f8", "shape": []}}, "max_block": 0}):
         with pytest.raises(ValueError):
             validate("registration", {**info, "capabilities": {"stream": "scaler", **capabilities}})
+
+
+def test_a_worker_dropped_by_zeromq_for_an_oversized_unit_counts_it_and_connects_anew(monkeypatch):
+    """libzmq never reconnects a connecting socket after such a drop: without
+    a new connection the worker would sit idle for good."""
+    import os
+
+    from pipelines import worker as worker_module
+    from pipelines.worker import WorkerComponent, WorkerConfig
+    from services import protocol
+    from topology_manager.local import LocalManagerLink
+    from topology_manager.registry import Registry
+
+    monkeypatch.setattr(worker_module, "DATA_MAX_FRAME_BYTES", 64 * 2**10)
+    link = LocalManagerLink(Registry(10.0, 2.0))
+    master = zmq.Context.instance().socket(zmq.ROUTER)  # a stand-in master: it reads credit, sends one unit
+    master.linger = 0
+    endpoint = f"tcp://127.0.0.1:{master.bind_to_random_port('tcp://127.0.0.1')}"
+    link.register({"name": "test/caps/master", "kind": protocol.Kind.MASTER, "pipeline": "caps", "host": "h",
+                   "pid": os.getpid(), "endpoints": {protocol.WORK: endpoint}})
+    worker = WorkerComponent("test/caps-worker/1", "caps", WorkerConfig(heartbeat=0.1, lookup_period=0.2), link)
+    worker.start()
+
+    def next_identity(other_than: bytes = b"") -> bytes:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if master.poll(200):
+                identity, *_ = master.recv_multipart()
+                if identity != other_than:
+                    return identity
+        raise AssertionError("no credit from the worker")
+
+    try:
+        first = next_identity()
+        master.send_multipart([first, *codec.encode(result(0, {"frame": np.zeros((1, 2**18), np.uint8)}))])
+        assert wait_until(lambda: worker.counters.errors == 1), "the dropped link was not counted"
+        assert "the link from the master: ZeroMQ dropped a peer on" in worker.counters.last_error
+        second = next_identity(other_than=first)  # connected anew, with a fresh identity
+        assert second != first and worker.counters.errors == 1
+    finally:
+        worker.stop()
+        master.close(0)
