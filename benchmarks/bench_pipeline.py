@@ -11,7 +11,8 @@ end to end with the events per second that one bare hop carries.
 
 Cases: small events (a counter set of 9 float64, ~330 bytes on the wire),
 XRF-sized events (a 4096-channel uint32 spectrum plus i0 and time, 16 KB),
-large frames (1024x2048 uint16, 4 MB); each with 1 and 2 workers and with
+large frames (1024x2048 uint16, 4 MB), plain and as the detector sends them
+(bitshuffle-LZ4, decompressed in the worker only); each with 1 and 2 workers and with
 one point per message as well as blocks. Latency: source send to consumer
 receipt at a fixed rate of 1 kHz, one point per message.
 
@@ -55,6 +56,7 @@ CASES = [
     ("XRF 16 KB, 1 point/msg", "spectra", 1, 10_000, 4_000),
     ("XRF 16 KB, 20 points/msg", "spectra", 20, 40_000, 10_000),
     ("frame 4 MB, 1 point/msg", "frames", 1, 600, 200),
+    ("frame 4 MB bslz4, 1 point/msg", "frames-bslz4", 1, 600, 200),  # travels compressed, decoded in the worker
 ]
 
 
@@ -193,8 +195,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # baselines, in the same run, once the mesh is down (the same CPUs, quiet)
     seconds = 1.0 if args.quick else 2.0
     baseline: dict[tuple[str, int], float] = {}
+    wire_bytes: dict[str, int] = {}
     for name, profile_name, block, *_ in CASES:
         sizes = wire_sizes(profiles.PROFILES[profile_name], block)
+        wire_bytes[name] = sum(map(sum, sizes))
         # one hop per stream message; the slowest stream bounds the events a bare hop carries
         per_stream = [raw_hop(s, seconds) for s in sizes]
         baseline[(name, block)] = min(per_stream) * block
@@ -203,6 +207,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for row in results["throughput"]:
         raw = baseline[(row["case"], row["block"])]
         row["raw_events_per_s"] = round(raw, 1)
+        row["wire_bytes_per_msg"] = wire_bytes[row["case"]]
         row["ratio"] = round(row["events_per_s"] / raw, 3)
     return results
 
@@ -212,11 +217,13 @@ def print_table(results: dict[str, Any]) -> None:
     from rich.table import Table
 
     table = Table(title="tangomesh pipeline, end to end (sources -> master -> workers -> sorter -> consumer)")
-    for col in ("case", "workers", "events/s", "raw pyzmq hop events/s", "ratio", "lossless", "sources held s"):
+    for col in ("case", "workers", "events/s", "raw pyzmq hop events/s", "ratio", "wire bytes/msg", "lossless",
+                "sources held s"):
         table.add_column(col, justify="left" if col == "case" else "right")
     for r in results["throughput"]:
         table.add_row(r["case"], str(r["workers"]), f"{r['events_per_s']:,.0f}", f"{r['raw_events_per_s']:,.0f}",
-                      f"{r['ratio']:.3f}", str(r["lossless"]), f"{r['sources_blocked_s']:.2f}")
+                      f"{r['ratio']:.3f}", f"{r['wire_bytes_per_msg']:,}", str(r["lossless"]),
+                      f"{r['sources_blocked_s']:.2f}")
     console = Console()
     console.print(table)
     lat = results["latency"]

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from services import protocol
-from services import codec
+from services import codec, compression
 from services.scan import ScanMeta
 
 log = logging.getLogger("tangomesh.master.formation")
@@ -283,7 +283,7 @@ class EventFormer:
                 break
         if len(pieces) == 1:
             return pieces[0]
-        return {n: np.concatenate([p[n] for p in pieces]) for n in pieces[0]}
+        return {n: compression.concatenate([p[n] for p in pieces]) for n in pieces[0]}
 
     def summary(self) -> dict[str, Any]:
         return {

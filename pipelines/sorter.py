@@ -13,6 +13,11 @@ Recovery (docs/pipeline.md, "When a stage dies"): a scan_start carrying
 delivery goes on from that index. A scan whose master leaves the topology
 (its lease ran out, or a new master took its place) cannot finish: after
 ``master_timeout`` seconds it is aborted at every consumer, with a reason.
+A consumer that registers while a scan is open (it restarted, or joined
+late) is sent the scan's scan_start with ``resume_from`` where delivery
+stands and gets the rest: what went to its previous process is not sent
+again (the master has let those events go), so at that consumer the scan
+ends ``incomplete``, the points before ``resume_from`` counted as missing.
 """
 
 from __future__ import annotations
@@ -61,6 +66,16 @@ class Consumer:
     name: str
     endpoint: str
     socket: zmq.Socket
+    pid: int = 0  # with the endpoint, tells a restarted consumer (same name) from the one the scan started with
+
+
+@dataclass(frozen=True)
+class TopologyView:
+    """What the watcher thread last found in the topology, for the loop to act on."""
+
+    taken: float  # monotonic, when the manager answered
+    masters: frozenset[str]  # ack endpoints of the pipeline's registered masters
+    consumers: dict[str, tuple[str, int]]  # name -> (data_in endpoint, pid) of the pipeline's consumers
 
 
 @dataclass
@@ -73,6 +88,8 @@ class SortRun:
     start_msg: codec.Message
     acks_endpoint: str = ""  # identifies the scan's master in the topology
     master_seen: float = 0.0  # when the master was last found registered
+    started: float = 0.0  # monotonic: topology answers from before this know nothing of the scan's consumers
+    sent_to: int = 0  # every consumer of the scan has had every point before this index
     summary: dict[str, Any] = field(default_factory=dict)
 
 
@@ -107,11 +124,11 @@ class SorterComponent(PipelineComponent):
         self.gap_points = 0
         self.resumed = 0
         self.masters_lost = 0
-        self._master_checked = 0.0
-        # ack endpoints of the pipeline's registered masters, as the watcher last found them (None: no answer)
-        self._masters: frozenset[str] | None = None
+        self.consumers_joined = 0
+        self._topology_checked = 0.0
+        self._view: TopologyView | None = None  # the watcher's latest answer (None: the manager did not answer)
         self.threads = [thread_factory(target=self._run, name="sorter-loop", daemon=True),
-                        thread_factory(target=self._watch_masters, name="sorter-master-watch", daemon=True)]
+                        thread_factory(target=self._watch_topology, name="sorter-topology-watch", daemon=True)]
 
     def stop(self) -> None:
         super().stop()
@@ -206,7 +223,7 @@ class SorterComponent(PipelineComponent):
             log.warning("scan %s resumed at index %d (this sorter restarted mid-scan)", msg.scan, resume)
         forwarded = codec.Message(codec.SCAN_START, scan=msg.scan, stream=self.pipeline, meta=forwarded_meta)
         run = SortRun(msg.scan, order, Chunker(self.config.chunk_points, self.config.chunk_seconds), consumers,
-                      acks, forwarded, acks_endpoint, now)
+                      acks, forwarded, acks_endpoint, now, started=time.monotonic(), sent_to=resume or 0)
         if resume is not None:
             run.summary["resumed_from"] = resume
         self.runs[msg.scan] = run
@@ -226,12 +243,17 @@ class SorterComponent(PipelineComponent):
         except ManagerUnavailable as exc:
             self.counters.error(f"cannot look up consumers: {exc}")
             return []
-        consumers = []
+        return [Consumer(name, endpoint, self._socket(endpoint), pid)
+                for name, (endpoint, pid) in self._consumers_in(services).items()]
+
+    def _consumers_in(self, services: list[dict[str, Any]]) -> dict[str, tuple[str, int]]:
+        """name -> (data_in endpoint, pid) of the registered services this sorter delivers to."""
+        found = {}
         for s in services:
             endpoint = s.get("endpoints", {}).get(protocol.DATA_IN)
             if s["kind"] in protocol.CONSUMER_KINDS and s.get("pipeline", "") in ("", self.pipeline) and endpoint:
-                consumers.append(Consumer(s["name"], endpoint, self._socket(endpoint)))
-        return consumers
+                found[s["name"]] = (endpoint, int(s.get("pid", 0)))
+        return found
 
     def _socket(self, endpoint: str) -> zmq.Socket:
         sock = self.sockets.get(endpoint)
@@ -262,9 +284,10 @@ class SorterComponent(PipelineComponent):
                 self.counters.error(f"ack for [{msg.index}, {msg.stop}) of {run.scan_id} not taken by the master")
 
     def _timers(self, now: float) -> None:
-        if self.runs and now - self._master_checked >= MASTER_CHECK_SECONDS:
-            self._master_checked = now
+        if self.runs and now - self._topology_checked >= MASTER_CHECK_SECONDS:
+            self._topology_checked = now
             self._check_masters(now)
+            self._check_consumers()
         for run in list(self.runs.values()):
             if run.chunker.due(now):
                 self._flush(run)
@@ -293,19 +316,22 @@ class SorterComponent(PipelineComponent):
                 del self.orphans[scan]
         self.counters.queue_depth = sum(len(r.order.pending) for r in self.runs.values())
 
-    def _watch_masters(self) -> None:
-        """Look up the pipeline's masters now and then (a Tango call: never on
-        the loop thread, which only reads the latest answer)."""
+    def _watch_topology(self) -> None:
+        """Look up the pipeline's masters and consumers now and then, while a
+        scan is open (a Tango call: never on the loop thread, which only reads
+        the latest answer)."""
         while not self._stopping.wait(MASTER_CHECK_SECONDS):
             if not self.runs:
-                self._masters = None  # an answer from before the next scan's master registered means nothing
+                self._view = None  # an answer from before the next scan's master registered means nothing
                 continue
             try:
-                masters = self.link.lookup({"kind": protocol.Kind.MASTER, "pipeline": self.pipeline})
+                services = self.link.lookup({})
             except ManagerUnavailable:
-                self._masters = None
+                self._view = None
                 continue
-            self._masters = frozenset(s.get("endpoints", {}).get(protocol.ACKS, "") for s in masters)
+            masters = frozenset(s.get("endpoints", {}).get(protocol.ACKS, "") for s in services
+                                if s["kind"] == protocol.Kind.MASTER and s.get("pipeline") == self.pipeline)
+            self._view = TopologyView(time.monotonic(), masters, self._consumers_in(services))
 
     def _check_masters(self, now: float) -> None:
         """Abort every open scan whose master has been missing from the
@@ -313,11 +339,11 @@ class SorterComponent(PipelineComponent):
         gone, so the scan can never complete, and consumers must not wait for
         it (nor call it complete). A manager that does not answer proves
         nothing: then no scan is aborted."""
-        registered = self._masters
-        if registered is None:
+        view = self._view
+        if view is None:
             return
         for run in list(self.runs.values()):
-            if run.acks_endpoint in registered:
+            if run.acks_endpoint in view.masters:
                 run.master_seen = now
             elif now - run.master_seen >= self.config.master_timeout:
                 reason = (f"master of pipeline {self.pipeline} ({run.acks_endpoint}) gone from the topology "
@@ -326,6 +352,42 @@ class SorterComponent(PipelineComponent):
                 self.masters_lost += 1
                 self.counters.error(f"scan {run.scan_id} aborted: {reason}")
                 self._abort(run, {protocol.META_REASON: reason})
+
+    def _check_consumers(self) -> None:
+        """Give every open scan to the consumers registered since it started
+        (a restarted one has the same name and a new endpoint or pid): its
+        scan_start with ``resume_from`` where delivery stands, then the rest.
+        The socket to a replaced consumer's old endpoint is closed, so what
+        was queued for the dead process never reaches the new one."""
+        view = self._view
+        if view is None:
+            return
+        for run in list(self.runs.values()):
+            if view.taken < run.started:
+                continue  # looked up before this scan's consumers were: says nothing about them
+            have = {c.name: c for c in run.consumers}
+            for name, (endpoint, pid) in view.consumers.items():
+                old = have.get(name)
+                if old is not None and (old.endpoint, old.pid) == (endpoint, pid):
+                    continue
+                if old is not None:
+                    run.consumers.remove(old)
+                    if (stale := self.sockets.pop(old.endpoint, None)) is not None:
+                        stale.close(0)  # other open scans still naming it are rejoined in their turn, below
+                self._join(run, Consumer(name, endpoint, self._socket(endpoint), pid), restarted=old is not None)
+
+    def _join(self, run: SortRun, consumer: Consumer, restarted: bool) -> None:
+        how = "restarted" if restarted else "registered"
+        reason = (f"{consumer.name} {how} during the scan: it holds the points from index {run.sent_to} on; "
+                  "those before went to its previous process or nowhere")
+        start = codec.Message(codec.SCAN_START, scan=run.scan_id, stream=self.pipeline,
+                              meta={**run.start_msg.meta, protocol.META_RESUME: run.sent_to,
+                                    protocol.META_REASON: reason})
+        log.warning("scan %s: %s", run.scan_id, reason)
+        run.consumers.append(consumer)
+        self.consumers_joined += 1
+        if not self._deliver_to(run, consumer, codec.encode(start)):
+            run.consumers.remove(consumer)
 
     def _abort(self, run: SortRun, meta: dict[str, Any]) -> None:
         """Deliver what is ready, then scan_abort (with the summary so far) to every consumer."""
@@ -347,24 +409,31 @@ class SorterComponent(PipelineComponent):
         False if the sorter stopped before every consumer had it."""
         frames = codec.encode(msg)
         for consumer in list(run.consumers):
-            waited_since = time.monotonic()
-            while True:
-                if self._stopping.is_set():
-                    return False
-                try:
-                    codec.send_frames(consumer.socket, frames, zmq.NOBLOCK)
-                    self.counters.events_out += 1
-                    break
-                except zmq.Again:
-                    consumer.socket.poll(100, zmq.POLLOUT)
-                if time.monotonic() - waited_since > CONSUMER_CHECK_SECONDS:
-                    waited_since = time.monotonic()
-                    if not self._still_registered(consumer):
-                        run.consumers.remove(consumer)
-                        self.counters.error(f"consumer {consumer.name} left the mesh during scan {run.scan_id}: "
-                                            "it no longer receives this scan")
-                        break
+            if not self._deliver_to(run, consumer, frames):
+                return False
+        if msg.type in (codec.RESULT, codec.GAP):
+            run.sent_to = msg.stop
         return True
+
+    def _deliver_to(self, run: SortRun, consumer: Consumer, frames: list) -> bool:
+        """One consumer's copy; False only if the sorter is stopping."""
+        waited_since = time.monotonic()
+        while True:
+            if self._stopping.is_set():
+                return False
+            try:
+                codec.send_frames(consumer.socket, frames, zmq.NOBLOCK)
+                self.counters.events_out += 1
+                return True
+            except zmq.Again:
+                consumer.socket.poll(100, zmq.POLLOUT)
+            if time.monotonic() - waited_since > CONSUMER_CHECK_SECONDS:
+                waited_since = time.monotonic()
+                if not self._still_registered(consumer):
+                    run.consumers.remove(consumer)
+                    self.counters.error(f"consumer {consumer.name} left the mesh during scan {run.scan_id}: "
+                                        "it no longer receives this scan (it gets the rest if it comes back)")
+                    return True
 
     def _still_registered(self, consumer: Consumer) -> bool:
         try:
@@ -376,4 +445,5 @@ class SorterComponent(PipelineComponent):
     def status(self) -> str:
         return (f"Scan {self.current_scan or '-'}; {len(self.runs)} open; {self.chunks_out} chunks out, "
                 f"{self.duplicates} duplicate and {self.late} late points dropped, {self.gap_points} gap points; "
-                f"{self.resumed} scans resumed, {self.masters_lost} aborted for a lost master.")
+                f"{self.resumed} scans resumed, {self.masters_lost} aborted for a lost master, "
+                f"{self.consumers_joined} consumers joined mid-scan.")

@@ -26,7 +26,7 @@ import zmq
 from pipelines import processors
 from services import protocol
 from pipelines.component import PipelineComponent
-from services import codec
+from services import codec, compression
 from services.ledger import fill_value
 from services.dataplane import DATA_MAX_FRAME_BYTES, DropWatch, limit_frames
 from services.registration import ManagerLink, ManagerUnavailable
@@ -295,13 +295,15 @@ class WorkerComponent(PipelineComponent):
             self.counters.error(f"unit for scan {unit.scan!r} without its scan_start: not processed")
             return None
         missing = unit.meta.get(protocol.META_MISSING, [])
-        batch = processors.Batch(scan, unit.index, unit.count, unit.arrays, frozenset(missing))
         self.units += 1
         self.points += unit.count
         try:
+            # frames that travelled compressed are decompressed here, once, and nowhere else
+            batch = processors.Batch(scan, unit.index, unit.count, compression.decoded(unit.arrays),
+                                     frozenset(missing))
             proc = self._processor(scan, active)
             arrays, errors = run_isolated(proc, batch)
-        except Exception as exc:  # the processor could not start: every point fails with why
+        except Exception as exc:  # a frame that does not decompress, a processor that cannot start: every point fails
             arrays, errors = {}, {str(i): f"{type(exc).__name__}: {exc}" for i in range(unit.index, unit.stop)}
         self.failed_points += len(errors)
         if unit.meta.get("copy"):

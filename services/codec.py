@@ -10,6 +10,12 @@ The unit on the wire is a *block*: ``count`` consecutive acquisition indices of
 one stream starting at ``index``; every array of a block carries that leading
 point axis. A single point is a block of one.
 
+An array may also travel still compressed, as the detector made it
+(services/compression.py): its descriptor then has a fourth entry, the codec
+and each point's chunk size, and decode gives a :class:`CompressedFrames`
+over the received frame in place of an ndarray, decompressed only by the
+worker that needs the pixels.
+
 Every decode validates everything it reads and raises :class:`CodecError`, and
 only that, on anything malformed: services count and log it and carry on.
 """
@@ -24,6 +30,8 @@ from typing import Any, Iterable, Sequence
 import msgpack
 import numpy as np
 import zmq
+
+from services.compression import CompressedFrames, CompressionError
 
 WIRE_VERSION = 1
 
@@ -104,6 +112,13 @@ def encode(msg: Message) -> list[Any]:
     for name, value in msg.arrays.items():
         if not isinstance(name, str) or not name or len(name) > MAX_NAME_CHARS:
             raise CodecError(f"bad array name {name!r}")
+        if isinstance(value, CompressedFrames):  # as received: the chunks go on as they are
+            if block and value.shape[0] != msg.count:
+                raise CodecError(f"array {name!r}: {value.shape[0]} compressed frames != block count {msg.count}")
+            descriptors.append((name, value.dtype.str, list(value.shape),
+                                {"codec": value.codec, "sizes": value.sizes()}))
+            buffers.append(value.data)
+            continue
         if type(value) is np.ndarray:
             arr = value
         else:
@@ -202,18 +217,36 @@ def decode(frames: Sequence[Any]) -> Message:
     arrays: dict[str, np.ndarray] = {}
     block = mtype in BLOCK_TYPES
     for descriptor, frame in zip(descriptors, frames[1:]):
-        name, dtype, shape, expected = _check_descriptor(descriptor)
+        compressed = type(descriptor) is list and len(descriptor) == 4
+        name, dtype, shape, expected = _check_descriptor(descriptor[:3] if compressed else descriptor)
         if name in arrays:
             raise CodecError(f"array {name!r} appears twice")
         if block and (not shape or shape[0] != count):
             raise CodecError(f"array {name!r}: leading axis {list(shape[:1])} != block count {count}")
         buf = _as_buffer(frame)
+        if compressed:
+            arrays[name] = _compressed(name, dtype, shape, descriptor[3], buf)
+            continue
         if len(buf) != expected:
             raise CodecError(
                 f"array {name!r}: buffer of {len(buf)} bytes, descriptor {dtype.str}{list(shape)} needs {expected}"
             )
         arrays[name] = np.frombuffer(buf, dtype=dtype).reshape(shape) if expected else np.empty(shape, dtype)
     return Message(mtype, scan, stream, index, count, arrays, meta)
+
+
+def _compressed(name: str, dtype: np.dtype, shape: tuple[int, ...], spec: Any, buf: memoryview) -> Any:
+    if type(spec) is not dict or spec.keys() != {"codec", "sizes"} or type(spec["sizes"]) is not list:
+        raise CodecError(f"array {name!r}: a compressed array's fourth entry is {{codec, sizes}}")
+    try:
+        return CompressedFrames.from_buffer(spec["codec"], dtype, shape, spec["sizes"], buf)
+    except CompressionError as exc:
+        raise CodecError(f"array {name!r}: {exc}") from None
+
+
+def frame_buffer(frame: Any) -> memoryview:
+    """The bytes of one frame (``zmq.Frame``, bytes or a buffer) as a flat view, without a copy."""
+    return _as_buffer(frame)
 
 
 def _as_buffer(frame: Any) -> memoryview:

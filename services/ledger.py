@@ -95,6 +95,9 @@ class PointLedger:
     incomplete: int = 0
     last_index: int = -1  # highest acquisition index received
     errors: dict[str, str] = field(default_factory=dict)  # the first failure messages, bounded
+    # the first index this consumer was given, when it joined the scan late (it restarted mid-scan):
+    # the points before it went to its previous process, or nowhere, and count as missing here
+    joined_at: int | None = None
 
     @classmethod
     def for_points(cls, points: int) -> "PointLedger":
@@ -186,6 +189,7 @@ class PointLedger:
         return self.points - self.received
 
     def describe(self) -> dict[str, Any]:
+        joined = {} if self.joined_at is None else {"joined_at": self.joined_at}
         return {"points": self.points, "received": self.received, "failed": self.failed, "gaps": self.gaps,
                 "missing": self.missing, "duplicates": self.duplicates, "incomplete": self.incomplete,
-                "errors": dict(list(self.errors.items())[:ERRORS_KEPT])}
+                **joined, "errors": dict(list(self.errors.items())[:ERRORS_KEPT])}

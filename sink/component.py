@@ -19,7 +19,7 @@ from typing import Callable
 import zmq
 
 from services import codec, protocol
-from services.component import Component
+from services.component import Component, brief
 from services.dataplane import PullInlet
 from services.scan import ScanError, parse_scan
 from services.schema import preload
@@ -115,7 +115,10 @@ class SinkComponent(Component):
                 log.warning("scan %s: sorter of pipeline %s restarted, delivery resumes at index %d",
                             msg.scan, pipeline or "-", resume)
                 return
-            self.store.start(meta, pipeline)
+            self.store.start(meta, pipeline, joined_at=resume or None)
+            if resume:  # this sink restarted mid-scan: it holds the rest of the scan, and says so
+                log.warning("scan %s: pipeline %s joined at index %d: %s", msg.scan, pipeline or "-", resume,
+                            brief(str(msg.meta.get(protocol.META_REASON, ""))))
             log.info("scan %s: receiving from pipeline %s", msg.scan, pipeline or "-")
         elif msg.type == codec.RESULT:
             self.store.add_result(msg.scan, pipeline, msg.index, msg.count, msg.arrays, msg.meta)

@@ -217,9 +217,10 @@ class ScanStore:
             self._touch(entry)
             return True
 
-    def start(self, meta: ScanMeta, pipeline: str) -> ScanEntry:
+    def start(self, meta: ScanMeta, pipeline: str, joined_at: int | None = None) -> ScanEntry:
         """A pipeline's scan_start. The same scan from another pipeline joins
-        the existing entry (its document must be the same scan)."""
+        the existing entry (its document must be the same scan). ``joined_at``:
+        the first index this sink is given (it restarted mid-scan)."""
         with self.lock:
             entry = self.scans.get(meta.scan_id)
             now = self._clock()
@@ -240,7 +241,7 @@ class ScanStore:
                 if not entry.runs:
                     del self.scans[meta.scan_id]
                 raise
-            entry.runs[pipeline] = PipelineRun(state)
+            entry.runs[pipeline] = PipelineRun(state, joined_at=joined_at)
             entry.version += 1
             self.resident += state.nbytes
             self.peak = max(self.peak, self.resident)

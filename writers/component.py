@@ -26,7 +26,7 @@ import numpy as np
 import zmq
 
 from services import codec, protocol
-from services.component import Component
+from services.component import Component, brief
 from services.dataplane import PullInlet
 from services.ledger import ABORTED, COMPLETE, INCOMPLETE, PointLedger
 from services.scan import ScanError, ScanMeta, parse_scan
@@ -196,11 +196,13 @@ class WriterComponent(Component):
                 raise WriterError(f"scan {msg.scan}/{msg.stream}: writing failed, file abandoned: {exc!r}") from exc
 
     def _start(self, msg: codec.Message, key: tuple[str, str]) -> None:
+        try:
+            resume = protocol.check_resume(msg.meta)
+        except ValueError as exc:
+            if key not in self.runs:
+                self._refuse(key, str(exc))
+            raise WriterError(f"scan_start of {msg.scan} refused: {exc}") from None
         if key in self.runs:
-            try:
-                resume = protocol.check_resume(msg.meta)
-            except ValueError as exc:
-                raise WriterError(f"scan_start of {msg.scan} refused: {exc}") from None
             if resume is not None:  # the sorter restarted: the same file goes on, re-delivered points count as duplicates
                 self._touched[key] = time.monotonic()
                 self.log.warning("scan %s/%s: sorter restarted, delivery resumes at index %d",
@@ -228,6 +230,10 @@ class WriterComponent(Component):
         self.refused.pop(key, None)
         self.runs[key] = (run, out)
         self._touched[key] = time.monotonic()
+        if resume:  # this writer restarted (or registered) mid-scan: its file holds the rest, and says so
+            run.ledger.joined_at = resume
+            self.log.warning("scan %s/%s: joined at index %d: %s", msg.scan, msg.stream or "-", resume,
+                             brief(str(msg.meta.get(protocol.META_REASON, ""))))
         self.log.info("scan %s/%s: writing %s", msg.scan, msg.stream or "-", run.stem)
 
     def _refuse(self, key: tuple[str, str], why: str) -> None:

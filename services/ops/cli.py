@@ -29,6 +29,7 @@ from rich.table import Table
 
 from services.ops import mesh, supervise
 from services.ops.driver import ScanDriver
+from services.ops.replay import Replay
 from services.ops.verdicts import consumer_verdict
 from services.sim.sims import SIM_NAMES, Simulation, make_simulation, parse_shape
 from services.ops.demo import demo
@@ -78,6 +79,15 @@ def main(argv: list[str] | None = None) -> int:
     sub.choices["scan"].add_argument("--block", type=int, default=1, help="points per source message")
     sub.choices["scan"].add_argument("--pipelines", help="comma-separated subset of the simulation's pipelines")
     sub.choices["demo"].add_argument("--keep", action="store_true", help="leave the mesh running (for Lavue)")
+
+    p = sub.add_parser("replay", help="send a recorded scan (a master's RecordDirectory) through the running mesh")
+    p.add_argument("recording", type=Path, help="the recording of one scan and pipeline: <root>/<scan>/<pipeline>")
+    p.add_argument("--rate", type=float, default=0.0, help="points per second (0: the recorded pace)")
+    p.add_argument("--fast", action="store_true", help="as fast as the mesh takes it (overrides the recorded pace)")
+    p.add_argument("--analysis", type=Path, help="JSON file: this pipeline's analysis entry to use instead")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the scan's end")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--mesh", type=Path, default=mesh.DEFAULT_MESH, help="mesh file (dsconfig JSON)")
 
     p = sub.add_parser("scale", help="start or stop worker servers of a pipeline until N run")
     p.add_argument("pipeline")
@@ -216,19 +226,33 @@ def _simulation(args: argparse.Namespace) -> Simulation:
 
 
 def cmd_scan(args: argparse.Namespace) -> int:
-    sim = _simulation(args)
+    pipelines = args.pipelines.split(",") if args.pipelines else None
+    return _drive(args, _simulation(args), f"sim-{args.sim}-{time.time_ns() // 1000}", pipelines,
+                  block=args.block, command=" ".join(["tangomesh scan", *sys.argv[2:]]))
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    analysis = json.loads(args.analysis.read_text()) if args.analysis else None
+    recording = Replay(args.recording, analysis)
+    scan_id = f"replay-{recording.meta.scan_id}-{time.time_ns() // 1000}"[:200]
+    return _drive(args, recording, scan_id, None, recorded_pace=args.rate == 0 and not args.fast,
+                  command=" ".join(["tangomesh replay", *sys.argv[2:]]))
+
+
+def _drive(args: argparse.Namespace, data: Any, scan_id: str, pipelines: list[str] | None, *, block: int = 1,
+           command: str, recorded_pace: bool = False) -> int:
+    """One scan of ``data`` through the running mesh, and the report: what
+    every pipeline delivered and what the consumers hold (``tangomesh scan``
+    and ``tangomesh replay``)."""
     spec = mesh.MeshSpec.load(args.mesh)
     resolve_tango_host(home(), start=False)
     link = TangoManagerLink(spec.topology_device)
-    pipelines = args.pipelines.split(",") if args.pipelines else None
-    scan_id = f"sim-{args.sim}-{time.time_ns() // 1000}"
     deadline = time.monotonic() + args.timeout  # the whole command's: sending, the pipelines' ends, the consumers
     driver: ScanDriver | None = None
     try:
-        driver = ScanDriver.for_data(sim, link, pipelines, max_block=max(1, args.block))
-        outcome = driver.run(sim, scan_id, int(time.time()) % 100_000, rate=args.rate, block=args.block,
-                             timeout=args.timeout, command=" ".join(["tangomesh scan", *sys.argv[2:]]),
-                             deadline=deadline)
+        driver = ScanDriver.for_data(data, link, pipelines, max_block=max(1, block))
+        outcome = driver.run(data, scan_id, int(time.time()) % 100_000, rate=args.rate, block=block,
+                             timeout=args.timeout, command=command, deadline=deadline, recorded_pace=recorded_pace)
     except Exception as exc:
         if not args.json:
             raise
@@ -366,7 +390,7 @@ def cmd_query(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"db": cmd_db, "env": cmd_env, "up": cmd_up, "down": cmd_down, "status": cmd_status,
-            "scan": cmd_scan, "demo": cmd_demo, "scale": cmd_scale, "query": cmd_query}
+            "scan": cmd_scan, "replay": cmd_replay, "demo": cmd_demo, "scale": cmd_scale, "query": cmd_query}
 
 if __name__ == "__main__":
     sys.exit(main())

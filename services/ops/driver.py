@@ -142,15 +142,26 @@ class ScanDriver:
     def for_data(cls, data: ScanData, link: ManagerLink, pipelines: Iterable[str] | None = None,
                  host: str = "127.0.0.1", keep: bool = False, max_block: int = DEFAULT_MAX_BLOCK) -> ScanDriver:
         """A driver for ``pipelines`` (default: all of the data's), with the
-        streams the data sends each, every source describing its stream (the
-        data's first point, blocks up to ``max_block``) so that the masters
-        cap its frames to fit."""
+        streams the data sends each, every source describing its stream so
+        that the masters cap its frames to fit: from the data's first point and
+        blocks up to ``max_block`` or, for data that knows its blocks (a
+        recording), from its first block and its largest."""
         chosen = list(pipelines or data.pipelines)
         unknown = sorted(set(chosen) - set(data.pipelines))
         if unknown:
             raise ValueError(f"the scan has no pipelines {unknown} (it has {sorted(data.pipelines)})")
         streams = {p: data.streams_of(p) for p in chosen}
-        descriptors = {s: stream_descriptor(data.arrays(s, 0, 1), max_block) for p in chosen for s in streams[p]}
+        wanted = {s for p in chosen for s in streams[p]}
+        recorded = getattr(data, "blocks", None)
+        if recorded is None:
+            descriptors = {s: stream_descriptor(data.arrays(s, 0, 1), max_block) for s in wanted}
+        else:
+            first: dict[str, tuple[int, int]] = {}
+            largest: dict[str, int] = {}
+            for start, stop, stream in recorded():
+                first.setdefault(stream, (start, stop))
+                largest[stream] = max(largest.get(stream, 0), stop - start)
+            descriptors = {s: stream_descriptor(data.arrays(s, *first[s]), largest[s]) for s in wanted if s in first}
         return cls(link, streams, host, keep, descriptors)
 
     def delivered(self, scan_id: str) -> dict[str, int]:
@@ -161,7 +172,7 @@ class ScanDriver:
             block: int | Mapping[str, int] = 1, skip: Mapping[str, Collection[int]] | None = None,
             timeout: float = 300.0, progress: Progress | None = None,
             before: Callable[[str], None] | None = None, during: Callable[[], None] | None = None,
-            deadline: float | None = None) -> ScanOutcome:
+            deadline: float | None = None, recorded_pace: bool = False) -> ScanOutcome:
         """One whole scan, and what every pipeline delivered.
 
         ``rate`` in points per second (0: as fast as the mesh takes them);
@@ -172,19 +183,29 @@ class ScanDriver:
         ``StartScan``, on this thread (it may use the sources' sockets);
         ``during()`` runs on another thread while the blocks are sent;
         ``deadline`` (``time.monotonic()``): the latest the scan may end,
-        sending included (TimeoutError past it).
+        sending included (TimeoutError past it). Data that knows its own
+        blocks (a recording, :class:`~services.ops.replay.Replay`) is sent in
+        those, ``block`` and ``skip`` unused; with ``recorded_pace`` at the
+        times they were recorded.
         """
         targets = self._targets(data)
-        sizes = dict(block) if isinstance(block, Mapping) else {stream: block for stream in targets}
-        if set(sizes) != set(targets) or min(sizes.values()) < 1 or rate < 0:
-            raise ValueError(f"need a block size >= 1 for each of the streams {sorted(targets)} "
-                             f"(got {block!r}) and rate >= 0")
-        for stream, pairs in targets.items():
-            limit = min((s.descriptor["max_block"] for _, s in pairs if s.descriptor), default=None)
-            if limit is not None and sizes[stream] > limit:
-                raise ValueError(f"stream {stream}: blocks of {sizes[stream]} points, more than the {limit} "
-                                 "its sources registered")
         points = data.points
+        recorded = getattr(data, "blocks", None)
+        if recorded is not None:
+            plan: Iterable[Block] = recorded()
+            due: Iterable[float] | None = data.times() if recorded_pace else None  # type: ignore[attr-defined]
+        else:
+            sizes = dict(block) if isinstance(block, Mapping) else {stream: block for stream in targets}
+            if set(sizes) != set(targets) or min(sizes.values()) < 1:
+                raise ValueError(f"need a block size >= 1 for each of the streams {sorted(targets)} (got {block!r})")
+            for stream, pairs in targets.items():
+                limit = min((src.descriptor["max_block"] for _, src in pairs if src.descriptor), default=None)
+                if limit is not None and sizes[stream] > limit:
+                    raise ValueError(f"stream {stream}: blocks of {sizes[stream]} points, more than the {limit} "
+                                     "its sources registered")
+            plan, due = acquisition_order(points, sizes, skip or {}), None
+        if rate < 0:
+            raise ValueError("rate >= 0 points per second (0: as fast as the mesh takes them)")
         masters = ScanMasters(self.link, self.pipelines)
         document = data.document(scan_id, number, command, self.pipelines)
         blocked0 = {p: self._blocked(p) for p in self.pipelines}
@@ -199,8 +220,7 @@ class ScanDriver:
             helper = threading.Thread(target=during, name="during-scan", daemon=True) if during else None
             if helper:
                 helper.start()
-            sent_at, sent_bytes = self._send(data, scan_id, acquisition_order(points, sizes, skip or {}), targets,
-                                             rate, progress, watch, deadline)
+            sent_at, sent_bytes = self._send(data, scan_id, plan, due, targets, rate, progress, watch, deadline)
             for (pipeline, _), source in self.sources.items():
                 self._push(pipeline, lambda step, source=source: source.end(scan_id, points, step), watch, deadline)
             for pipeline, why in masters.end(scan_id, watch).items():
@@ -243,17 +263,20 @@ class ScanDriver:
                                        "past the scan's timeout") from None
         return False
 
-    def _send(self, data: ScanData, scan_id: str, blocks: Iterable[Block], targets: Mapping[str, list[SourceClient]],
-              rate: float, progress: Progress | None, watch: MasterWatch,
-              deadline: float | None) -> tuple[np.ndarray, int]:
+    def _send(self, data: ScanData, scan_id: str, blocks: Iterable[Block], due: Iterable[float] | None,
+              targets: Mapping[str, list[tuple[str, SourceClient]]], rate: float, progress: Progress | None,
+              watch: MasterWatch, deadline: float | None) -> tuple[np.ndarray, int]:
         """Every block to every source of its stream (of a pipeline not lost),
-        paced at ``rate``; when each point was sent (for the latency), and the bytes sent."""
+        paced at ``rate`` or at ``due`` (seconds from the start, one per
+        block); when each point was sent (for the latency), and the bytes sent."""
         sent_at = np.full(data.points, np.nan)
         sent_bytes = 0
         t0 = last_report = time.monotonic()
+        times = iter(due) if due is not None else None
         for start, stop, stream in blocks:
-            if rate > 0:
-                delay = t0 + stop / rate - time.monotonic()
+            at = next(times) if times is not None else (stop / rate if rate > 0 else None)
+            if at is not None:
+                delay = t0 + at - time.monotonic()
                 if delay > 0:
                     time.sleep(delay if deadline is None else max(0.0, min(delay, deadline - time.monotonic())))
             if deadline is not None and time.monotonic() > deadline:

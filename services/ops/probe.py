@@ -44,6 +44,7 @@ class Tally:
     started: bool = False
     end: dict[str, Any] | None = None
     aborted: bool = False
+    joined_at: int | None = None  # the probe came into the scan late (restarted): the first index it was given
 
     def __post_init__(self) -> None:
         self.counts = np.zeros(self.points, np.uint16)
@@ -101,7 +102,7 @@ class Probe:
                 geometry = doc.get("scan", {}).get("geometry", {})
                 points = math.prod(a["points"] for a in geometry.get("axes", [])) if geometry.get("type") != "points" \
                     else geometry["points"]
-                self.tallies[msg.scan] = Tally(points, started=True)
+                self.tallies[msg.scan] = Tally(points, started=True, joined_at=msg.meta.get(protocol.META_RESUME))
                 continue
             tally = self.tallies.get(msg.scan)
             if tally is None:
@@ -138,8 +139,9 @@ class Probe:
         tally = self.tallies.get(scan)
         return tally.points_seen if tally is not None else 0
 
-    def close(self) -> None:
-        self.registration.stop(deregister=True)
+    def close(self, deregister: bool = True) -> None:
+        """Stop; ``deregister=False`` leaves as a crash would, saying nothing to the manager."""
+        self.registration.stop(deregister=deregister)
         self._stop.set()
         self._thread.join(2)
         self.socket.close(0)

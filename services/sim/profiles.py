@@ -18,6 +18,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from services.compression import BSLZ4, CompressedFrames
+
 from services.scan_document import (axis, line_geometry, pipeline_analysis, raster_geometry, scan_document,
                                     stream_declaration)
 
@@ -78,12 +80,32 @@ COUNTER_STREAMS = {
 SPECTRUM_STREAMS = {"xspress3": {"mca": ("<u4", (4096,))}, "scaler": {"i0": ("<f8", ()), "t": ("<f8", ())}}
 FRAME_STREAMS = {"eiger": {"image": ("<u2", (1024, 2048))}, "scaler": {"i0": ("<f8", ()), "t": ("<f8", ())}}
 
+def compressed_frames(shape: tuple[int, int] = (1024, 2048), codec: str = BSLZ4) -> Profile:
+    """The ``frames`` profile with the EIGER's frames compressed as the detector
+    sends them (services/compression.py): they travel so up to the worker.
+    The plain frames are ``noise_values`` of the same streams."""
+    streams = {**FRAME_STREAMS, "eiger": {"image": ("<u2", shape)}}
+    plain = noise_values(streams)
+    packed: dict[int, CompressedFrames] = {}  # the detector compresses, not the source: once per block length
+
+    def values(stream: str, idx: np.ndarray) -> dict[str, Any]:
+        out: dict[str, Any] = plain(stream, idx)
+        if stream == "eiger":
+            if len(idx) not in packed:
+                packed[len(idx)] = CompressedFrames.compress(out["image"], codec)
+            out["image"] = packed[len(idx)]
+        return out
+
+    return Profile(streams, "passthrough", {"arrays": ["scaler/i0"]}, values)
+
+
 PROFILES: dict[str, Profile] = {
     "counters": Profile(COUNTER_STREAMS, "counters",
                         {"counters": ["i1", "diode"], "normalise_by": "i0"}, counter_values),
     "counterset": Profile(COUNTER_SET, "passthrough", {"arrays": ["counters/t"]}, noise_values(COUNTER_SET)),
     "spectra": Profile(SPECTRUM_STREAMS, "passthrough", {"arrays": ["scaler/i0"]}, noise_values(SPECTRUM_STREAMS)),
     "frames": Profile(FRAME_STREAMS, "passthrough", {"arrays": ["scaler/i0"]}, noise_values(FRAME_STREAMS)),
+    "frames-bslz4": compressed_frames(),
 }
 
 BEAMTIME = {"id": "sim", "beamline": "SIM", "paths": {"raw": "/tmp/sim/raw", "processed": "processed"}}

@@ -9,6 +9,7 @@ reaching the consumer; refused input counted while the chain goes on.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 import time
 from typing import Iterator
@@ -25,6 +26,7 @@ from pipelines.worker import WorkerConfig
 from services import codec, protocol
 from support import wait_for
 from support.chain import Chain, Tally, expected_counters
+from services.sim.profiles import compressed_frames, noise_values
 from topology_manager.component import TopologyConfig
 
 PATIENCE = 30.0  # seconds any single condition may take on a loaded machine; normally well under one
@@ -163,6 +165,23 @@ def test_the_passthrough_processor_carries_the_chosen_arrays(make_chain) -> None
     np.testing.assert_allclose(tally.arrays()["counters/t"], np.arange(1000) * 1e-3)
 
 
+def test_compressed_frames_reach_the_processor_decoded_and_exact(make_chain) -> None:
+    """The EIGER's frames travel compressed through the master, which cuts units
+    from them without decoding; the worker alone decompresses them: the
+    passthrough processor's results are the detector's frames exactly."""
+    profile = compressed_frames((32, 48))
+    profile = dataclasses.replace(profile, settings={"arrays": ["eiger/image", "scaler/i0"]})
+    chain = make_chain(profile=profile, workers=2, sorter_config=SorterConfig(chunk_points=50))
+    points = 300
+    _, tally = chain.run_scan(points, block=20)
+    assert tally.end["delivered"] == points and (tally.counts == 1).all() and tally.out_of_order == 0, tally.end
+    plain = noise_values(profile.streams)
+    want = np.concatenate([plain("eiger", np.arange(start, start + 20))["image"] for start in range(0, points, 20)])
+    got = tally.arrays()["eiger/image"]
+    assert isinstance(got, np.ndarray) and got.dtype == want.dtype
+    np.testing.assert_array_equal(got, want)
+
+
 def test_results_that_overtake_their_scan_start_are_kept_even_behind_a_refused_one(make_chain) -> None:
     """A worker's result can reach the sorter before the master's scan_start
     (two senders, no order between them): the sorter keeps it until the scan
@@ -227,6 +246,36 @@ def test_a_restarted_sorter_resumes_the_scan_and_every_point_arrives_once_in_ord
     assert tally.end["gaps"] == tally.end["failed"] == 0, tally.end
     assert_values_once_in_order(chain, tally, points)
     assert chain.sorter.resumed == 1 and chain.sorter.counters.errors == 0, chain.sorter.counters.last_error
+
+
+def test_a_restarted_consumer_is_given_the_rest_of_the_open_scan_once_in_order(make_chain) -> None:
+    """The consumer (a sink or a writer, here the probe) dies mid-scan and
+    comes back under its name on a new endpoint. The sorter gives it the
+    scan's start with where delivery stands and then the rest: each point
+    from there once, in order; what went to the dead process is not sent
+    again (the master has let it go), and the scan itself goes on."""
+    chain = make_chain()
+    points, first = 6000, 2000
+    scan_id = chain.start_scan(points)
+    chain.deliver_first_part(scan_id, first)
+    chain.restart_consumer()
+    # joined before more data comes: so where it joins is known exactly
+    wait_for(lambda: chain.sorter.consumers_joined == 1, PATIENCE, "the sorter to give the new consumer the scan")
+    chain.send_part(scan_id, first, points)
+    for source in chain.sources.values():
+        source.end(scan_id, points)
+    chain.end_scan(scan_id)
+    tally = chain.wait_scan_end(scan_id)
+    assert tally.joined_at == first and not tally.aborted, (tally.joined_at, tally.end)
+    assert not tally.counts[:first].any() and (tally.counts[first:] == 1).all()
+    assert tally.out_of_order == 0 and tally.end["points"] == points and tally.end["delivered"] == points
+    np.testing.assert_array_equal(tally.delivered_indices(), np.arange(first, points))
+    for name, want in expected_counters(np.arange(first, points)).items():
+        np.testing.assert_allclose(tally.arrays()[name], want, rtol=1e-13, err_msg=name)
+    assert chain.master.scan_summary()["acked"] == points
+    # the next scan reaches it from the start, as any other
+    _, tally = chain.run_scan(1000)
+    assert tally.joined_at is None and (tally.counts == 1).all()
 
 
 def test_a_dead_master_gets_its_open_scan_aborted_with_a_reason_within_the_bound(make_chain) -> None:

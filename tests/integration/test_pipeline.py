@@ -146,7 +146,7 @@ def test_kill_minus_9_worker_at_random_moments(mesh) -> None:
         def kill() -> None:
             # a random moment, then the first instant the victim holds unacknowledged work
             time.sleep(moment)
-            deadline = time.monotonic() + 0.5
+            deadline = time.monotonic() + 3.0  # a loaded machine answers WorkerTable slowly: give it time
             while time.monotonic() < deadline:
                 table = {w["name"]: w for w in json.loads(observer.WorkerTable)}
                 if table.get(name, {}).get("in_flight", 0) > 0:

@@ -8,7 +8,9 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+import time
 from pathlib import Path
+from typing import Callable
 
 import h5py
 import hdf5plugin  # noqa: F401  (readers need the Bitshuffle filter registered, as users do)
@@ -18,7 +20,7 @@ import tango
 import zmq
 from matplotlib.image import imread
 
-from support import ServerPool, topology_props, wait_for
+from support import ServerHandle, ServerPool, topology_props, wait_for
 from services import protocol
 from services import codec
 from services.ops import simulate
@@ -32,6 +34,7 @@ MANAGER = "tangomesh/topology/manager"
 PIPE = "w1"
 LOOP = "127.0.0.1"
 NEXUS, FIO, IMAGES = "test/writer/nexus", "test/writer/fio", "test/writer/images"
+SINK = "test/sink/writers"
 
 
 def raster(rows: int, cols: int, snake: bool = True) -> dict:
@@ -55,14 +58,26 @@ def files_of(device: tango.DeviceProxy, scan: str) -> list[dict]:
     return [f for f in json.loads(device.ListFiles(0)) if f["scan"] == scan]
 
 
+def manager_server() -> tuple[str, dict]:
+    return "TopologyManager/writers", {"TopologyManager": {MANAGER: topology_props(heartbeat=0.5, lease=3.0)}}
+
+
+def sink_server() -> tuple[str, dict]:
+    return "Sink/writers", {"Sink": {SINK: {"DataHost": LOOP, "Pipeline": PIPE}}}
+
+
+def nexus_server(root: Path) -> tuple[str, dict]:
+    return "NexusWriter/main", {"NexusWriter": {NEXUS: writer_props(root, FlushSeconds=0.5)}}
+
+
 @pytest.fixture(scope="module")
 def mesh(tango_db, tmp_path_factory):
     pool = ServerPool(tmp_path_factory.mktemp("writer-logs"))
     root = tmp_path_factory.mktemp("beamtime")
     try:
-        pool.start("TopologyManager/writers", {"TopologyManager": {MANAGER: topology_props(heartbeat=0.5, lease=3.0)}})
-        pool.start("Sink/writers", {"Sink": {"test/sink/writers": {"DataHost": LOOP, "Pipeline": PIPE}}})
-        pool.start("NexusWriter/main", {"NexusWriter": {NEXUS: writer_props(root, FlushSeconds=0.5)}})
+        pool.start(*manager_server())
+        pool.start(*sink_server())
+        pool.start(*nexus_server(root))
         pool.start("FioWriter/main", {"FioWriter": {FIO: writer_props(root)}})
         pool.start("ImageWriter/main", {"ImageWriter": {IMAGES: writer_props(root)}})
         pool.start("Sorter/w1", {"Sorter": {"test/w1/sorter": {"DataHost": LOOP, "Pipeline": PIPE}}})
@@ -71,10 +86,10 @@ def mesh(tango_db, tmp_path_factory):
         link = TangoManagerLink(MANAGER)
         master = tango.DeviceProxy("test/w1/master")
         wait_for(lambda: len(json.loads(master.WorkerTable)) == 1, 20, "the worker to join the master")
-        wanted = {"test/w1/sorter", "test/sink/writers", NEXUS, FIO, IMAGES}
+        wanted = {"test/w1/sorter", SINK, NEXUS, FIO, IMAGES}
         wait_for(lambda: wanted <= {s["name"] for s in link.lookup({})}, 20, "sorter, sink and writers")
         beamline = simulate.SimBeamline(PIPE, "counters", link)
-        client = SinkClient(json.loads(tango.DeviceProxy("test/sink/writers").Endpoints)[QUERY])
+        client = SinkClient(json.loads(tango.DeviceProxy(SINK).Endpoints)[QUERY])
         yield pool, root, link, beamline, client
         client.close()
         beamline.close()
@@ -227,3 +242,126 @@ def test_paths_outside_the_beamtime_root_are_refused(mesh, tmp_path) -> None:
     assert "outside the beamtime root" in nexus.Status()
     assert not list(outside.iterdir()) and not (root.parent / "etc").exists()
     assert nexus.state() == tango.DevState.ON
+
+
+# ------------------------------------------------------------ kill -9 mid-scan, restarted (these run last:
+# they restart the module's servers; the sink's, last of all, leaves the module's SinkClient pointing nowhere)
+
+def handle_of(pool: ServerPool, server: str) -> ServerHandle:
+    return next(h for h in reversed(pool.started) if h.name == server)
+
+
+def files_verify(files: list[dict]) -> None:
+    """Every file listed is whole: its bytes hash to what SHA256SUMS and the writer recorded."""
+    for f in files:
+        path = Path(f["path"])
+        assert read_checksums(path.parent)[path.name] == f["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def long_scan(beamline: simulate.SimBeamline, during: Callable[[], None]) -> tuple[str, int]:
+    """A scan of several seconds (so a restart lands inside it), ``during`` run beside it; (scan id, points)."""
+    rows, cols = 80, 100
+    summary, _ = beamline.scan(rows * cols, rate=1000, block=20, geometry=raster(rows, cols), during=during,
+                               timeout=180)
+    assert summary["points_delivered"] == rows * cols and summary["missing"] == 0, summary  # the driver's probe
+    return summary["scan"], rows * cols
+
+
+def test_kill_minus_9_topology_manager_mid_scan_the_scan_completes_everywhere(mesh) -> None:
+    """The manager dies mid-scan and is started again: the stages go on with what they know, every service
+    registers again within a few heartbeats, and every consumer ends the scan complete."""
+    pool, _, link, beamline, client = mesh
+    nexus, fio = tango.DeviceProxy(NEXUS), tango.DeviceProxy(FIO)
+    earlier = json.loads(nexus.ListFiles(0)) + json.loads(fio.ListFiles(0))
+    before = {s["name"] for s in link.lookup({})}
+    restarted: list[float] = []
+
+    def kill_and_restart_the_manager() -> None:
+        wait_for(lambda: nexus.OpenScans == 1 and nexus.EventsIn > 10, 60, "the scan under way")
+        handle_of(pool, "TopologyManager/writers").kill(hard=True)
+        pool.start(*manager_server())
+        restarted.append(time.monotonic())
+
+    scan, points = long_scan(beamline, kill_and_restart_the_manager)
+    assert restarted, "the manager was restarted during the scan"
+    wait_for(lambda: client.info(scan)["status"] != "running", 30, "the sink to end the scan")
+    info = client.info(scan)
+    assert info["status"] == "complete" and info["received"] == points and info["duplicates"] == 0, info
+    wait_for(lambda: files_of(nexus, scan) and files_of(fio, scan), 30, "the scan's files")
+    for f in files_of(nexus, scan) + files_of(fio, scan):
+        assert f["status"] == "complete", f
+    with h5py.File(files_of(nexus, scan)[0]["path"], "r") as h5:
+        assert h5["entry/process/points_received"][()] == points and h5["entry/process/points_missing"][()] == 0
+    files_verify(earlier + files_of(nexus, scan))
+    assert before <= {s["name"] for s in link.lookup({})}  # repopulated by the services themselves
+
+
+def test_kill_minus_9_nexus_writer_mid_scan_its_restart_writes_the_rest_and_says_incomplete(mesh) -> None:
+    """The NeXus writer dies mid-scan and is started again. The sorter gives the new process the scan from
+    where delivery stands: its file holds those points, says ``incomplete`` and where it joined; the dead
+    process's part file is kept aside, earlier files are whole, and the other consumers have every point."""
+    pool, root, _, beamline, client = mesh
+    nexus, fio = tango.DeviceProxy(NEXUS), tango.DeviceProxy(FIO)
+    earlier = json.loads(nexus.ListFiles(0)) + json.loads(fio.ListFiles(0))
+
+    def kill_and_restart_the_writer() -> None:
+        wait_for(lambda: nexus.OpenScans == 1 and nexus.EventsIn > 10, 60, "the scan under way")
+        handle_of(pool, "NexusWriter/main").kill(hard=True)
+        pool.start(*nexus_server(root))
+
+    scan, points = long_scan(beamline, kill_and_restart_the_writer)
+    wait_for(lambda: files_of(nexus, scan), 30, "the restarted writer's file")
+    [nx] = files_of(nexus, scan)
+    assert nx["status"] == "incomplete", nx
+    path = Path(nx["path"])
+    with h5py.File(path, "r") as h5:
+        process = h5["entry/process"]
+        joined = int(process["points_joined_at"][()])
+        assert 0 < joined < points, joined
+        assert process["status"][()].decode() == "incomplete"
+        assert process["points_received"][()] == points - joined and process["points_missing"][()] == joined
+        assert process["points_duplicates"][()] == 0
+        assert (process["point_status"][()] == 1).sum() == points - joined
+        grid = h5["entry/i0/i0"][()]
+    truth = client.get(scan, f"{PIPE}/i0")  # the sink had every point
+    order = in_acquisition_order(grid)
+    np.testing.assert_array_equal(order[joined:], in_acquisition_order(truth)[joined:])
+    assert np.isnan(order[:joined]).all()
+    assert len(list(path.parent.glob(f"{path.name}.part.crashed-*"))) == 1  # the dead writer's part, kept aside
+    assert client.info(scan)["status"] == "complete" and client.info(scan)["received"] == points
+    [table] = files_of(fio, scan)
+    assert table["status"] == "complete"
+    files_verify(earlier + [nx, table])
+
+
+def test_kill_minus_9_sink_mid_scan_its_restart_holds_the_rest_and_says_incomplete(mesh) -> None:
+    """The sink dies mid-scan and is started again: it is given the scan from where delivery stands and says
+    so (``incomplete``, ``joined_at``); the writers' files are complete. Runs last: the module's client
+    knew the old sink."""
+    pool, _, _, beamline, _ = mesh
+    nexus = tango.DeviceProxy(NEXUS)
+    sink = tango.DeviceProxy(SINK)
+
+    def kill_and_restart_the_sink() -> None:
+        wait_for(lambda: nexus.OpenScans == 1 and sink.EventsIn > 10, 60, "the scan under way")
+        handle_of(pool, "Sink/writers").kill(hard=True)
+        pool.start(*sink_server())
+
+    scan, points = long_scan(beamline, kill_and_restart_the_sink)
+    client = SinkClient(json.loads(tango.DeviceProxy(SINK).Endpoints)[QUERY])
+    try:
+        wait_for(lambda: client.info(scan)["status"] != "running", 30, "the restarted sink to end the scan")
+        info = client.info(scan)
+        joined = info["runs"][PIPE]["joined_at"]
+        assert 0 < joined < points and info["status"] == "incomplete", info
+        assert info["received"] == points - joined and info["missing"] == joined and info["duplicates"] == 0, info
+        wait_for(lambda: files_of(nexus, scan), 30, "the NeXus file")
+        [nx] = files_of(nexus, scan)
+        assert nx["status"] == "complete", nx
+        with h5py.File(nx["path"], "r") as h5:
+            truth = in_acquisition_order(h5["entry/i0/i0"][()])  # the writer had every point
+        held = in_acquisition_order(client.get(scan, f"{PIPE}/i0"))
+        np.testing.assert_array_equal(held[joined:], truth[joined:])
+        assert np.isnan(held[:joined]).all() and not np.isnan(truth).any()
+    finally:
+        client.close()

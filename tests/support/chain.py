@@ -133,6 +133,15 @@ class Chain:
         wait_registered(stage.registration, timeout=JOIN_TIMEOUT)
         return sorter
 
+    def restart_consumer(self) -> Probe:
+        """Kill the consumer as a crash would, then start a new one under the
+        same name (a new endpoint), as a restarted sink or writer; returns once
+        it is registered. The sorter finds it on its own."""
+        self.consumer.close(deregister=False)
+        self.consumer = Probe(self.pipeline, self.link, HOST, keep=True, name=self.consumer.registration.name)
+        wait_registered(self.consumer.registration, timeout=JOIN_TIMEOUT)
+        return self.consumer
+
     def kill_sorter(self) -> None:
         """Drop the sorter as a crash would, and start none in its place."""
         self.stage(self.sorter).stop(deregister=False)
@@ -165,12 +174,16 @@ class Chain:
         for source in self.sources.values():
             source.end(scan_id, points)
 
+    def send_part(self, scan_id: str, start: int, stop: int, block: int = 100) -> None:
+        """Points [start, stop) of every stream, block by block; no scan_end."""
+        for first in range(start, stop, block):
+            for stream, source in self.sources.items():
+                source.block(scan_id, first, self.profile.values(stream, np.arange(first, min(stop, first + block))))
+
     def deliver_first_part(self, scan_id: str, points: int, block: int = 100) -> None:
         """Send points [0, points) of every stream, no scan_end (the scan stays
         open), and wait until the consumer holds them all."""
-        for start in range(0, points, block):
-            for stream, source in self.sources.items():
-                source.block(scan_id, start, self.profile.values(stream, np.arange(start, min(points, start + block))))
+        self.send_part(scan_id, 0, points, block)
         wait_for(lambda: self.consumer.points_seen(scan_id) == points, JOIN_TIMEOUT, "the first part delivered")
 
     def end_scan(self, scan_id: str) -> None:
@@ -208,7 +221,7 @@ class Chain:
         self.topology.stop()
 
 
-def build_chain(pipeline: str = "p1", profile: str = "counters", workers: int | Sequence[WorkerConfig] = 2,
+def build_chain(pipeline: str = "p1", profile: str | Profile = "counters", workers: int | Sequence[WorkerConfig] = 2,
                 master_config: MasterConfig | None = None, sorter_config: SorterConfig | None = None,
                 worker_config: WorkerConfig | None = None,
                 topology_config: TopologyConfig | None = None, max_block: int | None = None) -> Chain:
@@ -236,14 +249,14 @@ def build_chain(pipeline: str = "p1", profile: str = "counters", workers: int | 
         stages = [start_stage(sorter, link), start_stage(master, link)]
         undo += [s.registration.stop for s in stages]
         sources: dict[str, SourceClient] = {}
-        for stream in PROFILES[profile].streams:
-            descriptor = (stream_descriptor(PROFILES[profile].values(stream, np.arange(1)), max_block)
-                          if max_block else None)
+        profile = PROFILES[profile] if isinstance(profile, str) else profile
+        for stream in profile.streams:
+            descriptor = stream_descriptor(profile.values(stream, np.arange(1)), max_block) if max_block else None
             sources[stream] = SourceClient(stream, pipeline, link, HOST, descriptor=descriptor)
             undo.append(sources[stream].close)
         wait_registered(consumer.registration, *(s.registration for s in stages),
                         *(s.registration for s in sources.values()), timeout=JOIN_TIMEOUT)
-        chain = Chain(pipeline, PROFILES[profile], topology, link, consumer, sorter, master, sources,
+        chain = Chain(pipeline, profile, topology, link, consumer, sorter, master, sources,
                       worker_config, sorter_config, stages)
         undo = [chain.close]
         for config in [worker_config] * workers if isinstance(workers, int) else workers:
@@ -256,5 +269,10 @@ def build_chain(pipeline: str = "p1", profile: str = "counters", workers: int | 
 
 
 def threads_left(before: set[threading.Thread]) -> list[threading.Thread]:
-    """Threads started since ``before`` that are still alive."""
-    return [t for t in threading.enumerate() if t not in before and t.is_alive()]
+    """Threads started since ``before`` that are still alive, except pyzmq's
+    own garbage collector (one per process, started by the first zero-copy
+    send of a large frame and kept for the process's life: not ours to stop)."""
+    from zmq.utils.garbage import GarbageCollectorThread
+
+    return [t for t in threading.enumerate()
+            if t not in before and t.is_alive() and not isinstance(t, GarbageCollectorThread)]

@@ -611,7 +611,7 @@ def _without(key):
         # descriptors
         (_header(arrays=["a"]), [b""], "descriptor is not"),
         (_header(arrays=[["a", "<f8"]]), [b""], "descriptor is not"),
-        (_header(arrays=[["a", "<f8", [1], 0]]), [b""], "descriptor is not"),
+        (_header(arrays=[["a", "<f8", [1], 0]]), [b""], "fourth entry"),
         (_header(arrays=[{"a": 1}]), [b""], "descriptor is not"),
         (_header(arrays=[_descr(name="")]), [b"\0" * 8], "bad array name ''"),
         (_header(arrays=[_descr(name=7)]), [b"\0" * 8], "bad array name 7"),
