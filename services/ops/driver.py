@@ -206,7 +206,7 @@ class ScanDriver:
             plan, due = acquisition_order(points, sizes, skip or {}), None
         if rate < 0:
             raise ValueError("rate >= 0 points per second (0: as fast as the mesh takes them)")
-        masters = ScanMasters(self.link, self.pipelines)
+        masters = ScanMasters(self.link, self.pipelines, deadline)
         document = data.document(scan_id, number, command, self.pipelines)
         blocked0 = {p: self._blocked(p) for p in self.pipelines}
         helper: threading.Thread | None = None
