@@ -30,7 +30,8 @@ from pipelines.component import PipelineComponent
 from pipelines.dispatch import Affinity, Dispatcher
 from pipelines.formation import EventFormer
 from services import codec, security
-from services.dataplane import CONTROL_MAX_FRAME_BYTES, DATA_MAX_FRAME_BYTES, bind, limit_frames
+from services.dataplane import (CONTROL_MAX_FRAME_BYTES, DATA_MAX_FRAME_BYTES, DropWatch, bind, limit_frames,
+                                stream_frame_cap)
 from services.registration import ManagerLink
 from services.scan import ScanError, ScanMeta, parse_scan
 
@@ -71,6 +72,7 @@ class ScanPlan:
     sources: dict[str, str]  # endpoint -> stream
     sorter: str  # results_in endpoint
     affinity: Affinity
+    frame_caps: dict[str, int] = field(default_factory=dict)  # endpoint -> ZMQ_MAXMSGSIZE, from its descriptor
 
 
 @dataclass
@@ -100,8 +102,18 @@ class ScanRun:
 
 @dataclass
 class SourceLink:
+    """The master's connection to one source: its frames capped by the
+    source's stream descriptor, its drops by ZeroMQ counted and repaired."""
+
     socket: zmq.Socket
     stream: str
+    endpoint: str = ""
+    drops: DropWatch | None = None
+
+    def close(self) -> None:
+        if self.drops:
+            self.drops.close()
+        self.socket.close(0)
 
 
 class MasterComponent(PipelineComponent):
@@ -159,8 +171,10 @@ class MasterComponent(PipelineComponent):
 
     def stop(self) -> None:
         super().stop()
-        for sock in [self.router, self.acks, *self.sorters.values(), *(s.socket for s in self.sources.values())]:
+        for sock in [self.router, self.acks, *self.sorters.values()]:
             sock.close(0)
+        for link in self.sources.values():
+            link.close()
 
     def call(self, fn: Callable[[], Any], timeout: float = 10.0) -> Any:
         """Run ``fn`` on the loop thread and return its result (or raise its exception)."""
@@ -183,11 +197,16 @@ class MasterComponent(PipelineComponent):
         affinity = Affinity.from_json(entry["affinity"]) if "affinity" in entry else self.config.affinity
         services = self.link.lookup({"pipeline": self.pipeline})
         sources: dict[str, str] = {}
+        caps: dict[str, int] = {}
         for s in services:
             stream = s.get("capabilities", {}).get("stream")
             endpoint = s.get("endpoints", {}).get(protocol.SOURCE_OUT)
             if s["kind"] == protocol.Kind.SOURCE and isinstance(stream, str) and endpoint:
                 sources[endpoint] = stream
+                try:
+                    caps[endpoint] = stream_frame_cap(s.get("capabilities", {}))
+                except ValueError as exc:
+                    raise ScanError(f"source {s['name']} of stream {stream}: {exc}") from None
         wanted = entry.get("streams")
         streams = list(wanted) if wanted else sorted(set(sources.values()))
         lacking = sorted(set(streams) - set(sources.values()))
@@ -199,7 +218,7 @@ class MasterComponent(PipelineComponent):
         sorters = [e for e in sorters if e]
         if len(sorters) != 1:
             raise ScanError(f"pipeline {self.pipeline} needs exactly one registered sorter, found {len(sorters)}")
-        return ScanPlan(meta, streams, sources, sorters[0], affinity)
+        return ScanPlan(meta, streams, sources, sorters[0], affinity, {e: caps[e] for e in sources})
 
     def check_settings(self, meta: ScanMeta, processor: str, settings: dict[str, Any]) -> None:
         """The processor's own check of the scan's settings, before anything
@@ -232,7 +251,7 @@ class MasterComponent(PipelineComponent):
             if run.former.end_requested_at is None:
                 log.warning("scan %s started while %s had no EndScan: ending %s", scan_id, run.scan_id, run.scan_id)
                 run.former.request_end(now)
-        self._connect_sources(plan.sources)
+        self._connect_sources(plan.sources, plan.frame_caps)
         self._sorter_socket(plan.sorter)
         run = ScanRun(plan, EventFormer(plan.meta, plan.streams, self.config.incomplete_timeout, now), now)
         self.runs[scan_id] = run
@@ -376,22 +395,43 @@ class MasterComponent(PipelineComponent):
             log.warning("scan %s: sorter now at %s; resumed from index %d, %d units dispatched again",
                         run.scan_id, endpoint, resume, again)
 
-    def _connect_sources(self, wanted: dict[str, str]) -> None:
+    def _connect_sources(self, wanted: dict[str, str], caps: dict[str, int] | None = None) -> None:
+        """Connect to each wanted source (endpoint -> stream), its frames capped
+        at ``caps[endpoint]`` (from its stream descriptor; else the data cap)."""
         for endpoint in [e for e in self.sources if e not in wanted]:
             if not any(e == endpoint for r in self.runs.values() for e in r.plan.sources):
-                self.sources.pop(endpoint).socket.close(0)
+                self.sources.pop(endpoint).close()
         for endpoint, stream in wanted.items():
+            cap = (caps or {}).get(endpoint, DATA_MAX_FRAME_BYTES)
+            link = self.sources.get(endpoint)
+            if link is not None and link.socket.maxmsgsize != cap:  # the source re-registered, described anew
+                self.sources.pop(endpoint).close()
             if endpoint not in self.sources:
-                sock = self.context.socket(zmq.PULL)
-                sock.rcvhwm = SOURCE_HWM
-                sock.linger = 0
-                limit_frames(sock, DATA_MAX_FRAME_BYTES)
-                try:
-                    self.auth.connect(sock, endpoint)
-                except security.UnknownPeer:
-                    sock.close(0)
-                    raise
-                self.sources[endpoint] = SourceLink(sock, stream)
+                self.sources[endpoint] = self._source_link(endpoint, stream, cap)
+
+    def _source_link(self, endpoint: str, stream: str, cap: int) -> SourceLink:
+        sock = self.context.socket(zmq.PULL)
+        sock.rcvhwm = SOURCE_HWM
+        sock.linger = 0
+        limit_frames(sock, cap)
+        drops = DropWatch(sock, f"the {stream} source", self.counters)
+        try:
+            self.auth.connect(sock, endpoint)
+        except security.UnknownPeer:
+            drops.close()
+            sock.close(0)
+            raise
+        return SourceLink(sock, stream, endpoint, drops)
+
+    def _repair_source(self, link: SourceLink) -> None:
+        """A source ZeroMQ dropped (a frame over its cap) is never reconnected
+        by libzmq (a protocol error ends a connecting session): connect anew,
+        so that its next blocks arrive; the dropped block is simply missing."""
+        if self.sources.get(link.endpoint) is not link:
+            return
+        cap = link.socket.maxmsgsize
+        link.close()
+        self.sources[link.endpoint] = self._source_link(link.endpoint, link.stream, cap)
 
     def _scan_start_message(self, run: ScanRun) -> codec.Message:
         """The scan_start workers get: the document, and the sorter their results go to."""
@@ -417,10 +457,11 @@ class MasterComponent(PipelineComponent):
         while not self._stopping.is_set():
             self._serve_calls()
             readable = self._readable_sources()
-            key = tuple(id(s) for s in readable)
+            monitors = {link.drops.monitor: link for link in self.sources.values() if link.drops}
+            key = tuple(id(s) for s in (*readable, *monitors))
             if key != poller_key:
                 poller = zmq.Poller()
-                for sock in (self.router, self.acks, *readable):
+                for sock in (self.router, self.acks, *readable, *monitors):  # monitors: also while sources are held
                     poller.register(sock, zmq.POLLIN)
                 poller_key = key
             try:
@@ -435,9 +476,12 @@ class MasterComponent(PipelineComponent):
                     self._drain_workers(now)
                 if self.acks in ready:
                     self._drain_acks()
-                for link in self.sources.values():
+                for link in list(self.sources.values()):
                     if link.socket in ready:
                         self._drain_source(link, now)
+                for monitor, link in monitors.items():
+                    if monitor in ready and link.drops and link.drops.poll():
+                        self._repair_source(link)
                 if now - last_tick >= 0.05:
                     self._tick(now, now - last_tick if last_tick else 0.0)
                     last_tick = now

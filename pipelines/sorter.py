@@ -35,7 +35,7 @@ from services import protocol
 from pipelines.component import PipelineComponent
 from pipelines.reorder import Chunker, ScanOrder
 from services import codec, security
-from services.dataplane import DATA_MAX_FRAME_BYTES, bind, limit_frames
+from services.dataplane import DATA_MAX_FRAME_BYTES, DropWatch, bind, limit_frames
 from services.registration import ManagerLink, ManagerUnavailable
 from services.scan import parse_scan
 
@@ -113,8 +113,10 @@ class SorterComponent(PipelineComponent):
         limit_frames(self.inlet, DATA_MAX_FRAME_BYTES)
         # workers push results, the master scan control
         self.auth.serve(self.inlet, security.rule(protocol.Kind.WORKER, protocol.Kind.MASTER, pipeline=pipeline),
-                        protocol.RESULTS_IN)
+                        protocol.RESULTS_IN, watch=False)  # the socket's one monitor is its DropWatch
         self.endpoints = {protocol.RESULTS_IN: bind(self.inlet, bind_host, advertised_host)}
+        self.drops = DropWatch(self.inlet, f"results_in {self.endpoints[protocol.RESULTS_IN]}", self.counters,
+                               lambda endpoint: self.auth.handshake_failed(protocol.RESULTS_IN, endpoint))
         self.runs: dict[str, SortRun] = {}
         self.finished: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
         self.orphans: dict[str, list[tuple[float, codec.Message]]] = {}
@@ -134,6 +136,7 @@ class SorterComponent(PipelineComponent):
 
     def stop(self) -> None:
         super().stop()
+        self.drops.close()
         for sock in [self.inlet, *self.sockets.values()]:
             sock.close(0)
 
@@ -141,11 +144,14 @@ class SorterComponent(PipelineComponent):
     def _run(self) -> None:
         poller = zmq.Poller()
         poller.register(self.inlet, zmq.POLLIN)
+        poller.register(self.drops.monitor, zmq.POLLIN)
         while not self._stopping.is_set():
             busy = any(r.chunker.parts for r in self.runs.values())
             ready = dict(poller.poll(1 if busy else 20))
             now = time.monotonic()
             try:
+                if self.drops.monitor in ready:
+                    self.drops.poll()  # a worker dropped for an oversized result reconnects by itself
                 if self.inlet in ready:
                     for msg in self.drain(self.inlet, protocol.RESULTS_IN):
                         self.counters.events_in += 1

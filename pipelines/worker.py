@@ -28,7 +28,7 @@ from services import protocol
 from pipelines.component import PipelineComponent
 from services import codec, compression, security
 from services.ledger import fill_value
-from services.dataplane import DATA_MAX_FRAME_BYTES, limit_frames
+from services.dataplane import DATA_MAX_FRAME_BYTES, DropWatch, limit_frames
 from services.registration import ManagerLink, ManagerUnavailable
 from services.scan import ScanMeta, parse_scan
 
@@ -96,6 +96,7 @@ class WorkerComponent(PipelineComponent):
 
     def _link_loop(self) -> None:
         dealer: zmq.Socket | None = None
+        drops: DropWatch | None = None
         next_lookup = 0.0
         last_sent = 0.0
         poller = zmq.Poller()
@@ -113,22 +114,18 @@ class WorkerComponent(PipelineComponent):
                     log.debug("lookup failed: %s", exc)
                     master = self.master_endpoint
                 if master and master != self.master_endpoint:
-                    if dealer is not None:
-                        poller.unregister(dealer)
-                        dealer.close(0)
-                        dealer = None
-                        self.master_endpoint = ""
-                    try:
-                        dealer = self._connect(master)
-                    except security.UnknownPeer as exc:  # registered since the lookup, gone again: look again
-                        self.counters.error(f"cannot connect to the master: {exc}")
-                    else:
-                        poller.register(dealer, zmq.POLLIN)
-                        self.master_endpoint = master
-                        last_sent = time.monotonic()
+                    dealer, drops = self._reconnect(poller, dealer, drops, master)
+                    self.master_endpoint = master if dealer is not None else ""
+                    last_sent = time.monotonic()
             ready = dict(poller.poll(int(self.config.heartbeat * 500)))
             if dealer is None:
                 continue
+            if drops is not None and drops.monitor in ready and drops.poll():
+                # libzmq never reconnects after dropping the master for an oversized unit: connect anew
+                dealer, drops = self._reconnect(poller, dealer, drops, self.master_endpoint)
+                last_sent = time.monotonic()
+                if dealer is None:
+                    continue
             if self._done in ready:
                 finished = 0
                 while True:
@@ -145,26 +142,52 @@ class WorkerComponent(PipelineComponent):
             if time.monotonic() - last_sent >= self.config.heartbeat:
                 self._send(dealer, self._credit(0))
                 last_sent = time.monotonic()
+        if drops is not None:
+            drops.close()
         if dealer is not None:
             dealer.close(0)
 
-    def _connect(self, endpoint: str) -> zmq.Socket:
+    def _reconnect(self, poller: zmq.Poller, dealer: zmq.Socket | None, drops: DropWatch | None,
+                   endpoint: str) -> tuple[zmq.Socket | None, DropWatch | None]:
+        """Leave the old link to the master (if any) for a new one to ``endpoint``,
+        watched for drops; (None, None), counted, if the master's key is not
+        found (it left again since the lookup: the next lookup decides)."""
+        if dealer is not None:
+            poller.unregister(dealer)
+            if drops is not None:
+                poller.unregister(drops.monitor)
+                drops.close()
+            dealer.close(0)
+        try:
+            dealer, drops = self._connect(endpoint)
+        except security.UnknownPeer as exc:
+            self.counters.error(f"cannot connect to the master: {exc}")
+            self.master_endpoint = ""
+            return None, None
+        poller.register(dealer, zmq.POLLIN)
+        poller.register(drops.monitor, zmq.POLLIN)
+        return dealer, drops
+
+    def _connect(self, endpoint: str) -> tuple[zmq.Socket, DropWatch]:
         """A fresh identity per connection: the master treats it as a new worker
-        and sends it the active scans before any unit."""
+        and sends it the active scans before any unit. Watched for drops from
+        before it connects."""
         dealer = self.context.socket(zmq.DEALER)
         dealer.identity = f"{self.name}#{os.getpid()}-{next(_identities)}".encode()
         dealer.linger = 0
         limit_frames(dealer, DATA_MAX_FRAME_BYTES)
+        drops = DropWatch(dealer, "the link from the master", self.counters)
         try:
             self.auth.connect(dealer, endpoint)
         except security.UnknownPeer:
+            drops.close()
             dealer.close(0)
             raise
         # Work still queued here from an earlier master connection stays valid:
         # only units not yet received are asked for.
         self._send(dealer, self._credit(self.open_units))
         log.info("connected to master %s", endpoint)
-        return dealer
+        return dealer, drops
 
     @property
     def open_units(self) -> int:

@@ -39,11 +39,13 @@ class Counters:
         self.last_error = ""
         self._log = log
 
-    def error(self, message: str) -> None:
-        """Count, remember and log one refused input or failed operation."""
+    def error(self, message: str, log: bool = True) -> None:
+        """Count, remember and log one refused input or failed operation
+        (``log=False``: the caller rate-limits its own log lines)."""
         self.errors += 1
         self.last_error = brief(message, 4 * BRIEF_CHARS)
-        self._log.error(self.last_error)
+        if log:
+            self._log.error(self.last_error)
 
     def refused(self, message: str, log: bool = True) -> None:
         """Count and remember one refused input; log it only if ``log`` (a peer

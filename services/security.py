@@ -40,6 +40,7 @@ import logging
 import queue
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -73,6 +74,8 @@ GRACE_SECONDS = 60.0
 UNKNOWN_KEY_ATTEMPTS = 3
 LOG_EVERY_SECONDS = 60.0  # a refused peer is logged at most this often
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
+#: Monitor events of a handshake that failed before ZAP was asked (a client without CURVE).
+HANDSHAKE_FAILURES = zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
 
 _mode: str | None = None  # None: not stated in this process yet (see mode_for)
 
@@ -373,14 +376,23 @@ class Auth:
     def registration_fields(self) -> dict[str, str]:
         return {KEY_FIELD: self.keys.text} if self.on else {}
 
-    def serve(self, socket: zmq.Socket, admits: Rule, what: str) -> None:
-        """Make ``socket`` a CURVE server admitting ``admits``; call before bind."""
+    def serve(self, socket: zmq.Socket, admits: Rule, what: str, watch: bool = True) -> None:
+        """Make ``socket`` a CURVE server admitting ``admits``; call before bind.
+        ``watch``: the gate reads the socket's monitor for handshakes that fail
+        before ZAP (a client without CURVE). ZeroMQ allows one monitor per
+        socket: a socket with a :class:`services.dataplane.DropWatch` passes
+        False and has the watch report them (:meth:`handshake_failed`)."""
         if not self.on:
             return
         socket.curve_server = True
         socket.curve_secretkey = self.keys.secret
         socket.curve_publickey = self.keys.public
-        _serve(socket, self, admits, what)
+        _serve(socket, self, admits, what, watch)
+
+    def handshake_failed(self, what: str, endpoint: str) -> None:
+        """Count a client whose handshake failed before ZAP (seen on the socket's monitor)."""
+        self.refuse(what, f"a client of {endpoint}",
+                    "handshake failed (no CURVE, or not ZMTP): data-plane authentication is on")
 
     def connect(self, socket: zmq.Socket, endpoint: str, server_key: bytes | str | None = None) -> None:
         """Connect ``socket`` to ``endpoint`` as this service; the server's key
@@ -433,6 +445,7 @@ class _Served:
     admits: Rule
     what: str
     domain: bytes = b""
+    socket: Any = None  # weakref to the served socket: the entry ends when it is closed
     monitor: zmq.Socket | None = None
 
 
@@ -467,6 +480,8 @@ class _Gate:
         if monitors or self._pending:
             return False
         with _gates_lock:
+            if self.domains:
+                return False
             if not self._new.empty():
                 return False
             self.finished = True
@@ -476,12 +491,15 @@ class _Gate:
             self.socket.close(0)
         return True
 
-    def add(self, socket: zmq.Socket, auth: Auth, admits: Rule, what: str) -> None:
-        domain = f"tangomesh-{next(self._ids)}".encode()
+    def add(self, socket: zmq.Socket, auth: Auth, admits: Rule, what: str, watch: bool) -> None:
+        domain = f"tangomesh-zap-{id(self)}-{next(self._ids)}".encode()
         socket.zap_domain = domain
-        served = _Served(auth, admits, what, domain)
-        served.monitor = socket.get_monitor_socket(
-            zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_MONITOR_STOPPED)
+        served = _Served(auth, admits, what, domain, weakref.ref(socket))
+        if watch:
+            # an address of its own: pyzmq's default names it by the socket's fd, which a new socket may
+            # reuse while this monitor still waits for the gate to read its last event
+            served.monitor = socket.get_monitor_socket(HANDSHAKE_FAILURES | zmq.EVENT_MONITOR_STOPPED,
+                                                       addr=f"inproc://{domain.decode()}-monitor")
         self.domains[domain] = served
         self._new.put(served)
 
@@ -504,8 +522,17 @@ class _Gate:
                 return
             while not self._new.empty():
                 served = self._new.get()
-                monitors[served.monitor] = served
-                poller.register(served.monitor, zmq.POLLIN)
+                if served.monitor is not None:
+                    monitors[served.monitor] = served
+                    poller.register(served.monitor, zmq.POLLIN)
+            for domain, served in list(self.domains.items()):  # a served socket closed: its entry ends
+                sock = served.socket()
+                if sock is None or sock.closed:
+                    self.domains.pop(domain, None)
+                    if served.monitor in monitors:
+                        poller.unregister(served.monitor)
+                        served.monitor.close(0)
+                        del monitors[served.monitor]
             wait = min([200.0, *((due - time.monotonic()) * 1000 for due, *_ in self._pending)])
             try:
                 ready = dict(poller.poll(max(1, int(wait))))
@@ -517,11 +544,10 @@ class _Gate:
                 self._answer_pending()
                 for monitor in [m for m in monitors if m in ready]:
                     if self._monitor_event(monitors[monitor]):
-                        self.domains.pop(monitors[monitor].domain, None)
                         poller.unregister(monitor)
                         monitor.close(0)
                         del monitors[monitor]
-                for auth in {id(s.auth): s.auth for s in monitors.values()}.values():
+                for auth in {id(s.auth): s.auth for s in list(self.domains.values())}.values():
                     if auth.peers is not None:
                         auth.peers.refresh_if_due(STALE_SECONDS)
             except zmq.ContextTerminated:
@@ -593,8 +619,7 @@ class _Gate:
         event = recv_monitor_message(served.monitor)
         if event["event"] == zmq.EVENT_MONITOR_STOPPED:
             return True
-        served.auth.refuse(served.what, f"a client of {event['endpoint'].decode(errors='replace')}",
-                           "handshake failed (no CURVE, or not ZMTP): data-plane authentication is on")
+        served.auth.handshake_failed(served.what, event["endpoint"].decode(errors="replace"))
         return False
 
 
@@ -602,10 +627,10 @@ _gates: dict[int, _Gate] = {}  # by id of the context (a gate keeps its context 
 _gates_lock = threading.Lock()
 
 
-def _serve(socket: zmq.Socket, auth: Auth, admits: Rule, what: str) -> None:
+def _serve(socket: zmq.Socket, auth: Auth, admits: Rule, what: str, watch: bool) -> None:
     """Hand ``socket`` to its context's gate, starting one if none runs."""
     with _gates_lock:
         gate = _gates.get(id(socket.context))
         if gate is None or gate.finished or gate.context is not socket.context:
             gate = _gates[id(socket.context)] = _Gate(socket.context)
-        gate.add(socket, auth, admits, what)
+        gate.add(socket, auth, admits, what, watch)

@@ -19,7 +19,7 @@ import zmq
 
 from services import codec, protocol
 from services.component import Counters
-from services.dataplane import BoundSocketThread
+from services.dataplane import DATA_MAX_FRAME_BYTES, BoundSocketThread, limit_frames
 from services.registration import ManagerLink
 from services.schema import SchemaError, validate
 from sink.store import EvictedError, ScanStore, StoreError
@@ -147,6 +147,7 @@ class SinkClient:
         if self._socket is None:
             self._socket = self._context.socket(zmq.DEALER)
             self._socket.linger = 0
+            limit_frames(self._socket, DATA_MAX_FRAME_BYTES)  # a reply holds a product's array
             self._socket.connect(self.endpoint)
         return self._socket
 

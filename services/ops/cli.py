@@ -257,7 +257,7 @@ def _drive(args: argparse.Namespace, data: Any, scan_id: str, pipelines: list[st
     deadline = time.monotonic() + args.timeout  # the whole command's: sending, the pipelines' ends, the consumers
     driver: ScanDriver | None = None
     try:
-        driver = ScanDriver.for_data(data, link, pipelines)
+        driver = ScanDriver.for_data(data, link, pipelines, max_block=max(1, block))
         outcome = driver.run(data, scan_id, int(time.time()) % 100_000, rate=args.rate, block=block,
                              timeout=args.timeout, command=command, deadline=deadline, recorded_pace=recorded_pace)
     except Exception as exc:

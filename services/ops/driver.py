@@ -37,11 +37,13 @@ import numpy as np
 from services.ops.probe import Probe, Tally, summarise
 from services.ops.masters import MasterWatch, ScanMasters
 from services.registration import ManagerLink, wait_registered
-from services.source import SendTimeout, SourceClient
+from services.source import SendTimeout, SourceClient, stream_descriptor
 
 #: Called while a scan runs: (points sent, points delivered per pipeline).
 Progress = Callable[[int, dict[str, int]], None]
 PROGRESS_PERIOD_S = 0.1
+#: Most points per message a driver made :meth:`ScanDriver.for_data` declares for its sources, by default.
+DEFAULT_MAX_BLOCK = 1000
 #: A send to a held-back source waits this long at a time before asking whether its master is still there.
 SEND_STEP_S = 0.25
 #: How long AbortScan to a lost pipeline's master is waited for: it is not answering anyway.
@@ -119,7 +121,7 @@ class ScanDriver:
     """
 
     def __init__(self, link: ManagerLink, streams: Mapping[str, Iterable[str]], host: str = "127.0.0.1",
-                 keep: bool = False) -> None:
+                 keep: bool = False, descriptors: Mapping[str, Mapping[str, Any]] | None = None) -> None:
         self.link = link
         self.pipelines = list(streams)
         self.sources: dict[tuple[str, str], SourceClient] = {}
@@ -127,7 +129,8 @@ class ScanDriver:
         try:
             for pipeline, names in streams.items():
                 for stream in names:
-                    self.sources[pipeline, stream] = SourceClient(stream, pipeline, link, host)
+                    self.sources[pipeline, stream] = SourceClient(stream, pipeline, link, host,
+                                                                  descriptor=(descriptors or {}).get(stream))
                 self.probes[pipeline] = Probe(pipeline, link, host, keep)
             wait_registered(*(p.registration for p in self.probes.values()),
                             *(s.registration for s in self.sources.values()))
@@ -137,13 +140,29 @@ class ScanDriver:
 
     @classmethod
     def for_data(cls, data: ScanData, link: ManagerLink, pipelines: Iterable[str] | None = None,
-                 host: str = "127.0.0.1", keep: bool = False) -> ScanDriver:
-        """A driver for ``pipelines`` (default: all of the data's), with the streams the data sends each."""
+                 host: str = "127.0.0.1", keep: bool = False, max_block: int = DEFAULT_MAX_BLOCK) -> ScanDriver:
+        """A driver for ``pipelines`` (default: all of the data's), with the
+        streams the data sends each, every source describing its stream so
+        that the masters cap its frames to fit: from the data's first point and
+        blocks up to ``max_block`` or, for data that knows its blocks (a
+        recording), from its first block and its largest."""
         chosen = list(pipelines or data.pipelines)
         unknown = sorted(set(chosen) - set(data.pipelines))
         if unknown:
             raise ValueError(f"the scan has no pipelines {unknown} (it has {sorted(data.pipelines)})")
-        return cls(link, {p: data.streams_of(p) for p in chosen}, host, keep)
+        streams = {p: data.streams_of(p) for p in chosen}
+        wanted = {s for p in chosen for s in streams[p]}
+        recorded = getattr(data, "blocks", None)
+        if recorded is None:
+            descriptors = {s: stream_descriptor(data.arrays(s, 0, 1), max_block) for s in wanted}
+        else:
+            first: dict[str, tuple[int, int]] = {}
+            largest: dict[str, int] = {}
+            for start, stop, stream in recorded():
+                first.setdefault(stream, (start, stop))
+                largest[stream] = max(largest.get(stream, 0), stop - start)
+            descriptors = {s: stream_descriptor(data.arrays(s, *first[s]), largest[s]) for s in wanted if s in first}
+        return cls(link, streams, host, keep, descriptors)
 
     def delivered(self, scan_id: str) -> dict[str, int]:
         """Points each pipeline's probe has seen so far."""
@@ -179,10 +198,15 @@ class ScanDriver:
             sizes = dict(block) if isinstance(block, Mapping) else {stream: block for stream in targets}
             if set(sizes) != set(targets) or min(sizes.values()) < 1:
                 raise ValueError(f"need a block size >= 1 for each of the streams {sorted(targets)} (got {block!r})")
+            for stream, pairs in targets.items():
+                limit = min((src.descriptor["max_block"] for _, src in pairs if src.descriptor), default=None)
+                if limit is not None and sizes[stream] > limit:
+                    raise ValueError(f"stream {stream}: blocks of {sizes[stream]} points, more than the {limit} "
+                                     "its sources registered")
             plan, due = acquisition_order(points, sizes, skip or {}), None
         if rate < 0:
             raise ValueError("rate >= 0 points per second (0: as fast as the mesh takes them)")
-        masters = ScanMasters(self.link, self.pipelines)
+        masters = ScanMasters(self.link, self.pipelines, deadline)
         document = data.document(scan_id, number, command, self.pipelines)
         blocked0 = {p: self._blocked(p) for p in self.pipelines}
         helper: threading.Thread | None = None

@@ -27,8 +27,11 @@ from services.registration import ManagerLink, master_proxy
 
 log = logging.getLogger("tangomesh.masters")
 
-#: Client timeout of EndScan and AbortScan (StartScan keeps master_proxy's, it may load a processor).
+#: Client timeout of EndScan and AbortScan.
 CALL_TIMEOUT_MS = 5000
+#: StartScan's client timeout (it may load a processor), and the least a deadline leaves it.
+START_TIMEOUT_MS = 15000
+START_MIN_TIMEOUT_MS = 500
 #: How often the watch asks each master for its current scan, and its client timeout doing so
 #: (a call to a hung server fails after twice that: Tango tries to reconnect once).
 WATCH_PERIOD_S = 0.5
@@ -130,38 +133,73 @@ def _all_at_once(calls: Mapping[str, Callable[[], Any]], wait_s: float,
             next(iter(done[p] for p in pending)).wait(0.05)
     for pipeline in pending:
         if not done[pipeline].is_set():
-            errors.setdefault(pipeline, f"no answer within {wait_s:g} s")
+            errors.setdefault(pipeline, f"no answer within {wait_s:.1f} s")
     return dict(errors)
 
 
 class ScanMasters:
-    """The masters of ``pipelines`` (found in the topology), for one scan."""
+    """The masters of ``pipelines`` (found in the topology), for one scan.
 
-    def __init__(self, link: ManagerLink, pipelines: Iterable[str]) -> None:
+    A hung master holds any Tango call, even making its proxy (which asks the
+    device), for multiples of 3 s whatever the client timeout: so every call
+    runs on a thread of its own and is waited for only as long as the
+    deadline allows (``deadline``, ``time.monotonic()``; None: the calls'
+    own timeouts)."""
+
+    def __init__(self, link: ManagerLink, pipelines: Iterable[str], deadline: float | None = None) -> None:
         self.link = link
-        self.proxies: dict[str, Any] = {pipeline: master_proxy(link, pipeline) for pipeline in pipelines}
+        self.deadline = deadline
+        chosen = list(pipelines)
+        made: dict[str, Any] = {}
+        errors = _all_at_once({p: (lambda p=p: made.__setitem__(p, master_proxy(link, p))) for p in chosen},
+                              self._wait_s(START_TIMEOUT_MS / 1000))
+        if errors:
+            raise RuntimeError("; ".join(why if p in why else f"pipeline {p}: {why}" for p, why in errors.items()))
+        self.proxies: dict[str, Any] = {p: made[p] for p in chosen}
         self.started: list[str] = []
 
+    def _wait_s(self, longest: float) -> float:
+        """How long to wait for a call: ``longest``, less if the deadline is nearer (never below 0.5 s)."""
+        if self.deadline is None:
+            return longest
+        return max(START_MIN_TIMEOUT_MS / 1000, min(longest, self.deadline - time.monotonic()))
+
     def start(self, document: Mapping[str, Any]) -> None:
-        """StartScan on every master, or on none: if one refuses, those already started are aborted."""
+        """StartScan on every master (all at once), or on none: if one refuses
+        or does not answer in time (RuntimeError naming its pipeline), the
+        others are aborted (also the silent one: it may take the call late)."""
         scan_id = document["scan"]["id"]
         text = json.dumps(document)
-        try:
-            for pipeline, proxy in self.proxies.items():
-                proxy.StartScan(text)
-                self.started.append(pipeline)
-        except BaseException:
-            self.abort(scan_id)
-            raise
+        refused: list[str] = []
+
+        def start(pipeline: str) -> None:
+            try:
+                self.proxies[pipeline].StartScan(text)
+            except BaseException:
+                refused.append(pipeline)
+                raise
+
+        errors = _all_at_once({p: (lambda p=p: start(p)) for p in self.proxies}, self._wait_s(START_TIMEOUT_MS / 1000))
+        self.started = [p for p in self.proxies if p not in refused]  # started, or maybe later (not answered yet)
+        if errors:
+            self.abort(scan_id, wait_s=self._wait_s(CALL_TIMEOUT_MS / 1000))
+            raise RuntimeError("; ".join(f"StartScan on pipeline {p}: {why}" for p, why in errors.items()))
         for proxy in self.proxies.values():  # from now on a dead master holds nobody up for long
             proxy.set_timeout_millis(CALL_TIMEOUT_MS)
 
     def watch(self, scan_id: str) -> MasterWatch:
-        """A watch on every started master (each read through a proxy of its own, with a short timeout)."""
+        """A watch on every started master, each read through a proxy of its
+        own with a short timeout, made on the watch's thread (never here)."""
         readers = {}
         for pipeline in self.started:
-            proxy = master_proxy(self.link, pipeline, WATCH_TIMEOUT_MS)
-            readers[pipeline] = lambda proxy=proxy: str(proxy.read_attribute("CurrentScan").value)
+            proxies: list[Any] = []
+
+            def read(pipeline: str = pipeline, proxies: list[Any] = proxies) -> str:
+                if not proxies:
+                    proxies.append(master_proxy(self.link, pipeline, WATCH_TIMEOUT_MS))
+                return str(proxies[0].read_attribute("CurrentScan").value)
+
+            readers[pipeline] = read
         return MasterWatch(scan_id, readers)
 
     def end(self, scan_id: str, watch: MasterWatch | None = None) -> dict[str, str]:

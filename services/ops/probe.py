@@ -24,7 +24,7 @@ import zmq
 
 from services import codec, protocol, security
 from services.component import Counters
-from services.dataplane import bind
+from services.dataplane import DATA_MAX_FRAME_BYTES, bind, limit_frames
 from services.registration import ManagerLink, RegistrationClient
 
 log = logging.getLogger("tangomesh.probe")
@@ -79,6 +79,7 @@ class Probe:
         self.auth = security.Auth(link, self.counters, name)
         self.socket = zmq.Context.instance().socket(zmq.PULL)
         self.socket.linger = 0
+        limit_frames(self.socket, DATA_MAX_FRAME_BYTES)  # a data inlet like any consumer's
         self.auth.serve(self.socket, security.consumer_rule(pipeline), "the probe's data_in")
         self.endpoint = bind(self.socket, host, host)
         self.keep = keep

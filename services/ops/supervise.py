@@ -315,14 +315,14 @@ def ensure_running(root: Path) -> int | None:
 
 
 def stop(root: Path) -> bool:
-    """Stop this home's supervisor (the servers keep running); True if one ran."""
+    """Stop this home's supervisor (the servers keep running); True if one ran.
+    What a killed one left is removed too: stopping on purpose starts the counts afresh."""
     pid = running_pid(root)
-    if pid is None:
-        return False
-    terminate(pid)
+    if pid is not None:
+        terminate(pid)
     for path in (pid_path(root), socket_path(root), state_path(root)):
         path.unlink(missing_ok=True)
-    return True
+    return pid is not None
 
 
 def left_behind(root: Path) -> bool:

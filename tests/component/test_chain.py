@@ -15,6 +15,7 @@ import time
 from typing import Iterator
 
 import numpy as np
+import pytest
 import zmq
 
 from pipelines import master as master_module
@@ -318,3 +319,35 @@ def test_a_sorter_that_never_comes_back_gets_its_scans_aborted_at_the_consumers(
     assert took < lease + sorter_timeout + 2 * master_module.SORTER_CHECK_SECONDS + 10, took
     assert scan_id in chain.master.finished and chain.master.finished[scan_id].aborted
 
+
+
+def test_sources_that_describe_their_stream_are_capped_to_fit_and_an_oversized_frame_is_counted_not_fatal(
+        make_chain) -> None:
+    """The master sizes ZMQ_MAXMSGSIZE per source from its registered
+    descriptor; a frame beyond it makes ZeroMQ drop that source: counted,
+    logged with the endpoint, the source connected anew, and the scan
+    completes with every point from it and the other streams."""
+    from services.dataplane import CONTROL_MAX_FRAME_BYTES, stream_frame_cap
+
+    chain = make_chain(max_block=100)
+    points = 1000
+    scan_id = chain.start_scan(points)
+    links = {link.stream: link for link in chain.master.sources.values()}
+    assert set(links) == set(chain.sources)
+    for stream, source in chain.sources.items():
+        cap = links[stream].socket.maxmsgsize
+        assert cap == stream_frame_cap(source.descriptor) == CONTROL_MAX_FRAME_BYTES  # counters: small blocks
+    errors = chain.master.counters.errors
+    victim = chain.sources["scaler"]
+    with pytest.raises(ValueError, match="more than the 100 it registered"):  # the client refuses it itself
+        victim.block(scan_id, 0, chain.profile.values("scaler", np.arange(101)))
+    forged = codec.Message(codec.DATA, scan=scan_id, stream="scaler", index=0, count=1,
+                           arrays={"i0": np.zeros((1, CONTROL_MAX_FRAME_BYTES // 8 + 1))})  # a frame just over the cap
+    victim.socket.send_multipart([bytes(memoryview(f)) for f in codec.encode(forged)])  # copied: no pyzmq gc thread
+    wait_for(lambda: chain.master.counters.errors == errors + 1, PATIENCE, "the dropped source to be counted")
+    assert "ZeroMQ dropped a peer on" in chain.master.counters.last_error
+    assert victim.endpoint in chain.master.counters.last_error
+    chain.send_blocks(scan_id, points, 100)  # the same source, connected anew, and the others
+    chain.end_scan(scan_id)
+    assert_every_point_once_in_order(chain, scan_id, chain.wait_scan_end(scan_id), points)
+    assert chain.master.counters.errors == errors + 1

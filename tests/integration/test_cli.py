@@ -296,7 +296,20 @@ def test_scan_with_a_dead_master_gives_up_on_its_pipeline_alone_within_the_timeo
                               30, "the killed master to be restarted")
             assert master["restarts"] == 1
 
-    # a scan longer than its timeout: given up at the timeout, with a summary all the same
+    # a master hung before the scan: StartScan to it is bounded by the timeout too, and the others aborted
+    os.kill(master["pid"], signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        hung = subprocess.run([str(bin_dir() / "tangomesh"), "scan", "--sim", "counters", "--shape", "30x30",
+                               "--timeout", "6", "--json", "--mesh", str(mesh_file)],
+                              env=env, capture_output=True, text=True, timeout=6 + slack, stdin=subprocess.DEVNULL)
+        took = time.monotonic() - t0
+    finally:
+        os.kill(master["pid"], signal.SIGCONT)
+    print(f"StartScan to a hung master with --timeout 6 gave up after {took:.1f} s")
+    summary = json.loads(hung.stdout)
+    assert hung.returncode == 2 and "pipeline position: no answer within" in summary["error"], summary
+
     t0 = time.monotonic()
     short = subprocess.run([str(bin_dir() / "tangomesh"), "scan", "--sim", "counters", "--shape", "30x30",
                             "--rate", "100", "--timeout", "3", "--json", "--mesh", str(mesh_file)],

@@ -25,7 +25,7 @@ from pipelines.master import MasterComponent, MasterConfig
 from pipelines.sorter import SorterComponent, SorterConfig
 from pipelines.worker import WorkerComponent, WorkerConfig
 from services.registration import RegistrationClient, wait_registered
-from services.source import SourceClient
+from services.source import SourceClient, stream_descriptor
 from support.waiting import wait_for
 from topology_manager.component import TopologyComponent, TopologyConfig
 from topology_manager.local import LocalManagerLink
@@ -225,12 +225,13 @@ class Chain:
 def build_chain(pipeline: str = "p1", profile: str | Profile = "counters", workers: int | Sequence[WorkerConfig] = 2,
                 master_config: MasterConfig | None = None, sorter_config: SorterConfig | None = None,
                 worker_config: WorkerConfig | None = None,
-                topology_config: TopologyConfig | None = None) -> Chain:
+                topology_config: TopologyConfig | None = None, max_block: int | None = None) -> Chain:
     """Start a registry, the consumer, the sorter, the master, the workers and
     the profile's sources, all registered for ``pipeline``; returns once the
     master counts every worker. Defaults are the devices' defaults, except
     small units (100 points, so a scan spreads over the workers) and faster
-    worker liveness (so a killed worker's work moves on in about a second)."""
+    worker liveness (so a killed worker's work moves on in about a second).
+    With ``max_block`` the sources describe their streams (blocks up to that)."""
     master_config = master_config or MasterConfig(max_unit_points=100, worker_timeout=1.0)
     sorter_config = sorter_config or SorterConfig()
     worker_config = worker_config or WorkerConfig(heartbeat=0.1)
@@ -251,7 +252,8 @@ def build_chain(pipeline: str = "p1", profile: str | Profile = "counters", worke
         sources: dict[str, SourceClient] = {}
         profile = PROFILES[profile] if isinstance(profile, str) else profile
         for stream in profile.streams:
-            sources[stream] = SourceClient(stream, pipeline, link, HOST)
+            descriptor = stream_descriptor(profile.values(stream, np.arange(1)), max_block) if max_block else None
+            sources[stream] = SourceClient(stream, pipeline, link, HOST, descriptor=descriptor)
             undo.append(sources[stream].close)
         wait_registered(consumer.registration, *(s.registration for s in stages),
                         *(s.registration for s in sources.values()), timeout=JOIN_TIMEOUT)

@@ -114,8 +114,8 @@ def test_a_refused_start_aborts_the_masters_that_started(calls) -> None:
             driver.run(data, "s1", 1)
     finally:
         driver.close()
-    assert calls[:3] == [("p1", "StartScan"), ("p3", "StartScan"), ("p2", "StartScan")]
-    assert sorted(calls[3:]) == [("p1", "AbortScan"), ("p3", "AbortScan")]  # all at once
+    assert sorted(calls[:3]) == [("p1", "StartScan"), ("p2", "StartScan"), ("p3", "StartScan")]  # all at once
+    assert sorted(calls[3:]) == [("p1", "AbortScan"), ("p3", "AbortScan")]  # not the one that refused
 
 
 def test_a_scan_whose_end_never_arrives_times_out_and_is_aborted(calls) -> None:
@@ -216,3 +216,30 @@ def test_calls_to_all_masters_go_at_once_and_a_hung_one_is_waited_for_only_so_lo
     t0 = time.monotonic()
     errors = _all_at_once({"hung": threading.Event().wait}, wait_s=10, given_up=lambda pipeline: True)
     assert errors == {"hung": "given up waiting"} and time.monotonic() - t0 < 1
+
+
+def test_sources_describe_their_streams_from_the_data_and_a_recording_from_its_blocks() -> None:
+    data = ProfileScan(PROFILES["counters"], "p1", 20)
+    driver = ScanDriver.for_data(data, Link(), max_block=5)
+    try:
+        for (_, stream), source in driver.sources.items():
+            one = data.arrays(stream, 0, 1)
+            assert source.descriptor == {"max_block": 5, "arrays": {
+                n: {"dtype": a.dtype.str, "shape": list(a.shape[1:])} for n, a in one.items()}}
+            assert source.registration.info["capabilities"]["max_block"] == 5
+        with pytest.raises(ValueError, match="more than the 5 its sources registered"):
+            driver.run(data, "s1", 1, block=6)
+    finally:
+        driver.close()
+
+    @dataclass
+    class Recorded(SamePointsForEveryPipeline):  # data that knows its blocks, as a Replay does
+        def blocks(self):
+            return iter([(0, 3, "scaler"), (3, 10, "scaler"), (10, 20, "scaler")])
+
+    recorded = Recorded(ProfileScan(PROFILES["counters"], "p1", 20, streams=["scaler"]), ("p1",))
+    driver = ScanDriver.for_data(recorded, Link(), max_block=1)
+    try:
+        assert driver.sources["p1", "scaler"].descriptor["max_block"] == 10  # its largest block, not max_block
+    finally:
+        driver.close()

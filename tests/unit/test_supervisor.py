@@ -192,3 +192,14 @@ def test_a_new_supervisor_carries_on_from_the_previous_ones_state(setup) -> None
     assert new.state()["Sink/beamline"]["restarts"] == 2
     new.restore("Recorder/tap", 7, {"restarts": "many", "last_exit": 3}, running=True)  # damaged: read what can be
     assert new.state()["Recorder/tap"]["restarts"] == 0 and new.state()["Recorder/tap"]["pid"] == 7
+
+
+def test_stopping_on_purpose_removes_what_a_killed_supervisor_left(tmp_path) -> None:
+    from services.ops import supervise
+
+    (tmp_path / "run").mkdir()
+    supervise.state_path(tmp_path).write_text('{"servers": {"Sink/beamline": {"restarts": 3}}}')
+    supervise.pid_path(tmp_path).write_text("999999999")  # no such process
+    assert supervise.left_behind(tmp_path)  # `tangomesh status` says so
+    assert supervise.stop(tmp_path) is False  # none ran
+    assert not supervise.state_path(tmp_path).exists() and not supervise.left_behind(tmp_path)
