@@ -11,7 +11,9 @@ simulator, the Bluesky adapter and the ingesters all send through this class.
 from __future__ import annotations
 
 import os
+import threading
 import time
+from typing import Callable
 
 import numpy as np
 import zmq
@@ -25,7 +27,7 @@ class SourceClient:
     """One detector stream: a bound PUSH socket, registered as a source."""
 
     def __init__(self, stream: str, pipeline: str, link: ManagerLink, host: str = "127.0.0.1", hwm: int = 16,
-                 prefix: str = "source") -> None:
+                 prefix: str = "source", thread_factory: Callable[..., threading.Thread] = threading.Thread) -> None:
         self.stream = stream
         self.socket = zmq.Context.instance().socket(zmq.PUSH)
         self.socket.sndhwm = hwm
@@ -35,7 +37,7 @@ class SourceClient:
         self.registration = RegistrationClient(link, {
             "name": f"{prefix}/{pipeline}-{stream}/{os.getpid()}", "kind": protocol.Kind.SOURCE, "pipeline": pipeline,
             "host": host, "pid": os.getpid(), "endpoints": {protocol.SOURCE_OUT: self.endpoint},
-            "capabilities": {"stream": stream}})
+            "capabilities": {"stream": stream}}, thread_factory=thread_factory)
         self.registration.start()
 
     def send(self, msg: codec.Message) -> None:
