@@ -73,7 +73,7 @@ class SeriesStart:
     """
 
     version: int
-    series: int
+    series: int | None  # None: a v2 start without series_id (the first image says)
     header_detail: str = ""
     expected: int | None = None
     channels: tuple[str, ...] = ()
@@ -342,7 +342,7 @@ def _v2_start(doc: Mapping[str, Any]) -> SeriesStart:
         raise SimplonError("v2 start: channels must be a list of names")
     expected = _count(doc, "number_of_images", "v2 start", required=False)
     config = {k: doc[k] for k in V2_SCALARS if isinstance(doc.get(k), (int, float, str))}
-    return SeriesStart(2, series if series is not None else 0, "", expected, tuple(channels), config)
+    return SeriesStart(2, series, "", expected, tuple(channels), config)
 
 
 def _v2_image(doc: Mapping[str, Any]) -> Frame:
