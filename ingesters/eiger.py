@@ -127,12 +127,16 @@ class EigerComponent(Component):
     # ------------------------------------------------------------ the loop
     def _run(self) -> None:
         assert self.detector is not None
+        backlog: list[simplon.Event] = []  # events of one message still to handle (tickit batches them)
         while not self._stopping.is_set():
             if self._finding is not None:
                 if not self._finding.done():
                     self._stopping.wait(0.02)  # the detector stays unread: its buffer holds the frames
                     continue
                 self._found(self._finding.result())
+            if backlog:
+                self._handle_safely(backlog.pop(0))
+                continue
             try:
                 if not self.detector.poll(POLL_MS):
                     self._send(self.mapper.flush())
@@ -145,17 +149,25 @@ class EigerComponent(Component):
                 continue
             self.counters.events_in += 1
             try:
-                self._handle(simplon.decode(parts))
-            except ValueError as exc:  # SimplonError, a refused frame: counted, the next message is read
+                backlog = simplon.decode(parts)
+            except simplon.SimplonError as exc:  # counted, the next message is read
                 self.counters.error(f"{self.config.stream}: {exc}")
-            except Exception as exc:  # a bug must not stop the stream
-                log.exception("ingester loop step failed")
-                self.counters.error(f"internal error: {exc!r}")
+                continue
+            self._handle_safely(backlog.pop(0))
             try:
-                if not self.detector.poll(0):  # nothing more waiting: what is pending goes now
+                if not backlog and not self.detector.poll(0):  # nothing more waiting: what is pending goes now
                     self._send(self.mapper.flush())
             except zmq.ZMQError:
                 pass
+
+    def _handle_safely(self, event: simplon.Event) -> None:
+        try:
+            self._handle(event)
+        except ValueError as exc:  # a refused frame or end: counted, the stream goes on
+            self.counters.error(f"{self.config.stream}: {exc}")
+        except Exception as exc:  # a bug must not stop the stream
+            log.exception("ingester loop step failed")
+            self.counters.error(f"internal error: {exc!r}")
 
     def _handle(self, event: simplon.Event) -> None:
         if isinstance(event, simplon.SeriesStart):

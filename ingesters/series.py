@@ -86,6 +86,7 @@ class SeriesMapper:
         self.frames = 0  # frames sent on
         self.gap_points = 0  # indices declared missing
         self.drained = 0  # frames discarded with a refused series
+        self.closed: int | None = None  # the series that ended last (tickit repeats its end on disarm)
 
     # ------------------------------------------------------------ series
     def restart(self, header: SeriesStart) -> list[codec.Message]:
@@ -159,6 +160,8 @@ class SeriesMapper:
             if self.draining is not None:
                 self.draining = None
                 return []
+            if e.series == self.closed:
+                return []  # the same end again: nothing more to say
             raise ValueError(f"end of series {e.series} without its start")
         if self.open.series is not None and e.series != self.open.series:
             raise ValueError(f"end of series {e.series} while series {self.open.series} is open")
@@ -175,7 +178,7 @@ class SeriesMapper:
             out.append(protocol.source_gap(run.choice.scan, self.stream, received, stop, why))
             self.gap_points += stop - received
         out.append(codec.Message(codec.SCAN_END, scan=run.choice.scan, stream=self.stream, count=stop))
-        self.open = None
+        self.open, self.closed = None, run.series
         return out
 
     # ------------------------------------------------------------ blocks

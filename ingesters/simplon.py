@@ -1,7 +1,8 @@
 """Sans-IO decoder of the DECTRIS SIMPLON stream interface, v1 ("legacy") and v2 (CBOR).
 
 The ingester hands :func:`decode` each ZeroMQ message it receives from a
-detector (the list of parts); it gets back one event: :class:`SeriesStart`
+detector (the list of parts); it gets back its event (one, but for tickit's
+batches): :class:`SeriesStart`
 (v1 ``dheader-1.0``, v2 ``start``), :class:`Frame` (v1 ``dimage-1.0``, v2
 ``image``) or :class:`SeriesEnd` (v1 ``dseries_end-1.0``, v2 ``end``).
 Nothing here reads a socket, so the same code decodes live streams,
@@ -43,7 +44,6 @@ import numpy as np
 
 from services.compression import BSLZ4, HEADER, LZ4, CompressedFrames, CompressionError, frame_lz4_block
 
-CBOR_SELF_DESCRIBE = b"\xd9\xd9\xf7"
 BITSHUFFLE_DEFAULT_BLOCK_BYTES = 8192  # bitshuffle.compress_lz4's block when none is given
 MAX_PIXELS = 1 << 28  # no detector has more than 268 M pixels per frame
 MAX_JSON_BYTES = 1 << 20  # a v1 JSON part (config, appendix) larger than this is not a header
@@ -101,19 +101,23 @@ class SeriesEnd:
 Event = SeriesStart | Frame | SeriesEnd
 
 
-def decode(parts: Sequence[Any]) -> Event:
-    """The event of one ZeroMQ message (its parts as bytes, memoryviews or
-    ``zmq.Frame``): v2 if it is one part starting with CBOR's self-describe
-    tag, v1 otherwise."""
+def decode(parts: Sequence[Any]) -> list[Event]:
+    """The events of one ZeroMQ message (its parts as bytes, memoryviews or
+    ``zmq.Frame``). A v1 message (JSON first part) is one event. A v2
+    message is one CBOR document (normally starting with the self-describe
+    tag), so one event; tickit's simulator sends what it buffered as the
+    parts of one multipart message, one document per part, which gives one
+    event per part. (It batches v1 messages the same way, which cannot be
+    taken apart reliably: refused.)"""
     try:
         views = [_view(p) for p in parts]
     except TypeError as exc:
         raise SimplonError(f"message parts must be bytes-like: {exc}") from None
     if not views:
         raise SimplonError("empty message")
-    if len(views) == 1 and bytes(views[0][:3]) == CBOR_SELF_DESCRIBE:
-        return decode_v2(views[0])
-    return decode_v1(views)
+    if not bytes(views[0][:64]).lstrip().startswith(b"{"):
+        return [decode_v2(v) for v in views]
+    return [decode_v1(views)]
 
 
 def _view(part: Any) -> memoryview:

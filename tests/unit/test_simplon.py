@@ -41,6 +41,12 @@ def v1_header(detail: str = "basic", series: int = 1, **config) -> list[bytes]:
     return parts
 
 
+def one(parts) -> simplon.Event:
+    events = simplon.decode(parts)
+    assert len(events) == 1
+    return events[0]
+
+
 def decoded(ch) -> np.ndarray:
     return ch.decompress()[0] if isinstance(ch, CompressedFrames) else ch
 
@@ -51,7 +57,7 @@ def test_v1_raw_lz4_and_bitshuffle_frames_with_and_without_header():
     for blob, encoding, codec_name in ((IMAGE.tobytes(), "<", None),
                                        (lz4.block.compress(IMAGE.tobytes(), store_size=False), "lz4<", "lz4"),
                                        (bs, "bs16-lz4<", "bslz4"), (with_header, "bs16-lz4<", "bslz4")):
-        event = simplon.decode(v1_image(blob, encoding, frame=7))
+        event = one(v1_image(blob, encoding, frame=7))
         assert isinstance(event, simplon.Frame) and event.frame == 7 and event.series == 1
         image = event.channels["image"]
         assert getattr(image, "codec", None) == codec_name
@@ -61,10 +67,10 @@ def test_v1_raw_lz4_and_bitshuffle_frames_with_and_without_header():
 
 def test_v1_headers_of_every_detail_and_the_end():
     for detail, expected in (("none", None), ("basic", 6), ("all", 6)):
-        event = simplon.decode(v1_header(detail, series=4))
+        event = one(v1_header(detail, series=4))
         assert isinstance(event, simplon.SeriesStart) and event.series == 4 and event.expected == expected
-    assert simplon.decode(v1_header("basic") + [b"{}"]).config["nimages"] == 3  # with an appendix
-    assert simplon.decode([b'{"htype": "dseries_end-1.0", "series": 4}']) == simplon.SeriesEnd(1, 4)
+    assert one(v1_header("basic") + [b"{}"]).config["nimages"] == 3  # with an appendix
+    assert one([b'{"htype": "dseries_end-1.0", "series": 4}']) == simplon.SeriesEnd(1, 4)
 
 
 def v2(doc) -> bytes:
@@ -78,16 +84,16 @@ def v2_image(channels: dict, image_id: int = 0) -> bytes:
 def test_v2_typed_and_compressed_channels():
     chunk = bytes(CompressedFrames.compress(IMAGE[None]).chunk(0))
     lz = bytes(CompressedFrames.compress(IMAGE[None], "lz4").chunk(0))
-    event = simplon.decode([v2_image({
+    event = one([v2_image({
         "threshold_1": cbor2.CBORTag(40, [[Y, X], cbor2.CBORTag(69, cbor2.CBORTag(56500, ["bslz4", 2, chunk]))]),
         "threshold_2": cbor2.CBORTag(40, [[Y, X], cbor2.CBORTag(69, cbor2.CBORTag(56500, ["lz4", 0, lz]))]),
         "raw_be": cbor2.CBORTag(40, [[Y, X], cbor2.CBORTag(65, IMAGE.astype(">u2").tobytes())])}, image_id=3)])
     assert isinstance(event, simplon.Frame) and (event.series, event.frame) == (9, 3)
     for name in ("threshold_1", "threshold_2", "raw_be"):
         np.testing.assert_array_equal(decoded(event.channels[name]), IMAGE)
-    start = simplon.decode([v2({"type": "start", "channels": ["threshold_1"]})])  # every field optional
+    start = one([v2({"type": "start", "channels": ["threshold_1"]})])  # every field optional
     assert isinstance(start, simplon.SeriesStart) and start.series is None and start.expected is None
-    assert simplon.decode([v2({"type": "end", "series_id": 9})]) == simplon.SeriesEnd(2, 9)
+    assert one([v2({"type": "end", "series_id": 9})]) == simplon.SeriesEnd(2, 9)
 
 
 MALFORMED = {
@@ -126,7 +132,13 @@ MALFORMED = {
 @pytest.mark.parametrize("name", MALFORMED)
 def test_malformed_input_raises_one_error_type(name):
     with pytest.raises(simplon.SimplonError):
-        simplon.decode(MALFORMED[name])
+        one(MALFORMED[name])
+
+
+def test_a_batch_of_cbor_documents_is_one_event_each():
+    """tickit sends what it buffered as one multipart message, one CBOR document per part."""
+    batch = [v2({"type": "start", "series_id": 2}), v2({"type": "end", "series_id": 2})]
+    assert [type(e).__name__ for e in simplon.decode(batch)] == ["SeriesStart", "SeriesEnd"]
 
 
 def test_random_bytes_never_crash():
@@ -137,7 +149,7 @@ def test_random_bytes_never_crash():
         for _ in range(4):
             data[rng.integers(3, len(data))] = rng.integers(0, 256)
         try:
-            simplon.decode([bytes(data)])
+            one([bytes(data)])
         except simplon.SimplonError:
             pass
 
@@ -163,6 +175,9 @@ def test_frames_become_blocks_and_a_skipped_frame_a_gap_at_its_own_index():
     for msg in out:
         codec.decode(codec.encode(msg))  # every message is valid on the wire
     assert m.gap_points == 2 and m.frames == 4
+    assert m.end(simplon.SeriesEnd(1, 1)) == []  # the same end again (tickit repeats it on disarm)
+    with pytest.raises(ValueError, match="without its start"):
+        m.end(simplon.SeriesEnd(1, 7))
 
 
 def test_first_index_out_of_order_and_beyond_the_scan():
