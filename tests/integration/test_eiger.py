@@ -351,3 +351,17 @@ def test_tickit_stream_v2_with_two_triggers_numbers_frames_across_triggers(mesh)
     np.testing.assert_array_equal(got[1], want)
     time.sleep(0.5)  # the second end, sent on disarm, has arrived
     assert dev.Errors == errors0 and dev.Frames >= 2
+
+
+def test_a_bad_property_leaves_the_device_in_fault_saying_why(mesh, tmp_path) -> None:
+    pool = ServerPool(tmp_path)
+    try:
+        pool.start("EigerIngester/bad", {"EigerIngester": {"test/eiger/bad": {
+            "Pipeline": PIPE, "DetectorEndpoint": "dcu:9999"}}})
+        bad = tango.DeviceProxy("test/eiger/bad")
+        assert bad.State() == tango.DevState.FAULT
+        assert "DetectorEndpoint must be a ZeroMQ address" in bad.Status()
+        with pytest.raises(tango.DevFailed, match="TANGOMESH_Fault"):
+            bad.Frames
+    finally:
+        pool.stop_all()
