@@ -32,7 +32,8 @@ from services.ops.probe import Probe
 from services.registration import TangoManagerLink
 from support import ServerPool, topology_props, wait_for
 from support.documents import minimal
-from support.simulators import free_port, start_alba, start_tickit, tickit_site_packages
+from support.simulators import ALBA, TICKIT as TICKIT_SIM, free_port, install_all, start_alba, start_tickit, \
+    tickit_site_packages
 
 pytestmark = pytest.mark.slow
 
@@ -94,6 +95,7 @@ def mesh(tango_db, tmp_path_factory, frames):
     data = tmp_path_factory.mktemp("eiger-data")
     with h5py.File(data / "frames.h5", "w") as f:
         f.create_dataset("entry/data/data_000001", data=frames)
+    install_all(ALBA, TICKIT_SIM)  # first run on a machine: a few minutes, from PyPI
     zmq_port = free_port()
     t0 = time.monotonic()
     sim = start_alba(data / "frames.h5", zmq_port, "bslz4", logs / "alba.log")

@@ -40,6 +40,15 @@ def sim_venv(name: str, requirements: list[str]) -> Path:
     return venv / "bin"
 
 
+def install_all(*sims: tuple[str, list[str]]) -> None:
+    """Create the simulators' venvs side by side (pip waits on the network more than on the CPU)."""
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(len(sims)) as pool:
+        for future in [pool.submit(sim_venv, *sim) for sim in sims]:
+            future.result()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
