@@ -236,7 +236,12 @@ class EigerComponent(Component):
             self._wake.clear()
             while self._requests:
                 header, future = self._requests.pop(0)
-                future.set_result(self._find(header))
+                try:
+                    future.set_result(self._find(header))
+                except Exception as exc:  # never leave the loop waiting on an answer that does not come
+                    log.exception("looking up the scan of series %s failed", header.series)
+                    self.counters.error(f"scan lookup failed: {exc!r}")
+                    future.set_result(None)
 
     def _find(self, header: simplon.SeriesStart) -> ScanChoice | None:
         deadline = time.monotonic() + self.config.scan_wait
@@ -248,7 +253,10 @@ class EigerComponent(Component):
                     scans[pipeline] = self.open_scans(pipeline)
                 except Exception as exc:  # master not registered or not answering: ask again
                     problem = f"{pipeline}: {exc}"
-            choice = choose_scan(self.config.stream, scans, self.used_scans)
+            try:
+                choice = choose_scan(self.config.stream, scans, self.used_scans)
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:  # a master answering nonsense
+                problem, choice = f"malformed OpenScans: {exc!r}", None
             if choice is not None:
                 return choice
             if time.monotonic() >= deadline:
