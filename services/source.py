@@ -18,8 +18,9 @@ have the master's socket drop it.
 from __future__ import annotations
 
 import os
+import threading
 import time
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import zmq
@@ -46,7 +47,8 @@ class SourceClient:
     """One detector stream: a bound PUSH socket, registered as a source."""
 
     def __init__(self, stream: str, pipeline: str, link: ManagerLink, host: str = "127.0.0.1", hwm: int = 16,
-                 prefix: str = "source", descriptor: Mapping[str, Any] | None = None) -> None:
+                 prefix: str = "source", descriptor: Mapping[str, Any] | None = None,
+                 thread_factory: Callable[..., threading.Thread] = threading.Thread) -> None:
         self.stream = stream
         self.descriptor = dict(descriptor) if descriptor else None
         self.socket = zmq.Context.instance().socket(zmq.PUSH)
@@ -57,7 +59,7 @@ class SourceClient:
         self.registration = RegistrationClient(link, {
             "name": f"{prefix}/{pipeline}-{stream}/{os.getpid()}", "kind": protocol.Kind.SOURCE, "pipeline": pipeline,
             "host": host, "pid": os.getpid(), "endpoints": {protocol.SOURCE_OUT: self.endpoint},
-            "capabilities": {"stream": stream, **(self.descriptor or {})}})
+            "capabilities": {"stream": stream, **(self.descriptor or {})}}, thread_factory=thread_factory)
         self.registration.start()
 
     def send(self, msg: codec.Message, timeout: float | None = None) -> None:
