@@ -44,7 +44,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_sink.py
 	$(BIN)/python benchmarks/bench_writers.py
 	$(BIN)/python benchmarks/bench_modalities.py
+	$(BIN)/python benchmarks/bench_ingest.py
 
 clean:
 	-$(BIN)/tangomesh down 2>/dev/null
-	rm -rf $(VENV) .tangomesh .pytest_cache .hypothesis
+	rm -rf $(VENV) .venv-sims .tangomesh .pytest_cache .hypothesis

@@ -84,6 +84,11 @@ class PipelineMaster(MeshDevice):
     def CurrentScan(self) -> str:
         return self.component.current_scan
 
+    @attribute(dtype=str, doc="Scans still taking data, oldest first: scan, points, streams, started, ending, "
+                              "first_index (JSON); what an ingester asks once per detector series")
+    def OpenScans(self) -> str:
+        return json.dumps(self.component.open_scans())
+
     @attribute(dtype=float, doc="Fraction of the current scan's points delivered downstream", min_value=0, max_value=1)
     def Progress(self) -> float:
         return self.component.progress()

@@ -9,6 +9,9 @@ slices of the blocks (a view when one block covers the unit: no copy).
 A stream that stops delivering while others go on is waited for at most
 ``incomplete_timeout`` seconds; then its missing indices are declared, logged,
 and the events go on without it (the unit's ``missing`` meta names the stream).
+A source that knows indices will never come (a detector skipped frames) says
+so with a ``gap`` message (:meth:`EventFormer.declare_missing`): the same
+outcome at once, without the wait.
 Nothing here blocks or touches sockets: the master's loop drives it.
 """
 
@@ -49,6 +52,7 @@ class StreamState:
     frontier: int = 0
     blocks: collections.deque = field(default_factory=collections.deque)  # contiguous, not yet taken
     early: dict[int, codec.Message] = field(default_factory=dict)  # beyond a hole
+    early_missing: dict[int, int] = field(default_factory=dict)  # start -> stop declared missing beyond a hole
     missing: list[list[int]] = field(default_factory=list)  # declared ranges not yet passed by `taken`
     end: int | None = None  # announced by the source's scan_end
     nbytes: int = 0
@@ -99,6 +103,9 @@ class EventFormer:
         for start, other in state.early.items():
             if start < msg.stop and msg.index < other.stop:
                 raise ValueError(f"indices [{msg.index}, {msg.stop}) of {msg.stream} overlap a block already received")
+        for start, stop in state.early_missing.items():
+            if start < msg.stop and msg.index < stop:
+                raise ValueError(f"indices [{msg.index}, {msg.stop}) of {msg.stream} were declared missing")
         now = time.monotonic() if now is None else now
         self.last_data = now
         state.nbytes += msg.nbytes
@@ -110,6 +117,31 @@ class EventFormer:
         for other in self.streams.values():  # streams this block got ahead of start waiting now
             if other.frontier < msg.stop and other.behind_since is None:
                 other.behind_since = now
+
+    def declare_missing(self, stream: str, start: int, stop: int, now: float | None = None) -> None:
+        """The source says indices [start, stop) of its stream will never come
+        (a detector skipped frames): the events go on without waiting for the
+        incomplete timeout, marked incomplete. ValueError if the range is not
+        the stream's to declare (unknown stream, outside the scan, already
+        received, overlapping what arrived)."""
+        state = self.streams.get(stream)
+        if state is None:
+            raise ValueError(f"gap of stream {stream!r}, not a source of scan {self.scan_id}")
+        if not 0 <= start < stop <= self.points:
+            raise ValueError(f"gap [{start}, {stop}) of {stream} outside the scan's {self.points} points")
+        if start < state.frontier:
+            raise ValueError(f"gap [{start}, {stop}) of {stream} below its frontier {state.frontier}: "
+                             "those indices were received or declared already")
+        ranges = [(a, m.stop) for a, m in state.early.items()] + list(state.early_missing.items())
+        if any(a < stop and start < b for a, b in ranges):
+            raise ValueError(f"gap [{start}, {stop}) of {stream} overlaps indices already received or declared")
+        now = time.monotonic() if now is None else now
+        self.last_data = now
+        state.highest = max(state.highest, stop)
+        if start == state.frontier:
+            self._declare(state, start, stop, now)
+        else:
+            state.early_missing[start] = stop
 
     def stream_end(self, stream: str, count: int) -> None:
         """The source says its stream of this scan has ``count`` points."""
@@ -147,10 +179,17 @@ class EventFormer:
     def _advance(self, s: StreamState, frontier: int, now: float) -> None:
         s.frontier = frontier
         s.advanced_at = now
-        while s.frontier in s.early:
-            nxt = s.early.pop(s.frontier)
-            s.blocks.append(nxt)
-            s.frontier = nxt.stop
+        while True:
+            if s.frontier in s.early:
+                nxt = s.early.pop(s.frontier)
+                s.blocks.append(nxt)
+                s.frontier = nxt.stop
+            elif s.frontier in s.early_missing:
+                stop = s.early_missing.pop(s.frontier)
+                self._add_missing(s, s.frontier, stop)
+                s.frontier = stop
+            else:
+                break
         ahead = max(o.highest for o in self.streams.values())
         s.behind_since = now if s.frontier < ahead else None
 
@@ -194,7 +233,7 @@ class EventFormer:
                 s.behind_since = now
             if now - max(s.advanced_at, s.behind_since) < self.timeout:
                 continue
-            hole_end = min([target, *(i for i in s.early if i > s.frontier)])
+            hole_end = min([target, *(i for i in (*s.early, *s.early_missing) if i > s.frontier)])
             warnings.append(
                 f"scan {self.scan_id}: stream {s.name} did not deliver indices [{s.frontier}, {hole_end}) "
                 f"within {self.timeout:g} s; those events go on marked incomplete")
@@ -202,11 +241,15 @@ class EventFormer:
         return warnings
 
     def _declare(self, s: StreamState, start: int, stop: int, now: float) -> None:
+        self._add_missing(s, start, stop)
+        self._advance(s, stop, now)
+
+    @staticmethod
+    def _add_missing(s: StreamState, start: int, stop: int) -> None:
         if s.missing and s.missing[-1][1] == start:
             s.missing[-1][1] = stop
         else:
             s.missing.append([start, stop])
-        self._advance(s, stop, now)
 
     def is_complete(self, now: float | None = None) -> bool:
         """Every event of the scan has been cut into units: all planned points,

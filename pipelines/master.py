@@ -87,6 +87,7 @@ class ScanRun:
     gap_points: int = 0
     acked: list[list[int]] = field(default_factory=list)  # merged ranges the sorter acknowledged
     points: int | None = None  # known once the end is sent
+    started_wall: float = field(default_factory=time.time)
 
     @property
     def scan_id(self) -> str:
@@ -551,8 +552,15 @@ class MasterComponent(PipelineComponent):
             run.former.add_block(msg, now)
         elif msg.type == codec.SCAN_END:
             run.former.stream_end(msg.stream, msg.count)
+        elif msg.type == codec.GAP:
+            if msg.arrays:
+                raise ValueError("a source's gap carries no arrays")
+            run.former.declare_missing(msg.stream, msg.index, msg.stop, now)
+            log.warning("scan %s: source of %s declares indices [%d, %d) missing%s", msg.scan, msg.stream,
+                        msg.index, msg.stop, f": {msg.meta[protocol.META_REASON]}"
+                        if isinstance(msg.meta.get(protocol.META_REASON), str) else "")
         else:
-            raise ValueError(f"sources send data and scan_end, not {msg.type}")
+            raise ValueError(f"sources send data, gap and scan_end, not {msg.type}")
 
     def _drain_workers(self, now: float) -> None:
         for identity, msg in self.drain_routed(self.router, "the work socket"):
@@ -682,6 +690,21 @@ class MasterComponent(PipelineComponent):
             return 1.0
         total = run.points if run.points is not None else run.plan.meta.points
         return min(1.0, run.acked_points / total) if total else 0.0
+
+    def open_scans(self) -> list[dict[str, Any]]:
+        """The scans still taking data, oldest first: id, planned points, the
+        streams joined, when started (epoch s), whether EndScan came, and
+        each stream's ``first_index`` where the document declares one. An
+        ingester asks this once per detector series to know which scan the
+        series belongs to (docs/ingesters.md)."""
+        out = []
+        for run in list(self.runs.values()):
+            declared = run.plan.meta.raw.get("streams", {})
+            out.append({"scan": run.scan_id, "points": run.plan.meta.points, "streams": list(run.plan.streams),
+                        "started": run.started_wall, "ending": run.former.end_requested_at is not None,
+                        "first_index": {s: declared[s]["first_index"] for s in run.plan.streams
+                                        if "first_index" in declared.get(s, {})}})
+        return out
 
     def scan_summary(self) -> dict[str, Any]:
         run = self.runs.get(self.current_scan) or self.finished.get(self.current_scan)

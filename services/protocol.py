@@ -9,6 +9,11 @@ r"""How the stages of a pipeline talk on the data plane (on top of services.code
 * Sources bind a PUSH socket and register it as ``data_out`` (kind ``source``,
   ``capabilities.stream``); the master connects one PULL socket per source, so
   it can stop reading one stream while it waits for another.
+* A source may also send a ``gap`` block without arrays (:func:`source_gap`):
+  indices ``[index, index + count)`` of its stream will never come (a
+  detector skipped frames). The master declares them missing at once, as it
+  would after its incomplete timeout; the events there go on marked
+  incomplete. A source's ``scan_end`` with ``count`` declares the rest.
 * The master binds ``work`` (ROUTER) for workers and ``acks`` (PULL) for the
   sorter. Workers ask for work with ``credit`` messages and heartbeat with
   ``credit`` of 0; a unit of work is a ``data`` block of joined streams whose
@@ -42,6 +47,7 @@ class Kind(StrEnum):
     SINK = "sink"
     WRITER = "writer"
     RECORDER = "recorder"
+    INGESTER = "ingester"  # a detector protocol's ingester device; its streams register as SOURCE
 
 
 #: Services the sorter delivers to: every one registered for the pipeline (or for all, pipeline "").
@@ -66,6 +72,12 @@ META_RESUME = "resume_from"  # scan_start re-sent to a restarted sorter (and for
 META_ACKED = "acked"  # scan_start re-sent to a restarted sorter: [[start, stop], ...] the master has had acked
 META_SORTER = "sorter"  # scan_start to workers: the sorter's results_in endpoint to push this scan's results to
 META_REASON = "reason"  # scan_abort (and gap): why, in words for people
+
+
+def source_gap(scan: str, stream: str, start: int, stop: int, reason: str = "") -> codec.Message:
+    """A source says indices [start, stop) of ``stream`` never come (missed frames)."""
+    return codec.Message(codec.GAP, scan=scan, stream=stream, index=start, count=stop - start,
+                         meta={META_REASON: reason} if reason else {})
 
 
 def array_key(stream: str, name: str) -> str:

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import zmq
@@ -50,7 +51,8 @@ class SourceClient:
     """One detector stream: a bound PUSH socket, registered as a source."""
 
     def __init__(self, stream: str, pipeline: str, link: ManagerLink, host: str = "127.0.0.1", hwm: int = 16,
-                 prefix: str = "source", descriptor: Mapping[str, Any] | None = None) -> None:
+                 prefix: str = "source", descriptor: Mapping[str, Any] | None = None,
+                 thread_factory: Callable[..., threading.Thread] = threading.Thread) -> None:
         self.stream = stream
         name = f"{prefix}/{pipeline}-{stream}/{os.getpid()}"
         self.counters = Counters(log)  # refused peers (a PUSH socket reads nothing else)
@@ -66,7 +68,8 @@ class SourceClient:
         self.registration = RegistrationClient(link, {
             "name": name, "kind": protocol.Kind.SOURCE, "pipeline": pipeline,
             "host": host, "pid": os.getpid(), "endpoints": {protocol.SOURCE_OUT: self.endpoint},
-            "capabilities": {"stream": stream, **(self.descriptor or {})}, **self.auth.registration_fields()})
+            "capabilities": {"stream": stream, **(self.descriptor or {})}, **self.auth.registration_fields()},
+            thread_factory=thread_factory)
         self.registration.start()
 
     def send(self, msg: codec.Message, timeout: float | None = None) -> None:

@@ -472,3 +472,29 @@ def test_end_requested_without_announcements_waits_for_quiet() -> None:
     assert former.taken == 70
     assert not former.is_complete(now=1.5 + TIMEOUT - 1e-6)
     assert former.is_complete(now=1.5 + TIMEOUT)
+
+
+def test_a_source_declares_a_hole_missing_and_the_events_go_on_without_waiting():
+    """A gap from the source (missed detector frames) ends the wait at once, ahead of the
+    frontier or at it, and is refused where it overlaps what arrived or lies outside the scan."""
+    former = EventFormer(scan_meta(10, declared=["pandabox"]), ["pandabox"], incomplete_timeout=3600, now=0.0)
+    former.add_block(block("pandabox", 0, 3), now=0.0)
+    former.add_block(block("pandabox", 5, 8), now=0.0)
+    former.declare_missing("pandabox", 8, 10, now=0.0)  # beyond the hole at 3..5: kept until the frontier gets there
+    assert former.frontier == 3
+    for bad in ((0, 2), (6, 7), (9, 11), (4, 4)):
+        with pytest.raises(ValueError):
+            former.declare_missing("pandabox", *bad, now=0.0)
+    with pytest.raises(ValueError, match="not a source"):
+        former.declare_missing("xspress", 3, 5, now=0.0)
+    former.declare_missing("pandabox", 3, 5, now=0.0)
+    assert former.frontier == 10 and former.check_timeouts(now=0.1) == []
+    units = take_all(former)
+    assert [(u.index, u.count, u.meta.get(protocol.META_MISSING)) for u in units] == [
+        (0, 3, None), (3, 2, ["pandabox"]), (5, 3, None), (8, 2, ["pandabox"])]
+    assert_unit(units[2], ["pandabox"], 5, 8)
+    assert former.is_complete() and former.incomplete_points == 4
+    early = EventFormer(scan_meta(10, declared=["pandabox"]), ["pandabox"], incomplete_timeout=3600, now=0.0)
+    early.declare_missing("pandabox", 4, 6, now=0.0)
+    with pytest.raises(ValueError, match="declared missing"):
+        early.add_block(block("pandabox", 5, 7), now=0.0)

@@ -1,7 +1,7 @@
 """The layering rule of docs/architecture.md, checked on the import graph.
 
 Kit (``services/`` without ``ops`` and ``sim``) at the bottom; the services
-(``topology_manager``, ``pipelines``, ``sink``, ``writers``) as peers that
+(``topology_manager``, ``pipelines``, ``sink``, ``writers``, ``ingesters``) as peers that
 import only the kit and themselves; the simulator above the kit; ops on top,
 free to import anything. A module imported inside a function counts too.
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-PEERS = ("topology_manager", "pipelines", "sink", "writers")
+PEERS = ("topology_manager", "pipelines", "sink", "writers", "ingesters")
 PROJECT = ("services", *PEERS)
 
 
