@@ -36,6 +36,7 @@ log = logging.getLogger("tangomesh.worker")
 
 SCANS_KEPT = 8
 _identities = itertools.count()
+_done_endpoints = itertools.count()
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,9 @@ class WorkerComponent(PipelineComponent):
         self.copies = 0
         self.processor_name = ""
         self._done = self.context.socket(zmq.PULL)  # processing -> link: "a unit is finished"
-        self._done_endpoint = f"inproc://worker-done-{id(self)}"
+        # unique in the process for good: id(self) comes back once a stopped worker is freed, and a killed
+        # worker's inproc socket may not be closed yet
+        self._done_endpoint = f"inproc://worker-done-{next(_done_endpoints)}"
         self._done.bind(self._done_endpoint)
         self.threads = [thread_factory(target=self._link_loop, name="worker-link", daemon=True),
                         thread_factory(target=self._work_loop, name="worker-processing", daemon=True)]
