@@ -50,7 +50,7 @@ def test_libzmq_reports_a_dropped_peer_as_a_plain_disconnect_like_a_peer_leaving
             assert pull.poll(5000) and pull.recv() == b"x" * 10
             push.close(0)
         events = []
-        while len(events) < 2 and monitor.poll(5000):
+        while len(events) < 2 and monitor.poll(20_000):  # a loaded machine delivers monitor events late
             event = recv_monitor_message(monitor)
             events.append((event["event"], event["value"]))
         seen[case] = events
