@@ -314,11 +314,7 @@ class MasterComponent(PipelineComponent):
             sorter = self.context.socket(zmq.PUSH)
             sorter.linger = 0
             sorter.sndtimeo = 2000
-            try:
-                self.auth.connect(sorter, endpoint)
-            except security.UnknownPeer:
-                sorter.close(0)
-                raise
+            self.auth.connect(sorter, endpoint)
             self.sorters[endpoint] = sorter
         return sorter
 
@@ -420,7 +416,6 @@ class MasterComponent(PipelineComponent):
             self.auth.connect(sock, endpoint)
         except security.UnknownPeer:
             drops.close()
-            sock.close(0)
             raise
         return SourceLink(sock, stream, endpoint, drops)
 

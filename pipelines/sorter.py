@@ -272,11 +272,7 @@ class SorterComponent(PipelineComponent):
         if sock is None:
             sock = self.context.socket(zmq.PUSH)
             sock.linger = 0
-            try:
-                self.auth.connect(sock, endpoint)
-            except security.UnknownPeer:
-                sock.close(0)
-                raise
+            self.auth.connect(sock, endpoint)
             self.sockets[endpoint] = sock
         return sock
 

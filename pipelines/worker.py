@@ -184,7 +184,6 @@ class WorkerComponent(PipelineComponent):
             self.auth.connect(dealer, endpoint)
         except security.UnknownPeer:
             drops.close()
-            dealer.close(0)
             raise
         # Work still queued here from an earlier master connection stays valid:
         # only units not yet received are asked for.
@@ -269,7 +268,6 @@ class WorkerComponent(PipelineComponent):
                                 self.auth.connect(results, self.sorter_endpoint)
                                 connected_to = self.sorter_endpoint
                             except security.UnknownPeer as exc:  # the master named a sorter not (yet) registered
-                                results.close(0)
                                 results = None
                                 self.counters.error(f"cannot send results: {exc}")
                                 time.sleep(0.5)

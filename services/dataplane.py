@@ -164,7 +164,7 @@ class DropWatch:
             connection.close()
 
     def close(self) -> None:
-        """Before the socket is closed."""
+        """Before the socket is closed, or after (a refused connect closes it first)."""
         try:
             self.socket.disable_monitor()
         except zmq.ZMQError:

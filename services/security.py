@@ -397,12 +397,14 @@ class Auth:
     def connect(self, socket: zmq.Socket, endpoint: str, server_key: bytes | str | None = None) -> None:
         """Connect ``socket`` to ``endpoint`` as this service; the server's key
         is found by endpoint in the topology unless given. UnknownPeer if no
-        registered service has that endpoint."""
+        registered service has that endpoint; the socket is closed then (it can
+        serve nothing), so callers only drop their reference."""
         if self.on:
             assert self.peers is not None
             key = server_key.encode("ascii") if isinstance(server_key, str) else server_key
             key = key or self.peers.server_key(endpoint)
             if key is None:
+                socket.close(0)
                 raise UnknownPeer(f"no registered service has the endpoint {endpoint}: its key is unknown")
             socket.curve_serverkey = key
             socket.curve_publickey = self.keys.public
