@@ -36,6 +36,7 @@ one place that decides who may talk on the data plane is this module
 from __future__ import annotations
 
 import itertools
+import os
 import logging
 import queue
 import threading
@@ -74,6 +75,7 @@ GRACE_SECONDS = 60.0
 UNKNOWN_KEY_ATTEMPTS = 3
 LOG_EVERY_SECONDS = 60.0  # a refused peer is logged at most this often
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
+_domains = itertools.count()  # ZAP domains (and their monitors' addresses) of this process
 #: Monitor events of a handshake that failed before ZAP was asked (a client without CURVE).
 HANDSHAKE_FAILURES = zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
 
@@ -464,7 +466,6 @@ class _Gate:
     context: zmq.Context
     domains: dict[bytes, _Served] = field(default_factory=dict)
     _new: queue.Queue = field(default_factory=queue.Queue)
-    _ids: Any = field(default_factory=itertools.count)
     #: requests with an unknown key, waiting for the next topology read: (due, attempt, served, route, ...)
     _pending: list[tuple[Any, ...]] = field(default_factory=list)
 
@@ -494,7 +495,9 @@ class _Gate:
         return True
 
     def add(self, socket: zmq.Socket, auth: Auth, admits: Rule, what: str, watch: bool) -> None:
-        domain = f"tangomesh-zap-{id(self)}-{next(self._ids)}".encode()
+        # numbered for the process's life: a gate's id(self) comes back once it is freed, while a monitor
+        # of its last socket may still be bound to the address made from it
+        domain = f"tangomesh-zap-{os.getpid()}-{next(_domains)}".encode()
         socket.zap_domain = domain
         served = _Served(auth, admits, what, domain, weakref.ref(socket))
         if watch:
