@@ -42,15 +42,22 @@ class PipelineComponent(Component):
         """Up to ``limit`` messages waiting on ``sock`` (then the loop serves its
         other sockets). A malformed one is counted, logged and skipped, never
         raised: one bad peer must not stop a stage."""
+        return (msg for _, msg in self.drain_frames(sock, where, limit))
+
+    def drain_frames(self, sock: zmq.Socket, where: str,
+                     limit: int = 256) -> Iterator[tuple[list[zmq.Frame], codec.Message]]:
+        """:meth:`drain`, each message with the frames it came in (to record it as it was)."""
         for _ in range(limit):
             try:
-                msg = codec.recv(sock, zmq.NOBLOCK)
+                frames = codec.recv_frames(sock, zmq.NOBLOCK)
             except zmq.Again:
                 return
+            try:
+                msg = codec.decode(frames)
             except codec.CodecError as exc:
                 self.counters.error(f"refused message on {where}: {exc}")
                 continue
-            yield msg
+            yield frames, msg
 
     def drain_routed(self, sock: zmq.Socket, where: str, limit: int = 256) -> Iterator[tuple[bytes, codec.Message]]:
         """:meth:`drain` for a ROUTER socket: (peer identity, message)."""

@@ -35,6 +35,10 @@ class PipelineMaster(MeshDevice):
         MasterConfig, "sorter_timeout",
         doc="No sorter registered this long while scans run (after its lease expired): the scans are aborted, "
             "the consumers told directly")
+    RecordDirectory = config_property(
+        MasterConfig, "record_directory",
+        doc="Record every scan's source streams, as they came, under this directory (<scan>/<pipeline>/: "
+            "scan.json and one .tmrec per stream) for `tangomesh replay`; empty: no recording")
     Affinity = device_property(dtype=str, default_value="",  # empty: MasterConfig's default affinity (none)
                                doc='Default affinity, e.g. {"group": 100} or {"copy_to": "debug"}')
     Preload = config_property(

@@ -20,6 +20,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import zmq
@@ -32,6 +33,7 @@ from pipelines.formation import EventFormer
 from services import codec, security
 from services.dataplane import (CONTROL_MAX_FRAME_BYTES, DATA_MAX_FRAME_BYTES, DropWatch, bind, limit_frames,
                                 stream_frame_cap)
+from services.recording import RecordingError, ScanRecording
 from services.registration import ManagerLink
 from services.scan import ScanError, ScanMeta, parse_scan
 
@@ -53,6 +55,7 @@ class MasterConfig:
     affinity: Affinity = Affinity()
     preload: tuple[str, ...] = ()  # processors whose settings checks are made ready at start-up; "*": all
     sorter_timeout: float = 30.0  # no sorter registered this long while scans run: they are aborted
+    record_directory: str = ""  # every scan's source streams recorded under it (services/recording.py); "": off
 
     def __post_init__(self) -> None:
         for prop, value in (("MaxQueueBytes", self.max_queue_bytes), ("MaxUnitPoints", self.max_unit_points),
@@ -88,6 +91,7 @@ class ScanRun:
     acked: list[list[int]] = field(default_factory=list)  # merged ranges the sorter acknowledged
     points: int | None = None  # known once the end is sent
     started_wall: float = field(default_factory=time.time)
+    recording: ScanRecording | None = None
 
     @property
     def scan_id(self) -> str:
@@ -255,6 +259,12 @@ class MasterComponent(PipelineComponent):
         self._connect_sources(plan.sources, plan.frame_caps)
         self._sorter_socket(plan.sorter)
         run = ScanRun(plan, EventFormer(plan.meta, plan.streams, self.config.incomplete_timeout, now), now)
+        if self.config.record_directory:
+            try:
+                run.recording = ScanRecording(Path(self.config.record_directory), scan_id, self.pipeline,
+                                              plan.meta.raw, now)
+            except RecordingError as exc:
+                self.counters.error(f"scan {scan_id} is not recorded: {exc}")
         self.runs[scan_id] = run
         self.current_scan = scan_id
         start = self._scan_start_message(run)
@@ -440,6 +450,10 @@ class MasterComponent(PipelineComponent):
 
     def _finish(self, run: ScanRun) -> None:
         self.runs.pop(run.scan_id, None)
+        if run.recording is not None:
+            run.recording.close()
+            log.info("scan %s recorded in %s (%.1f MiB)", run.scan_id, run.recording.directory,
+                     run.recording.bytes / 2**20)
         self.dispatcher.end_scan(run.scan_id)
         self.finished[run.scan_id] = run
         while len(self.finished) > FINISHED_KEPT:
@@ -527,17 +541,30 @@ class MasterComponent(PipelineComponent):
 
         if held():
             return
-        for msg in self.drain(link.socket, f"the {link.stream} source", limit=64):  # then the other sockets
-            self.counters.events_in += 1
+        for frames, msg in self.drain_frames(link.socket, f"the {link.stream} source", limit=64):
+            self.counters.events_in += 1  # at most 64, then the other sockets
             try:
-                self._accept_source(link, msg, now)
+                run = self._accept_source(link, msg, now)
             except ValueError as exc:
                 self.counters.error(f"refused {msg.type} scan={msg.scan!r} stream={msg.stream!r} "
                                     f"index={msg.index} count={msg.count}: {exc}")
+            else:
+                if run.recording is not None:
+                    self._record(run, msg.stream, frames, now)
             if held():
                 return
 
-    def _accept_source(self, link: SourceLink, msg: codec.Message, now: float) -> None:
+    def _record(self, run: ScanRun, stream: str, frames: list[Any], now: float) -> None:
+        """Keep an accepted message as it came; a failing recording ends, the scan goes on."""
+        assert run.recording is not None
+        try:
+            run.recording.write(stream, frames, now)
+        except RecordingError as exc:
+            self.counters.error(f"scan {run.scan_id}: recording stopped: {exc}")
+            run.recording.close()
+            run.recording = None
+
+    def _accept_source(self, link: SourceLink, msg: codec.Message, now: float) -> ScanRun:
         if msg.stream != link.stream:
             raise ValueError(f"source registered for stream {link.stream!r} sent stream {msg.stream!r}")
         run = self.runs.get(msg.scan)
@@ -556,6 +583,7 @@ class MasterComponent(PipelineComponent):
                         if isinstance(msg.meta.get(protocol.META_REASON), str) else "")
         else:
             raise ValueError(f"sources send data, gap and scan_end, not {msg.type}")
+        return run
 
     def _drain_workers(self, now: float) -> None:
         for identity, msg in self.drain_routed(self.router, "the work socket"):

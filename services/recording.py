@@ -87,6 +87,46 @@ class StreamWriter:
         self._file.close()
 
 
+class ScanRecording:
+    """What a master records of one scan: ``scan.json`` at the start, then a
+    :class:`StreamWriter` per stream, opened by the stream's first message.
+
+    Any OSError (disk full, no permission, the directory taken) comes out as
+    RecordingError; the master then stops recording that scan, counts and
+    logs it, and the scan itself goes on: a recording is never a reason to
+    lose or hold back data."""
+
+    def __init__(self, root: Path, scan_id: str, pipeline: str, document: dict[str, Any], started: float) -> None:
+        self.directory = scan_directory(root, scan_id, pipeline)
+        self.started = started  # time.monotonic() of the scan's start
+        self._writers: dict[str, StreamWriter] = {}
+        try:
+            write_document(self.directory, document)
+        except OSError as exc:
+            raise RecordingError(f"cannot record scan {scan_id} in {self.directory}: {exc}") from None
+
+    def write(self, stream: str, frames: Sequence[Any], now: float) -> None:
+        try:
+            writer = self._writers.get(stream)
+            if writer is None:
+                writer = self._writers[stream] = StreamWriter(self.directory / (safe_name(stream) + SUFFIX))
+            writer.write(now - self.started, frames)
+        except OSError as exc:
+            raise RecordingError(f"recording {stream} in {self.directory} failed: {exc}") from None
+
+    @property
+    def bytes(self) -> int:
+        return sum(w.bytes for w in self._writers.values())
+
+    def close(self) -> None:
+        for writer in self._writers.values():
+            try:
+                writer.close()
+            except OSError as exc:  # the data written before stays readable up to its last whole record
+                log.warning("closing %s: %s", writer.path, exc)
+        self._writers.clear()
+
+
 def write_document(directory: Path, document: dict[str, Any]) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     fd = os.open(directory / SCAN_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)

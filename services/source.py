@@ -106,6 +106,10 @@ class SourceClient:
         self.send(codec.Message(codec.DATA, scan=scan, stream=self.stream, index=index, count=count, arrays=arrays),
                   timeout)
 
+    def gap(self, scan: str, start: int, stop: int, reason: str = "", timeout: float | None = None) -> None:
+        """Points [start, stop) of this stream will never come (a detector's missed frames)."""
+        self.send(protocol.source_gap(scan, self.stream, start, stop, reason), timeout)
+
     def end(self, scan: str, points: int, timeout: float | None = None) -> None:
         self.send(codec.Message(codec.SCAN_END, scan=scan, stream=self.stream, count=points), timeout)
 

@@ -68,8 +68,9 @@ class ScanData(Protocol):
                  pipelines: list[str] | None = None) -> dict[str, Any]:
         """The StartScan document, with analysis settings for ``pipelines`` (default: all)."""
 
-    def arrays(self, stream: str, start: int, stop: int) -> dict[str, np.ndarray]:
-        """``stream``'s arrays for points [start, stop), leading axis ``stop - start``."""
+    def arrays(self, stream: str, start: int, stop: int) -> dict[str, np.ndarray] | None:
+        """``stream``'s arrays for points [start, stop), leading axis ``stop - start``;
+        None: these points never come (sent as a gap, as a detector's missed frames)."""
 
 
 @dataclass
@@ -159,6 +160,8 @@ class ScanDriver:
             first: dict[str, tuple[int, int]] = {}
             largest: dict[str, int] = {}
             for start, stop, stream in recorded():
+                if data.arrays(stream, start, stop) is None:
+                    continue  # a recorded gap: no arrays to describe
                 first.setdefault(stream, (start, stop))
                 largest[stream] = max(largest.get(stream, 0), stop - start)
             descriptors = {s: stream_descriptor(data.arrays(s, *first[s]), largest[s]) for s in wanted if s in first}
@@ -283,10 +286,14 @@ class ScanDriver:
                 raise TimeoutError(f"scan {scan_id}: sent {start} of {data.points} points within the timeout")
             arrays = data.arrays(stream, start, stop)
             for pipeline, source in targets[stream]:
-                if self._push(pipeline, lambda step, source=source: source.block(scan_id, start, arrays, step),
-                              watch, deadline):
+                if arrays is None:
+                    self._push(pipeline, lambda step, source=source: source.gap(scan_id, start, stop, "recorded gap",
+                                                                                 step), watch, deadline)
+                elif self._push(pipeline, lambda step, source=source: source.block(scan_id, start, arrays, step),
+                                watch, deadline):
                     sent_bytes += sum(a.nbytes for a in arrays.values())
-            sent_at[start:stop] = time.monotonic()
+            if arrays is not None:
+                sent_at[start:stop] = time.monotonic()
             if progress and time.monotonic() - last_report > PROGRESS_PERIOD_S:
                 last_report = time.monotonic()
                 progress(stop, self.delivered(scan_id))

@@ -48,12 +48,12 @@ class Replay:
         for path in files.values():
             for record in read_stream(path):
                 msg = record.message
-                if msg.type != codec.DATA:
+                if msg.type not in (codec.DATA, codec.GAP):
                     continue  # a source's scan_end: the driver sends its own at the end
                 key = (msg.stream, msg.index, msg.stop)
                 if key in self._arrays:
                     raise RecordingError(f"{path}: block [{msg.index}, {msg.stop}) of {msg.stream} recorded twice")
-                self._arrays[key] = msg.arrays
+                self._arrays[key] = msg.arrays if msg.type == codec.DATA else None  # None: a declared gap
                 self._order.append((record.seconds, msg.index, msg.stop, msg.stream))
                 if msg.stream not in self._streams:
                     self._streams.append(msg.stream)
@@ -84,7 +84,8 @@ class Replay:
             doc["analysis"] = {self.pipeline: doc["analysis"][self.pipeline]}
         return doc
 
-    def arrays(self, stream: str, start: int, stop: int) -> dict[str, np.ndarray]:
+    def arrays(self, stream: str, start: int, stop: int) -> dict[str, np.ndarray] | None:
+        """The recorded block's arrays; None where the source declared [start, stop) missing."""
         try:
             return self._arrays[stream, start, stop]
         except KeyError:
@@ -92,7 +93,7 @@ class Replay:
 
     # ------------------------------------------------------------ what only a recording knows
     def blocks(self) -> Iterator[tuple[int, int, str]]:
-        """The recorded blocks, (start, stop, stream), in the order they came."""
+        """The recorded blocks and gaps, (start, stop, stream), in the order they came."""
         return ((start, stop, stream) for _, start, stop, stream in self._order)
 
     def times(self) -> np.ndarray:

@@ -351,3 +351,41 @@ def test_sources_that_describe_their_stream_are_capped_to_fit_and_an_oversized_f
     chain.end_scan(scan_id)
     assert_every_point_once_in_order(chain, scan_id, chain.wait_scan_end(scan_id), points)
     assert chain.master.counters.errors == errors + 1
+
+
+def test_a_recording_master_keeps_every_accepted_message_and_a_failing_disk_never_stops_the_scan(
+        make_chain, tmp_path) -> None:
+    """With a record directory the master keeps each accepted source message
+    as it came (the scan document beside them); when writing fails (here the
+    next stream file is taken by a symlink, which the writer refuses to
+    follow, as it would a full disk) that scan's recording stops, counted,
+    and every point still arrives once, in order."""
+    from services.recording import read_document, read_stream, scan_directory, stream_files
+
+    chain = make_chain(master_config=MasterConfig(record_directory=str(tmp_path)))
+    scan_id, tally = chain.run_scan(500, block=50)
+    assert_every_point_once_in_order(chain, scan_id, tally, 500)
+    directory = scan_directory(tmp_path, scan_id, chain.pipeline)
+    assert read_document(directory)["scan"]["id"] == scan_id
+    files = stream_files(directory)
+    assert set(files) == set(chain.sources)
+    for stream, path in files.items():
+        messages = [r.message for r in read_stream(path)]
+        assert [m.type for m in messages] == [codec.DATA] * 10 + [codec.SCAN_END]
+        assert [m.index for m in messages[:-1]] == list(range(0, 500, 50))
+        want = chain.profile.values(stream, np.arange(450, 500))
+        for name, array in want.items():
+            np.testing.assert_array_equal(messages[-2].arrays[name], array)
+
+    errors = chain.master.counters.errors
+    taken = sorted(chain.sources)[0]
+    scan_id = f"chain-{chain.pipeline}-disk-fails"
+    (scan_directory(tmp_path, scan_id, chain.pipeline) / f"{taken}.tmrec").parent.mkdir(parents=True)
+    (scan_directory(tmp_path, scan_id, chain.pipeline) / f"{taken}.tmrec").symlink_to(tmp_path / "elsewhere")
+    chain.start_scan(500, scan_id=scan_id)
+    chain.send_blocks(scan_id, 500, block=50)
+    chain.end_scan(scan_id)
+    assert_every_point_once_in_order(chain, scan_id, chain.wait_scan_end(scan_id), 500)
+    assert chain.master.counters.errors > errors
+    assert "recording stopped" in chain.master.counters.last_error
+    assert not (tmp_path / "elsewhere").exists()

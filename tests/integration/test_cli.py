@@ -9,11 +9,15 @@ import subprocess
 import time
 from pathlib import Path
 
+import h5py
+import hdf5plugin  # noqa: F401  (the writers' compressed datasets)
+import numpy as np
 import pytest
 
 from support import wait_for
 from services.ops.home import bin_dir, pid_alive
 from services.ops.mesh import DEFAULT_MESH
+from sink.queries import SinkClient
 from writers.layout import read_checksums
 
 EXPECTED = {
@@ -364,4 +368,97 @@ def test_a_killed_supervisor_comes_back_with_up_adopts_the_servers_and_carries_o
     os.kill(after[worker]["pid"], signal.SIGKILL)  # supervised by the new one, adopted: counted on from 1
     row = wait_for(lambda: back(after[worker]["pid"], 2), 30, "the adopted worker restarted, counted on")
     assert row["last_exit"]["how"].startswith("gone (exit status unknown")  # not the new supervisor's child
+    tangomesh(home, "down", *mesh)
+
+
+def recording_mesh(home: Path, root: Path) -> Path:
+    """The default mesh with every master recording its scans under ``root``."""
+    spec = json.loads(DEFAULT_MESH.read_text())
+    for instance in spec["servers"]["PipelineMaster"].values():
+        for device in instance["PipelineMaster"].values():
+            device["properties"]["RecordDirectory"] = [str(root)]
+    home.mkdir(parents=True, exist_ok=True)
+    path = home / "recording.json"
+    path.write_text(json.dumps(spec))
+    return path
+
+
+#: Relative rounding allowed between a scan and its replay in floating-point
+#: results: the same events, but cut into other units of work, and batched
+#: float32 products (xrf's projections) round by the batch's size, to
+#: about 1e-5 of a product's largest value.
+BATCH_ROUNDING = 1e-5
+
+
+def same_array(a: np.ndarray, b: np.ndarray) -> bool:
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.dtype.kind in "fc":
+        scale = float(np.nanmax(np.abs(a))) if np.isfinite(a).any() else 0.0  # float32 rounds by the largest term
+        return bool(np.allclose(a, b, rtol=BATCH_ROUNDING, atol=BATCH_ROUNDING * scale, equal_nan=True))
+    return bool(np.array_equal(a, b))
+
+
+def nexus_datasets(path: Path) -> dict[str, np.ndarray]:
+    """Every numeric dataset of a NeXus file, by path below its entry (the
+    entry's name carries the scan id, which a replay changes)."""
+    out: dict[str, np.ndarray] = {}
+    with h5py.File(path, "r") as f:
+        for entry in f.values():
+            entry.visititems(lambda name, obj: out.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset)
+                             and obj.dtype.kind in "biufc" else None)
+    return out
+
+
+#: NeXus datasets that say when or how long, not what was measured, and the
+#: scan's number: a replay is a new scan and differs there.
+TIMING = ("time", "duration", "latency", "wall")
+IDENTITY = {"scan/number"}
+
+
+@pytest.mark.slow
+def test_a_recorded_full_scan_replays_into_identical_products_and_nexus_datasets(home) -> None:
+    """Masters with a RecordDirectory record the `full` simulated scan (all
+    five pipelines, their source streams as they came); `tangomesh replay`
+    of each pipeline's recording gives the same sink products, every one,
+    and the same NeXus datasets (integers bit for bit, floating point to
+    the rounding of batched products)."""
+    root = home / "recordings"
+    mesh_file = recording_mesh(home, root)
+    mesh = ("--mesh", str(mesh_file))
+    tangomesh(home, "up", *mesh)
+    original = json.loads(tangomesh(home, "scan", "--sim", "full", "--shape", "12x8", "--block", "5", "--json",
+                                    *mesh, timeout=300).stdout)
+    scan = original["scan"]
+    assert original["lossless"] and original["consumers"]["ok"], original
+    pipelines = sorted(original["pipelines"])
+    assert pipelines == ["counters", "dpc", "position", "xrd", "xrf"]
+    sink_row = next(r for r in status(home) if r["kind"] == "sink")
+    client = SinkClient(sink_row["endpoints"]["query"])
+    try:
+        before = client.info(scan)
+        for pipeline in pipelines:
+            recording = root / scan / pipeline
+            assert (recording / "scan.json").is_file() and list(recording.glob("*.tmrec")), recording
+            replay = json.loads(tangomesh(home, "replay", str(recording), "--fast", "--json", *mesh,
+                                          timeout=300).stdout)
+            assert replay["lossless"] and replay["consumers"]["ok"], replay
+            again = client.info(replay["scan"])
+            assert again["status"] == "complete" and again["received"] == before["received"] == 96
+            products = sorted(p for p in before["products"] if p.startswith(f"{pipeline}/"))
+            assert products and products == sorted(again["products"]), (products, again["products"])
+            for product in products:
+                a, b = client.get(scan, product), client.get(replay["scan"], product)
+                assert same_array(a, b), f"{product} differs after the replay"
+            files = {f["pipeline"]: Path(f["path"]) for f in original["consumers"]["files"]
+                     if f["path"].endswith(".nxs")}
+            replayed = [Path(f["path"]) for f in replay["consumers"]["files"] if f["path"].endswith(".nxs")]
+            assert len(replayed) == 1, replay["consumers"]["files"]
+            first, second = nexus_datasets(files[pipeline]), nexus_datasets(replayed[0])
+            measured = {k for k in first if k not in IDENTITY and not any(t in k.rsplit("/", 1)[-1] for t in TIMING)}
+            assert measured and measured <= set(second), sorted(measured - set(second))
+            differing = [k for k in sorted(measured) if not same_array(first[k], second[k])]
+            assert not differing, f"{pipeline}: NeXus datasets differ after the replay: {differing}"
+    finally:
+        client.close()
     tangomesh(home, "down", *mesh)

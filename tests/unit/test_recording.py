@@ -80,3 +80,48 @@ def test_names_stay_inside_the_recording_directory(tmp_path) -> None:
     with pytest.raises(FileExistsError):  # a recording is never overwritten
         StreamWriter(tmp_path / "a.tmrec")
         StreamWriter(tmp_path / "a.tmrec")
+
+
+def test_a_replay_sends_the_recorded_blocks_and_declares_the_recorded_gaps_again(tmp_path) -> None:
+    from services.ops.driver import ScanDriver
+    from services.ops.replay import Replay
+    from services.protocol import source_gap
+    from services.recording import ScanRecording
+    from services.sim.profiles import PROFILES, ProfileScan
+
+    data = ProfileScan(PROFILES["counters"], "p1", 30, streams=["scaler"])
+    recording = ScanRecording(tmp_path, "s1", "p1", data.document("s1", 1), started=100.0)
+    for start, stop in ((0, 10), (20, 30)):
+        msg = codec.Message(codec.DATA, scan="s1", stream="scaler", index=start, count=stop - start,
+                            arrays=data.arrays("scaler", start, stop))
+        recording.write("scaler", codec.encode(msg), now=100.0 + stop / 10)
+    recording.write("scaler", codec.encode(source_gap("s1", "scaler", 10, 20, "frames lost")), now=103.5)
+    recording.write("scaler", codec.encode(codec.Message(codec.SCAN_END, scan="s1", stream="scaler", count=30)),
+                    now=104.0)
+    recording.close()
+
+    replay = Replay(scan_directory(tmp_path, "s1", "p1"))
+    assert list(replay.blocks()) == [(0, 10, "scaler"), (20, 30, "scaler"), (10, 20, "scaler")]
+    np.testing.assert_allclose(replay.times(), [1.0, 3.0, 3.5])
+    assert replay.arrays("scaler", 10, 20) is None  # sent as a gap
+    for name, want in data.arrays("scaler", 20, 30).items():
+        np.testing.assert_array_equal(replay.arrays("scaler", 20, 30)[name], want)
+
+    class Link:
+        def register(self, info):
+            return {"name": info["name"], "lease_s": 30.0, "heartbeat_s": 10.0}
+
+        def heartbeat(self, name):
+            return {"name": name, "lease_s": 30.0, "heartbeat_s": 10.0}
+
+        def deregister(self, name):
+            pass
+
+        def lookup(self, query):
+            return []
+
+    driver = ScanDriver.for_data(replay, Link())
+    try:  # described from the data blocks, the gap left out
+        assert driver.sources["p1", "scaler"].descriptor["max_block"] == 10
+    finally:
+        driver.close()
