@@ -221,7 +221,11 @@ def _v1_image(head: dict[str, Any], parts: Sequence[memoryview]) -> Frame:
             raise SimplonError(f"raw frame of {len(blob)} bytes, {dtype.name}[{y}, {x}] is {nbytes}")
         pixels: CompressedFrames | np.ndarray = np.frombuffer(blob, dtype).reshape(y, x)
     elif encoding == "lz4<":
-        pixels = _compressed(LZ4, dtype, (y, x), frame_lz4_block(bytes(blob), nbytes))
+        try:
+            chunk = frame_lz4_block(bytes(blob), nbytes)
+        except CompressionError as exc:
+            raise SimplonError(f"lz4< frame: {exc}") from None
+        pixels = _compressed(LZ4, dtype, (y, x), chunk)
     elif isinstance(encoding, str) and encoding.startswith("bs") and encoding.endswith("-lz4<"):
         bits = encoding[2:-5]
         if bits not in ("8", "16", "32") or int(bits) != 8 * dtype.itemsize:

@@ -221,7 +221,21 @@ def _lz4_blocks(body: np.ndarray, total: int, block: int, lz4_block: Any) -> byt
 
 
 def frame_lz4_block(block: bytes, decoded_bytes: int) -> bytes:
-    """One bare LZ4 block (stream v1 ``lz4<``) as an LZ4-filter chunk."""
+    """One bare LZ4 block (stream v1 ``lz4<``) as an LZ4-filter chunk.
+
+    The filter takes a block as long as its decoded size for one stored raw,
+    so an LZ4 block that happens to be exactly that long (rare: data LZ4
+    barely compresses) is decoded here and stored raw, as the filter would
+    have written it; CompressionError if it does not decode to that size."""
+    if len(block) == decoded_bytes:
+        import lz4.block
+
+        try:
+            block = lz4.block.decompress(block, uncompressed_size=decoded_bytes)
+        except Exception as exc:  # LZ4BlockError and friends
+            raise CompressionError(f"LZ4 block does not decode: {exc}") from None
+        if len(block) != decoded_bytes:
+            raise CompressionError(f"LZ4 block decoded to {len(block)} bytes, expected {decoded_bytes}")
     return HEADER.pack(decoded_bytes, max(decoded_bytes, 1)) + struct.pack(">I", len(block)) + block
 
 

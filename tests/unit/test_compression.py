@@ -80,6 +80,23 @@ def test_a_bare_lz4_block_of_stream_v1_becomes_a_filter_chunk() -> None:
     np.testing.assert_array_equal(got.decompress()[0], frame)
 
 
+def test_a_bare_lz4_block_exactly_as_long_as_its_frame_is_not_taken_for_a_raw_one() -> None:
+    """The LZ4 filter reads a block of its decoded size as stored raw: a v1
+    block that compresses to exactly that size must still come back right."""
+    import lz4.block
+
+    rng = np.random.default_rng(0)
+    frame = np.frombuffer(rng.integers(0, 256, 64, dtype=np.uint8).tobytes(), "<u2").copy()
+    frame.view(np.uint8)[:6] = 0  # found by search: LZ4 compresses these 64 bytes to exactly 64
+    block = lz4.block.compress(frame.tobytes(), store_size=False)
+    assert len(block) == frame.nbytes and block != frame.tobytes()
+    chunk = frame_lz4_block(block, frame.nbytes)
+    got = CompressedFrames.from_buffer(LZ4, frame.dtype, (1, 4, 8), [len(chunk)], chunk)
+    np.testing.assert_array_equal(got.decompress()[0].ravel(), frame)
+    with pytest.raises(CompressionError, match="does not decode"):
+        frame_lz4_block(b"\xff" * frame.nbytes, frame.nbytes)
+
+
 def test_the_codec_carries_compressed_frames_without_a_copy_or_a_decode() -> None:
     original = frames(count=5)
     packed = CompressedFrames.compress(original, BSLZ4)
