@@ -5,7 +5,9 @@ Diamond's ``tickit-devices`` EIGER (stream v2 CBOR with a real EIGER2 16M frame;
 Real processes throughout: the embedded Tango DB, TopologyManager, PipelineMaster,
 one PipelineWorker (``passthrough``: the worker decompresses, the images come
 back as they were), Sorter, the EigerIngester server, and ALBA's simulator
-streaming the frames of an HDF5 file we write. Between simulator and ingester
+streaming the frames of an HDF5 file we write (powder rings). The same ingester
+also feeds a second pipeline, ``eiger-xrd`` (pyFAI integration and phase maps),
+for the scans started there. Between simulator and ingester
 sits a forwarding proxy that passes the simulator's multipart messages on
 unchanged and can drop chosen ones: that is how a lost frame and a lost series
 end are made (the simulator itself never loses one).
@@ -39,6 +41,7 @@ pytestmark = pytest.mark.slow
 
 MANAGER = "tangomesh/topology/manager"
 PIPE = "eiger"
+XRD_PIPE = "eiger-xrd"  # the same ingester's stream, integrated by pyFAI (a scan is started on one or the other)
 INGESTER = "test/eiger/ingester"
 TICKIT = "test/eiger/tickit"  # a second device of the same server: tickit's stream v2 as stream "eiger2"
 LOOP = "127.0.0.1"
@@ -83,10 +86,34 @@ class DroppingProxy:
         self.push.close(0)
 
 
+def xrd_geometry() -> dict:
+    """pyFAI's configuration of a small EIGER: 150 µm pixels, 3 cm away, the beam at a corner, 15 keV."""
+    from services.physics.powder import wavelength_A
+    from services.physics.pyfai import integrator
+
+    detector = {"pixel1": 150e-6, "pixel2": 150e-6, "orientation": 3, "max_shape": [Y, X]}
+    ai = integrator({"poni_version": 2.1, "dist": 0.03, "poni1": 0.0, "poni2": 0.0, "rot1": 0.0, "rot2": 0.0,
+                     "rot3": 0.0, "wavelength": wavelength_A(15.0) * 1e-10, "detector": "Detector",
+                     "detector_config": detector})
+    return json.loads(json.dumps(ai.get_config()))
+
+
 @pytest.fixture(scope="module")
 def frames() -> np.ndarray:
+    """Powder frames: the rings of the simulator's three phases, mixed differently
+    per frame, over a background, Poisson counts as uint16."""
+    from services.physics.powder import reflections, ring_profile, wavelength_A
+    from services.physics.pyfai import integrator
+    from services.sim.phantom import PHASES
+
+    two_theta = integrator(xrd_geometry()).center_array((Y, X), unit="2th_rad")
+    rings = np.array([ring_profile(two_theta, reflections(p, wavelength_A(15.0), float(two_theta.max()) + 0.02),
+                                   np.radians(0.3)) for p in PHASES])
+    rings *= 40 / rings.max(axis=(1, 2), keepdims=True)
     rng = np.random.default_rng(20261203)
-    return rng.poisson(rng.uniform(0.5, 40, size=(1, Y, X)), size=(FRAMES, Y, X)).astype(np.uint16)
+    mix = rng.dirichlet(np.ones(len(PHASES)), FRAMES)
+    expected = np.einsum("fp,pyx->fyx", mix, rings) + rng.uniform(0.5, 3, size=(1, Y, X))
+    return rng.poisson(expected).astype(np.uint16)
 
 
 @pytest.fixture(scope="module")
@@ -112,22 +139,32 @@ def mesh(tango_db, tmp_path_factory, frames):
             "Pipeline": PIPE, "HeartbeatSeconds": 0.2}}})
         pool.start("PipelineMaster/eiger", {"PipelineMaster": {"test/eiger/master": {
             "DataHost": LOOP, "Pipeline": PIPE, "IncompleteTimeoutSeconds": 60.0}}})
+        pool.start("Sorter/eiger-xrd", {"Sorter": {"test/eiger-xrd/sorter": {"DataHost": LOOP, "Pipeline": XRD_PIPE}}})
+        pool.start("PipelineWorker/eiger-xrd", {"PipelineWorker": {"test/eiger-xrd-worker/1": {
+            "Pipeline": XRD_PIPE, "HeartbeatSeconds": 0.2, "Preload": ["xrd"]}}})
+        pool.start("PipelineMaster/eiger-xrd", {"PipelineMaster": {"test/eiger-xrd/master": {
+            "DataHost": LOOP, "Pipeline": XRD_PIPE, "IncompleteTimeoutSeconds": 60.0, "Preload": ["xrd"]}}})
         ingester = pool.start("EigerIngester/test", {"EigerIngester": {INGESTER: {
-            "DataHost": LOOP, "Pipeline": PIPE, "DetectorEndpoint": f"tcp://{LOOP}:{proxy.port}",
+            "DataHost": LOOP, "Pipeline": PIPE, "Pipelines": [PIPE, XRD_PIPE],
+            "DetectorEndpoint": f"tcp://{LOOP}:{proxy.port}",
             "Stream": "eiger", "BlockFrames": 4, "ScanWaitSeconds": SCAN_WAIT},
             TICKIT: {"DataHost": LOOP, "Pipeline": PIPE, "DetectorEndpoint": f"tcp://{LOOP}:{v2_port}",
                      "Stream": "eiger2", "BlockFrames": 1, "ScanWaitSeconds": 1.0}}})
         link = TangoManagerLink(MANAGER)
         probe = Probe(PIPE, link, LOOP, keep=True, name="test/eiger/probe")
-        wait_for(lambda: {"source", "sorter", "recorder", "master"} <= {
-            s["kind"] for s in link.lookup({"pipeline": PIPE})}, 30, "the pipeline and the ingester's source")
+        xrd_probe = Probe(XRD_PIPE, link, LOOP, keep=True, name="test/eiger-xrd/probe")
+        for pipeline in (PIPE, XRD_PIPE):
+            wait_for(lambda: {"source", "sorter", "recorder", "master"} <= {
+                s["kind"] for s in link.lookup({"pipeline": pipeline})}, 30, "the pipeline and the ingester's source")
         wait_for(lambda: {"eiger", "eiger2"} <= {s.get("capabilities", {}).get("stream") for s in link.lookup(
             {"pipeline": PIPE, "kind": "source"})}, 30, "both ingesters' sources")
-        wait_for(lambda: len(json.loads(tango.DeviceProxy("test/eiger/master").WorkerTable)) == 1, 30, "the worker")
+        for master in ("test/eiger/master", "test/eiger-xrd/master"):
+            wait_for(lambda: len(json.loads(tango.DeviceProxy(master).WorkerTable)) == 1, 60, f"{master}'s worker")
         warm_up_tickit(tickit, tango.DeviceProxy(TICKIT))
-        yield {"sim": sim, "proxy": proxy, "probe": probe, "link": link, "ingester": ingester,
+        yield {"sim": sim, "proxy": proxy, "probe": probe, "xrd_probe": xrd_probe, "link": link, "ingester": ingester,
                "device": tango.DeviceProxy(INGESTER), "tickit": tickit, "tickit_device": tango.DeviceProxy(TICKIT)}
         probe.close()
+        xrd_probe.close()
     finally:
         pool.stop_all()
         proxy.close()
@@ -153,20 +190,90 @@ def document(scan_id: str, points: int, stream: str = "eiger") -> dict:
     return doc
 
 
-def run_series(mesh, scan_id: str, points: int, nimages: int, compression: str = "bslz4", timeout: float = 30):
+def run_series(mesh, scan_id: str, points: int, nimages: int, compression: str = "bslz4", timeout: float = 30,
+               doc: dict | None = None, pipeline: str = PIPE):
     """StartScan, then arm and trigger the simulator; the probe's tally once the scan ended."""
     configure(mesh["sim"], nimages, compression)
-    masters = ScanMasters(mesh["link"], [PIPE])
-    masters.start(document(scan_id, points))
+    masters = ScanMasters(mesh["link"], [pipeline])
+    masters.start(doc or document(scan_id, points))
+    probe = mesh["xrd_probe" if pipeline == XRD_PIPE else "probe"]
     try:
         mesh["sim"].rest.command("arm")
         mesh["sim"].rest.command("trigger")
-        wait_for(lambda: mesh["probe"].ended(scan_id) is not None, timeout,
+        wait_for(lambda: probe.ended(scan_id) is not None, timeout,
                  f"scan {scan_id} to end\n{mesh['ingester'].log_text()[-3000:]}")
     except BaseException:
         masters.abort(scan_id)
         raise
-    return mesh["probe"].ended(scan_id)
+    return probe.ended(scan_id)
+
+
+def xrd_document(scan_id: str) -> dict:
+    """A 4 x 3 raster whose frames the xrd pipeline integrates and maps by phase."""
+    from services.scan_document import axis, raster_geometry
+    from services.sim.phantom import PHASES
+
+    doc = minimal(raster_geometry(axis("samx", 0, 3, 4, "um"), axis("samy", 0, 2, 3, "um")))
+    doc["scan"]["id"] = scan_id
+    doc["streams"] = {"eiger": {"arrays": {"image": {"dtype": "<u2", "shape": [Y, X]}}}}
+    doc["analysis"] = {XRD_PIPE: {"processor": "xrd", "streams": ["eiger"], "settings": {
+        "detector": "eiger", "geometry": xrd_geometry(), "npt_radial": 200, "unit": "2th_deg",
+        "phases": [p.to_json() for p in PHASES]}}}
+    return doc
+
+
+def test_a_2d_scan_from_the_simulator_through_xrd_maps_as_the_same_frames_sent_uncompressed(mesh, frames) -> None:
+    """ALBA's EIGER streams a 4 x 3 raster of powder frames, bitshuffle-LZ4, frame 7
+    lost on the way: the xrd pipeline's patterns and phase maps equal those of the
+    same frames sent uncompressed through the same pipeline, index 7 is the gap,
+    nothing else is lost."""
+    from services.protocol import SOURCE_OUT
+    from services.source import SourceClient
+
+    mesh["proxy"].drop = lambda head: head.get("htype") == "dimage-1.0" and head.get("frame") == 7
+    try:
+        scan = f"alba-xrd-{time.time_ns()}"
+        compressed = run_series(mesh, scan, FRAMES, FRAMES, "bslz4", timeout=60, doc=xrd_document(scan),
+                                pipeline=XRD_PIPE)
+    finally:
+        mesh["proxy"].drop = lambda head: False
+    assert not compressed.aborted and compressed.incomplete_points == 1, compressed.end
+
+    plain = f"plain-xrd-{time.time_ns()}"
+    source = SourceClient("eiger", XRD_PIPE, mesh["link"], LOOP, prefix="test-plain")
+    masters = ScanMasters(mesh["link"], [XRD_PIPE])
+    try:
+        wait_for(lambda: source.endpoint in {s["endpoints"].get(SOURCE_OUT) for s in mesh["link"].lookup(
+            {"pipeline": XRD_PIPE, "kind": "source"})}, 10, "the uncompressed source's registration")
+        masters.start(xrd_document(plain))
+        for start in range(0, FRAMES, 3):
+            source.block(plain, start, {"image": frames[start:start + 3]}, timeout=10)
+        source.end(plain, FRAMES, timeout=10)
+        masters.end(plain)
+        uncompressed = wait_for(lambda: mesh["xrd_probe"].ended(plain), 60, "the uncompressed scan's end")
+    finally:
+        source.close()
+    assert not uncompressed.aborted and uncompressed.incomplete_points == 0, uncompressed.end
+    np.testing.assert_array_equal(uncompressed.delivered_indices(), np.arange(FRAMES))
+
+    def by_index(tally) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        for start, arrays in tally.chunks:
+            for name, a in arrays.items():
+                if a.dtype.kind in "fiu":
+                    out.setdefault(name, np.full((FRAMES, *a.shape[1:]), np.nan))[start:start + len(a)] = a
+        return out
+
+    got, want = by_index(compressed), by_index(uncompressed)
+    products = {"pattern", "Cu", "Si", "NaCl"}
+    assert products <= set(want), sorted(want)
+    kept = [i for i in range(FRAMES) if i != 7]
+    for name in sorted(products):
+        assert np.isfinite(want[name]).all(), name
+        np.testing.assert_allclose(got[name][kept], want[name][kept], rtol=1e-6, err_msg=name)
+        assert not np.isfinite(got[name][7]).any(), f"{name}: index 7 lost its frame, it must hold no value"
+    assert want["pattern"].max() > 5 * np.median(want["pattern"])  # rings, not flat noise
+
 
 
 @pytest.mark.parametrize("compression", ["bslz4", "lz4"])

@@ -53,7 +53,8 @@ class ServerPool:
                 info.name, info._class, info.server = device, cls, server
                 db.add_device(info)
                 if props:
-                    db.put_device_property(device, {k: [str(v)] for k, v in props.items()})
+                    db.put_device_property(device, {k: [str(x) for x in v] if isinstance(v, (list, tuple)) else [str(v)]
+                                                    for k, v in props.items()})  # a list: one value per line
         script, instance = server.split("/")
         log = self.log_dir / f"{server.replace('/', '_')}.log"
         handle = ServerHandle(server, spawn([executable(script), instance], log), log)
