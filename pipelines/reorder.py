@@ -8,8 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from services import protocol
-from services import codec
+from services import codec, compression, protocol
 
 
 class ScanOrder:
@@ -105,7 +104,9 @@ class ScanOrder:
 
 
 def _layout(msg: codec.Message) -> tuple:
-    return tuple((n, a.dtype.str, a.shape[1:]) for n, a in msg.arrays.items())
+    """What chunks may be merged on: names, dtypes, per-point shapes, and the
+    frame codec of results that stay compressed (services/compression.py)."""
+    return tuple((n, a.dtype.str, a.shape[1:], getattr(a, "codec", None)) for n, a in msg.arrays.items())
 
 
 class Chunker:
@@ -141,7 +142,7 @@ class Chunker:
         first = parts[0]
         if len(parts) == 1:
             return first
-        arrays = {n: np.concatenate([p.arrays[n] for p in parts]) for n in first.arrays}
+        arrays = {n: compression.concatenate([p.arrays[n] for p in parts]) for n in first.arrays}
         errors: dict[str, str] = {}
         incomplete: dict[str, list[list[int]]] = {}
         for p in parts:

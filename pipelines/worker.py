@@ -322,10 +322,10 @@ class WorkerComponent(PipelineComponent):
         self.units += 1
         self.points += unit.count
         try:
-            # frames that travelled compressed are decompressed here, once, and nowhere else
-            batch = processors.Batch(scan, unit.index, unit.count, compression.decoded(unit.arrays),
-                                     frozenset(missing))
             proc = self._processor(scan, active)
+            # frames that travelled compressed are decompressed here, once, unless the processor passes them on
+            given = unit.arrays if proc.keeps_compressed else compression.decoded(unit.arrays)
+            batch = processors.Batch(scan, unit.index, unit.count, given, frozenset(missing))
             arrays, errors = run_isolated(proc, batch)
         except Exception as exc:  # a frame that does not decompress, a processor that cannot start: every point fails
             arrays, errors = {}, {str(i): f"{type(exc).__name__}: {exc}" for i in range(unit.index, unit.stop)}

@@ -90,6 +90,11 @@ class CompressedFrames:
     def sizes(self) -> list[int]:
         return np.diff(self.offsets).tolist()
 
+    def copy(self) -> "CompressedFrames":
+        """The frames with bytes of their own (not a view of a received message)."""
+        data = np.frombuffer(self.data, np.uint8).copy()
+        return CompressedFrames(self.codec, self.dtype, self.frame_shape, memoryview(data), self.offsets.copy())
+
     def __getitem__(self, key: slice) -> "CompressedFrames":
         """Frames ``key`` (a step-1 slice), still compressed, without a copy."""
         if not isinstance(key, slice) or key.step not in (None, 1):
@@ -259,6 +264,18 @@ def concatenate(pieces: Sequence[Any]) -> Any:
             raise CompressionError("a stream's array changed between compressed and plain frames")
         return join(pieces)
     return np.concatenate(pieces)
+
+
+def hdf5_filter(codec: str) -> dict[str, Any]:
+    """The h5py dataset options whose HDF5 filter reads chunks of ``codec`` as
+    they travel (for direct chunk writes of frames kept compressed)."""
+    import hdf5plugin
+
+    if codec == BSLZ4:
+        return dict(hdf5plugin.Bitshuffle(cname="lz4"))
+    if codec == LZ4:
+        return dict(hdf5plugin.LZ4())
+    raise CompressionError(f"unknown frame codec {codec!r} (known: {sorted(CODECS)})")
 
 
 def decoded(arrays: Mapping[str, Any]) -> dict[str, np.ndarray]:

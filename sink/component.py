@@ -18,7 +18,7 @@ from typing import Callable
 
 import zmq
 
-from services import codec, protocol, security
+from services import codec, compression, protocol, security
 from services.component import Component, brief
 from services.dataplane import PullInlet
 from services.registration import ManagerLink
@@ -124,7 +124,11 @@ class SinkComponent(Component):
                             brief(str(msg.meta.get(protocol.META_REASON, ""))))
             log.info("scan %s: receiving from pipeline %s", msg.scan, pipeline or "-")
         elif msg.type == codec.RESULT:
-            self.store.add_result(msg.scan, pipeline, msg.index, msg.count, msg.arrays, msg.meta)
+            try:  # raw frames a processor passed on still compressed: the sink shows them decoded
+                arrays = compression.decoded(msg.arrays)
+            except compression.CompressionError as exc:
+                raise StoreError(f"scan {msg.scan}/{pipeline}: a compressed result does not decode: {exc}") from None
+            self.store.add_result(msg.scan, pipeline, msg.index, msg.count, arrays, msg.meta)
         elif msg.type == codec.GAP:
             self.store.add_gap(msg.scan, pipeline, msg.index, msg.count)
         elif msg.type in (codec.SCAN_END, codec.SCAN_ABORT):

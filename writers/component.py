@@ -26,6 +26,7 @@ import numpy as np
 import zmq
 
 from services import codec, protocol, security
+from services.compression import CompressionError, CompressedFrames
 from services.component import Component, brief
 from services.dataplane import PullInlet
 from services.registration import ManagerLink
@@ -69,9 +70,21 @@ class ScanRun:
             return "", {}
 
 
+def decoded(arrays: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Compressed frames decoded for a file that does not store chunks; WriterError if one does not decode."""
+    try:
+        return {n: a.decompress() if isinstance(a, CompressedFrames) else a for n, a in arrays.items()}
+    except CompressionError as exc:
+        raise WriterError(f"a compressed result does not decode: {exc}") from None
+
+
 class ScanFile:
     """One format's output for one :class:`ScanRun`. Subclasses claim their
     file(s) in ``__init__`` and raise :class:`WriterError` when they may not."""
+
+    #: True: :meth:`write` takes compressed frames as they came (the NeXus
+    #: writer stores their chunks directly); otherwise they arrive decoded.
+    keeps_compressed = False
 
     def __init__(self, run: ScanRun) -> None:
         self.run = run
@@ -176,7 +189,7 @@ class WriterComponent(Component):
             try:
                 if msg.type == codec.RESULT:
                     stop, failed = run.ledger.check(msg.index, msg.count, msg.meta)
-                    out.write(msg.index, stop, msg.arrays, failed)
+                    out.write(msg.index, stop, msg.arrays if out.keeps_compressed else decoded(msg.arrays), failed)
                     run.ledger.mark_result(msg.index, stop, failed, msg.meta, on_duplicate=lambda n: self.log.warning(
                         "scan %s/%s: %d points delivered again", msg.scan, msg.stream, n))
                 elif msg.type == codec.GAP:

@@ -18,6 +18,13 @@ processor produced. Points without a value hold services.ledger.fill_value
 the worker sent, its fill); ``process/point_status`` says which points are which.
 Chunks follow the acquisition order (whole map rows, or single points for
 big ones), so each HDF5 chunk is completed once and compressed once.
+
+Raw frames that arrive still compressed (``passthrough`` with
+``keep_compressed``: an EIGER's bitshuffle-LZ4 or LZ4 chunks) are stored as
+they came, one chunk per frame with the matching HDF5 filter (Bitshuffle
+32008 / LZ4 32004, as DECTRIS' own files have them), by direct chunk write:
+no decompression, no recompression. Any HDF5 reader with hdf5plugin reads
+them as plain frames.
 """
 
 from __future__ import annotations
@@ -33,8 +40,9 @@ import h5py
 import hdf5plugin
 import numpy as np
 
+from services.compression import CompressedFrames, hdf5_filter
 from services.ledger import STATE_NAMES, blank_failed, fill_value
-from services.placement import blocks, place
+from services.placement import blocks, cells, place
 from services.scan import axis_values
 from writers.component import ScanFile, ScanRun
 from writers.layout import FileClaim, owner_info
@@ -128,6 +136,8 @@ def _as_dataset_value(value: Any) -> Any:
 
 
 class NexusFile(ScanFile):
+    keeps_compressed = True
+
     def __init__(self, run: ScanRun, settings: NexusSettings) -> None:
         super().__init__(run)
         self.settings = settings
@@ -239,10 +249,13 @@ class NexusFile(ScanFile):
         group = self.h5["entry"].create_group(name)
         group.attrs["NX_class"] = "NXdata"
         group.attrs["signal"] = name
-        ds = group.create_dataset(name, shape=shape, dtype=dtype, fillvalue=fill_value(dtype),
-                                  chunks=chunk_shape(meta.map_shape, point_shape, dtype.itemsize,
-                                                     self.settings.chunk_bytes),
-                                  **self.settings.filter_args(dtype))
+        if isinstance(arr, CompressedFrames):  # the detector's chunks, stored as they are: one per frame
+            chunks, filters = (*(1,) * len(meta.map_shape), *point_shape), hdf5_filter(arr.codec)
+        else:
+            chunks = chunk_shape(meta.map_shape, point_shape, dtype.itemsize, self.settings.chunk_bytes)
+            filters = self.settings.filter_args(dtype)
+        ds = group.create_dataset(name, shape=shape, dtype=dtype, fillvalue=fill_value(dtype), chunks=chunks,
+                                  **filters)
         ds.attrs["long_name"] = f"{self.run.pipeline}/{result}" if self.run.pipeline else result
         ds.attrs["source_dtype"] = arr.dtype.str
         axes = self._axes(group, name)
@@ -283,9 +296,26 @@ class NexusFile(ScanFile):
         targets = [(self._dataset(result, arr), arr) for result, arr in arrays.items()]  # all checked first
         parts = blocks(self.run.meta, index, stop)
         for ds, arr in targets:
+            if isinstance(arr, CompressedFrames):
+                self._write_chunks(ds, index, arr, failed)
+                continue
             if arr.dtype == np.bool_:
                 arr = arr.view(np.uint8)
             place(ds, parts, blank_failed(arr, failed - index))
+
+    def _write_chunks(self, ds: h5py.Dataset, index: int, frames: CompressedFrames, failed: np.ndarray) -> None:
+        """One frame per chunk, each the chunk as it came; a failed point's
+        frame is left out (the cell keeps the fill value)."""
+        if ds.chunks != (*(1,) * len(self.run.meta.map_shape), *frames.frame_shape) \
+                or ds.dtype != frames.dtype.newbyteorder("="):
+            raise ValueError(f"{ds.name}: compressed frames cannot go into a dataset chunked {ds.chunks} "
+                             f"of {ds.dtype} (its first points came decoded)")
+        skip = set((failed - index).tolist())
+        where = np.unravel_index(cells(self.run.meta, np.arange(index, index + len(frames))), self.run.meta.map_shape)
+        zeros = (0,) * len(frames.frame_shape)
+        for j in range(len(frames)):
+            if j not in skip:
+                ds.id.write_direct_chunk((*(int(axis[j]) for axis in where), *zeros), frames.chunk(j))
 
     def tick(self, now: float) -> None:
         if now - self._flushed >= self.settings.flush_seconds:

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from services.compression import CompressedFrames
 from services.scan import ScanMeta
 from services.schema import validate_against
 
@@ -87,6 +88,11 @@ class Processor:
     StartScan with a message instead of failing every point."""
 
     settings_schema: dict[str, Any] = {"type": "object"}
+    #: True: the worker hands over frames that travelled compressed as they
+    #: came (services.compression.CompressedFrames), undecoded; a processor
+    #: that only passes raw frames on (to a writer that stores the chunks
+    #: directly) sets it in start_scan. Every other processor gets numpy arrays.
+    keeps_compressed: bool = False
 
     def __init__(self) -> None:
         self.scan: ScanMeta | None = None
@@ -196,6 +202,11 @@ def check_results(results: Any, count: int) -> dict[str, np.ndarray]:
     for name, value in results.items():
         if not isinstance(name, str) or not name:
             raise ValueError(f"result name {name!r} is not a non-empty string")
+        if isinstance(value, CompressedFrames):  # raw frames passed on as they came
+            if len(value) != count:
+                raise ValueError(f"result {name!r} has {len(value)} compressed frames, not the {count} points")
+            out[name] = value
+            continue
         arr = np.asarray(value)
         if arr.dtype.kind not in "biufc":
             raise ValueError(f"result {name!r} has non-numeric dtype {arr.dtype}")

@@ -138,7 +138,7 @@ class Probe:
                         b - a for ranges in msg.meta.get(protocol.META_INCOMPLETE, {}).values() for a, b in ranges)
                     if self.keep:
                         tally.errors.update((int(i), why) for i, why in msg.meta.get(protocol.META_ERRORS, {}).items())
-                        tally.chunks.append((msg.index, {n: np.array(a) for n, a in msg.arrays.items()}))
+                        tally.chunks.append((msg.index, {n: a.copy() for n, a in msg.arrays.items()}))  # off the frames
             elif msg.type == codec.SCAN_END:
                 tally.end = dict(msg.meta)
             elif msg.type == codec.SCAN_ABORT:

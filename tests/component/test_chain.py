@@ -185,6 +185,34 @@ def test_compressed_frames_reach_the_processor_decoded_and_exact(make_chain) -> 
     np.testing.assert_array_equal(got, want)
 
 
+def test_frames_a_passthrough_keeps_compressed_reach_the_consumer_as_the_detector_sent_them(make_chain) -> None:
+    """With ``keep_compressed`` no stage decodes: the sorter merges the chunks of
+    consecutive results, the consumer gets the detector's own chunks (for a
+    writer's direct chunk write), and they decode to the frames."""
+    from services.compression import CompressedFrames
+
+    profile = compressed_frames((32, 48))
+    profile = dataclasses.replace(profile, settings={"arrays": ["eiger/image", "scaler/i0"], "keep_compressed": True})
+    chain = make_chain(profile=profile, workers=2, sorter_config=SorterConfig(chunk_points=50))
+    points = 300
+    _, tally = chain.run_scan(points, block=20)
+    assert tally.end["delivered"] == points and (tally.counts == 1).all() and tally.out_of_order == 0, tally.end
+    sent = {start: profile.values("eiger", np.arange(start, start + 20))["image"] for start in range(0, points, 20)}
+    chunks = {}
+    for start, arrays in tally.chunks:
+        image = arrays["eiger/image"]
+        assert isinstance(image, CompressedFrames) and image.codec == "bslz4"
+        for j in range(len(image)):
+            chunks[start + j] = bytes(image.chunk(j))
+    assert sorted(chunks) == list(range(points))
+    for index, chunk in chunks.items():
+        assert chunk == bytes(sent[index - index % 20].chunk(index % 20)), f"index {index}: not the detector's chunk"
+    plain = noise_values(profile.streams)
+    np.testing.assert_array_equal(
+        np.concatenate([a["eiger/image"].decompress() for _, a in sorted(tally.chunks, key=lambda c: c[0])]),
+        np.concatenate([plain("eiger", np.arange(s, s + 20))["image"] for s in range(0, points, 20)]))
+
+
 def test_results_that_overtake_their_scan_start_are_kept_even_behind_a_refused_one(make_chain) -> None:
     """A worker's result can reach the sorter before the master's scan_start
     (two senders, no order between them): the sorter keeps it until the scan

@@ -43,6 +43,7 @@ MANAGER = "tangomesh/topology/manager"
 PIPE = "eiger"
 XRD_PIPE = "eiger-xrd"  # the same ingester's stream, integrated by pyFAI (a scan is started on one or the other)
 INGESTER = "test/eiger/ingester"
+NEXUS = "test/eiger/nexus"
 TICKIT = "test/eiger/tickit"  # a second device of the same server: tickit's stream v2 as stream "eiger2"
 LOOP = "127.0.0.1"
 Y, X, FRAMES = 64, 80, 12  # the dataset: 12 frames of 64 x 80 uint16 Poisson counts
@@ -139,6 +140,8 @@ def mesh(tango_db, tmp_path_factory, frames):
             "Pipeline": PIPE, "HeartbeatSeconds": 0.2}}})
         pool.start("PipelineMaster/eiger", {"PipelineMaster": {"test/eiger/master": {
             "DataHost": LOOP, "Pipeline": PIPE, "IncompleteTimeoutSeconds": 60.0}}})
+        pool.start("NexusWriter/eiger", {"NexusWriter": {NEXUS: {
+            "DataHost": LOOP, "Pipeline": PIPE, "BeamtimeRoot": str(tmp_path_factory.mktemp("eiger-beamtime"))}}})
         pool.start("Sorter/eiger-xrd", {"Sorter": {"test/eiger-xrd/sorter": {"DataHost": LOOP, "Pipeline": XRD_PIPE}}})
         pool.start("PipelineWorker/eiger-xrd", {"PipelineWorker": {"test/eiger-xrd-worker/1": {
             "Pipeline": XRD_PIPE, "HeartbeatSeconds": 0.2, "Preload": ["xrd"]}}})
@@ -154,7 +157,7 @@ def mesh(tango_db, tmp_path_factory, frames):
         probe = Probe(PIPE, link, LOOP, keep=True, name="test/eiger/probe")
         xrd_probe = Probe(XRD_PIPE, link, LOOP, keep=True, name="test/eiger-xrd/probe")
         for pipeline in (PIPE, XRD_PIPE):
-            wait_for(lambda: {"source", "sorter", "recorder", "master"} <= {
+            wait_for(lambda: {"source", "sorter", "recorder", "master"} | ({"writer"} if pipeline == PIPE else set()) <= {
                 s["kind"] for s in link.lookup({"pipeline": pipeline})}, 30, "the pipeline and the ingester's source")
         wait_for(lambda: {"eiger", "eiger2"} <= {s.get("capabilities", {}).get("stream") for s in link.lookup(
             {"pipeline": PIPE, "kind": "source"})}, 30, "both ingesters' sources")
@@ -474,3 +477,26 @@ def test_a_bad_property_leaves_the_device_in_fault_saying_why(mesh, tmp_path) ->
             bad.Frames
     finally:
         pool.stop_all()
+
+
+def test_raw_frames_kept_compressed_are_stored_as_the_detector_sent_them(mesh, frames) -> None:
+    """``passthrough`` with ``keep_compressed``: nothing between the simulator and
+    the NeXus file decompresses; the writer stores each frame's bitshuffle-LZ4
+    chunk directly, one chunk per frame, and h5py with hdf5plugin reads the
+    HDF5 file's frames back equal to the dataset ALBA streamed."""
+    import hdf5plugin  # noqa: F401  (the Bitshuffle filter, for reading)
+
+    scan = f"alba-keep-{time.time_ns()}"
+    doc = document(scan, FRAMES)
+    doc["analysis"][PIPE]["settings"] = {"arrays": ["eiger/image"], "keep_compressed": True}
+    tally = run_series(mesh, scan, FRAMES, FRAMES, "bslz4", doc=doc)
+    assert not tally.aborted and tally.incomplete_points == 0
+    writer = tango.DeviceProxy(NEXUS)
+    done = wait_for(lambda: [f for f in json.loads(writer.ListFiles(0)) if f["scan"] == scan
+                             and f["status"] == "complete"], 30, "the NeXus file")
+    with h5py.File(done[0]["path"], "r") as f:
+        ds = f["entry/eiger_image/eiger_image"]
+        assert ds.chunks == (1, Y, X) and "32008" in ds._filters, (ds.chunks, ds._filters)
+        stored = sum(len(ds.id.read_direct_chunk((i, 0, 0))[1]) for i in range(FRAMES))
+        assert stored < frames.nbytes / 2  # the detector's compressed bytes, not raw frames
+        np.testing.assert_array_equal(ds[()], frames)

@@ -158,6 +158,36 @@ def test_nexus_frames_are_one_chunk_per_point_and_exact(tmp_path) -> None:
         np.testing.assert_array_equal(ds[()], map_by_hand("snake", frames, 3, 4))
 
 
+@pytest.mark.parametrize("codec", ["bslz4", "lz4"])
+def test_nexus_stores_compressed_frames_as_they_came_one_chunk_each(tmp_path, codec) -> None:
+    """Frames kept compressed go in by direct chunk write: each stored chunk is
+    the detector's bytes, the HDF5 filter (hdf5plugin) reads them back as the
+    frames, snake rows in place, and a failed point's cell keeps the fill."""
+    import hdf5plugin  # noqa: F401  (the filters, for reading)
+
+    from services.compression import CompressedFrames
+
+    run = new_run(tmp_path, document(f"nx-direct-{codec}", "snake", 3, 4))
+    frames = np.random.default_rng(4).poisson(3, (12, 40, 24)).astype("<u2")
+    packed = CompressedFrames.compress(frames, codec)
+    out = NexusFile(run, NexusSettings(chunk_bytes=8192))
+    drive(out, run, {"eiger": packed}, [5], failed={6})
+    [(path, _)] = out.finish()
+    want = map_by_hand("snake", frames, 3, 4)
+    with h5py.File(path) as f:
+        ds = f["entry/eiger/eiger"]
+        assert ds.shape == (3, 4, 40, 24) and ds.chunks == (1, 1, 40, 24) and ds.dtype == np.uint16
+        assert ds._filters and next(iter(ds._filters)) == {"bslz4": BITSHUFFLE, "lz4": "32004"}[codec]
+        got = ds[()]
+        row, col = 1, 1  # index 6: the second row runs backwards, so its cell is (1, 4 - 1 - 2)
+        assert (got[row, col] == 0).all(), "the failed point's frame is left out"
+        want[row, col] = 0
+        np.testing.assert_array_equal(got, want)
+        # stored byte for byte: the chunk of index 0 (cell 0, 0) is the detector's chunk 0
+        _, chunk = ds.id.read_direct_chunk((0, 0, 0, 0))
+        assert bytes(chunk) == bytes(packed.chunk(0))
+
+
 def test_nexus_refuses_a_changed_point_shape_and_an_out_of_range_chunk(tmp_path) -> None:
     run = new_run(tmp_path, document("nx-bad"))
     out = NexusFile(run, NexusSettings())
