@@ -6,7 +6,6 @@ from __future__ import annotations
 import time
 from typing import Any
 
-
 from services import codec, compression, protocol
 
 
