@@ -14,7 +14,8 @@ default) and without (``--trusted``), side by side: ``curve/off`` is the
 cost of authentication. Cases: small events (a counter set of 9 float64, ~330 bytes on the wire),
 XRF-sized events (a 4096-channel uint32 spectrum plus i0 and time, 16 KB),
 large frames (1024x2048 uint16, 4 MB), plain and as the detector sends them
-(bitshuffle-LZ4, decompressed in the worker only); each with 1 and 2 workers and with
+(bitshuffle-LZ4, decompressed in the worker only), passed through and
+integrated by the xrd processor (pyFAI, 1000 bins); each with 1 and 2 workers and with
 one point per message as well as blocks. Latency: source send to consumer
 receipt at a fixed rate of 1 kHz, one point per message.
 
@@ -59,6 +60,8 @@ CASES = [
     ("XRF 16 KB, 20 points/msg", "spectra", 20, 40_000, 10_000),
     ("frame 4 MB, 1 point/msg", "frames", 1, 600, 200),
     ("frame 4 MB bslz4, 1 point/msg", "frames-bslz4", 1, 600, 200),  # travels compressed, decoded in the worker
+    ("XRD 4 MB frames, 1 point/msg", "frames-xrd", 1, 300, 100),  # pyFAI integration of each frame
+    ("XRD 4 MB frames bslz4, 1 point/msg", "frames-xrd-bslz4", 1, 300, 100),
 ]
 CASE_ORDER = {case[0]: k for k, case in enumerate(CASES)}
 
@@ -74,9 +77,9 @@ def mesh_file(root: Path) -> Path:
             "Sorter": {"bench": {"Sorter": {"bench/pipeline/sorter": {"properties": {
                 **host, "Pipeline": [PIPELINE]}}}}},
             "PipelineWorker": {"bench-01": {"PipelineWorker": {"tangomesh/bench-worker/01": {"properties": {
-                "Pipeline": [PIPELINE]}}}}},
+                "Pipeline": [PIPELINE], "Preload": ["xrd"]}}}}},
             "PipelineMaster": {"bench": {"PipelineMaster": {"bench/pipeline/master": {"properties": {
-                **host, "Pipeline": [PIPELINE], "MaxQueueBytes": [str(512 * 2**20)]}}}}},
+                **host, "Pipeline": [PIPELINE], "MaxQueueBytes": [str(512 * 2**20)], "Preload": ["xrd"]}}}}},
         },
     }
     path = root / "bench-mesh.json"
@@ -147,6 +150,11 @@ def wire_sizes(profile: profiles.Profile, block: int) -> list[list[int]]:
 # --------------------------------------------------------------------------- the run
 
 
+def chosen(args: argparse.Namespace) -> list[tuple]:
+    """The cases whose name contains ``--cases`` (all by default)."""
+    return [c for c in CASES if not args.cases or args.cases.lower() in c[0].lower()]
+
+
 def run_mode(args: argparse.Namespace, spec: mesh.MeshSpec, launcher: mesh.LocalLauncher, root: Path, auth: str,
              results: dict[str, Any]) -> None:
     """Every case with data-plane authentication ``auth`` (curve or off)."""
@@ -158,7 +166,7 @@ def run_mode(args: argparse.Namespace, spec: mesh.MeshSpec, launcher: mesh.Local
         for workers in (1, 2):
             mesh.scale_workers(spec, PIPELINE, workers, launcher, root)
             time.sleep(1.0)  # the new worker finds the master (lookup period)
-            for name, profile_name, block, points_full, points_quick in CASES:
+            for name, profile_name, block, points_full, points_quick in chosen(args):
                 if profile_name not in beamlines:
                     for other in beamlines.values():
                         other.close()
@@ -210,7 +218,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     seconds = 1.0 if args.quick else 2.0
     baseline: dict[tuple[str, int], float] = {}
     wire_bytes: dict[str, int] = {}
-    for name, profile_name, block, *_ in CASES:
+    for name, profile_name, block, *_ in chosen(args):
         sizes = wire_sizes(profiles.PROFILES[profile_name], block)
         wire_bytes[name] = sum(map(sum, sizes))
         # one hop per stream message; the slowest stream bounds the events a bare hop carries
@@ -255,6 +263,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer points per case (~1 min)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument("--cases", default="", help="only the cases whose name contains this (e.g. XRD)")
     parser.add_argument("--auth", choices=("both", security.CURVE, security.OFF), default="both",
                         help="data-plane authentication: CurveZMQ, off, or both side by side (the default)")
     args = parser.parse_args()

@@ -12,6 +12,7 @@ simulated beamline with real physics is ``services/sim/sims.py``.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -99,6 +100,13 @@ def compressed_frames(shape: tuple[int, int] = (1024, 2048), codec: str = BSLZ4)
     return Profile(streams, "passthrough", {"arrays": ["scaler/i0"]}, values)
 
 
+#: xrd settings for FRAME_STREAMS' 1024 x 2048 frames: a 75 µm-pixel detector 10 cm from
+#: the sample, the beam at the middle of one long edge, 15 keV (pyFAI's config, plain JSON).
+XRD_SETTINGS = {"detector": "eiger", "npt_radial": 1000, "unit": "2th_deg", "geometry": {
+    "poni_version": 2.1, "detector": "Detector", "dist": 0.1, "poni1": 0.0, "poni2": 0.0768, "rot1": 0.0,
+    "rot2": 0.0, "rot3": 0.0, "wavelength": 0.8266e-10,
+    "detector_config": {"pixel1": 75e-6, "pixel2": 75e-6, "max_shape": [1024, 2048], "orientation": 3}}}
+
 PROFILES: dict[str, Profile] = {
     "counters": Profile(COUNTER_STREAMS, "counters",
                         {"counters": ["i1", "diode"], "normalise_by": "i0"}, counter_values),
@@ -106,6 +114,9 @@ PROFILES: dict[str, Profile] = {
     "spectra": Profile(SPECTRUM_STREAMS, "passthrough", {"arrays": ["scaler/i0"]}, noise_values(SPECTRUM_STREAMS)),
     "frames": Profile(FRAME_STREAMS, "passthrough", {"arrays": ["scaler/i0"]}, noise_values(FRAME_STREAMS)),
     "frames-bslz4": compressed_frames(),
+    # the same frames integrated by pyFAI, plain and as the detector sends them: what compression costs and saves
+    "frames-xrd": Profile(FRAME_STREAMS, "xrd", XRD_SETTINGS, noise_values(FRAME_STREAMS)),
+    "frames-xrd-bslz4": dataclasses.replace(compressed_frames(), processor="xrd", settings=XRD_SETTINGS),
 }
 
 BEAMTIME = {"id": "sim", "beamline": "SIM", "paths": {"raw": "/tmp/sim/raw", "processed": "processed"}}
