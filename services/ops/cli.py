@@ -80,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--json", action="store_true", help="print the summary as JSON")
         p.add_argument("--mesh", type=Path, default=mesh.DEFAULT_MESH, help="mesh file (dsconfig JSON)")
     sub.choices["scan"].add_argument("--block", type=int, default=1, help="points per source message")
+    DATA_HOST_HELP = ("address this command's sources and checking consumers bind and advertise (default "
+                      "127.0.0.1; on a mesh across hosts, this host's address the others reach)")
+    sub.choices["scan"].add_argument("--data-host", default="127.0.0.1", help=DATA_HOST_HELP)
     sub.choices["scan"].add_argument("--pipelines", help="comma-separated subset of the simulation's pipelines")
     sub.choices["demo"].add_argument("--keep", action="store_true", help="leave the mesh running (for Lavue)")
 
@@ -88,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate", type=float, default=0.0, help="points per second (0: the recorded pace)")
     p.add_argument("--fast", action="store_true", help="as fast as the mesh takes it (overrides the recorded pace)")
     p.add_argument("--analysis", type=Path, help="JSON file: this pipeline's analysis entry to use instead")
+    p.add_argument("--data-host", default="127.0.0.1", help=DATA_HOST_HELP)
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the scan's end")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--mesh", type=Path, default=mesh.DEFAULT_MESH, help="mesh file (dsconfig JSON)")
@@ -257,7 +261,7 @@ def _drive(args: argparse.Namespace, data: Any, scan_id: str, pipelines: list[st
     deadline = time.monotonic() + args.timeout  # the whole command's: sending, the pipelines' ends, the consumers
     driver: ScanDriver | None = None
     try:
-        driver = ScanDriver.for_data(data, link, pipelines, max_block=max(1, block))
+        driver = ScanDriver.for_data(data, link, pipelines, host=args.data_host, max_block=max(1, block))
         outcome = driver.run(data, scan_id, int(time.time()) % 100_000, rate=args.rate, block=block,
                              timeout=args.timeout, command=command, deadline=deadline, recorded_pace=recorded_pace)
     except Exception as exc:

@@ -119,16 +119,16 @@ def spawn(argv: list[str], log_file: Path, env: dict[str, str] | None = None) ->
     return proc.pid
 
 
-def free_port() -> int:
+def free_port(address: str = "127.0.0.1") -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((address, 0))
         return s.getsockname()[1]
 
 
-def port_free(port: int) -> bool:
+def port_free(port: int, address: str = "127.0.0.1") -> bool:
     with socket.socket() as s:
         try:
-            s.bind(("127.0.0.1", port))
+            s.bind((address, port))
             return True
         except OSError:
             return False
@@ -136,9 +136,12 @@ def port_free(port: int) -> bool:
 
 @dataclass
 class EmbeddedDatabase:
-    """The sqlite-backed DataBaseds of one state directory."""
+    """The sqlite-backed DataBaseds of one state directory, listening on
+    ``address`` (loopback by default: a laptop's mesh; an address the other
+    hosts reach for a mesh across hosts)."""
 
     root: Path
+    address: str = "127.0.0.1"
 
     @property
     def pid_file(self) -> Path:
@@ -172,12 +175,12 @@ class EmbeddedDatabase:
             return self.tango_host()  # type: ignore[return-value]
         previous = self.tango_host()
         port = int(previous.rpartition(":")[2]) if previous else 0
-        if not port or not port_free(port):
-            port = free_port()
-        tango_host = f"127.0.0.1:{port}"
+        if not port or not port_free(port, self.address):
+            port = free_port(self.address)
+        tango_host = f"{self.address}:{port}"
         env = dict(os.environ, PYTANGO_DATABASE_NAME=str(self.db_file), TANGO_HOST=tango_host)
         pid = spawn(
-            [executable("PyDatabaseds"), "--host", "127.0.0.1", "--port", str(port), "2"],
+            [executable("PyDatabaseds"), "--host", self.address, "--port", str(port), "2"],
             self.root / "logs" / "databaseds.log",
             env,
         )

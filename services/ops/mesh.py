@@ -16,7 +16,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Collection, Protocol
 
 import tango
 
@@ -365,8 +365,10 @@ def wait_registered(spec: MeshSpec, devices: list[str], root: Path, timeout: flo
 
 
 def up(spec: MeshSpec, launcher: Launcher, root: Path, timeout: float = 60.0,
-       trusted: bool = False) -> dict[str, str]:
-    """Declare the mesh and start what is not running, level by level.
+       trusted: bool = False, hosts: Collection[str] | None = None) -> dict[str, str]:
+    """Declare the mesh and start what is not running, level by level, of
+    the servers on ``hosts`` (default: this host; the others are started
+    there, by their Starter or a launcher of theirs).
 
     States the data plane's mode first (the ``DataPlaneAuth`` free property,
     which every server reads when it starts): CurveZMQ authentication, or
@@ -379,11 +381,11 @@ def up(spec: MeshSpec, launcher: Launcher, root: Path, timeout: float = 60.0,
         launcher.supervise()  # also when everything runs: a supervisor that died comes back and adopts them
     db = tango.Database()
     outcome: dict[str, str] = {}
-    here = short_hostname()
+    here = set(hosts) if hosts is not None else {short_hostname()}
     for level in spec.levels:
-        servers = [s for s in spec.at_level(level) if s.host == here]
+        servers = [s for s in spec.at_level(level) if s.host in here]
         for server in spec.at_level(level):
-            if server.host != here:
+            if server.host not in here:
                 outcome[server.name] = f"on {server.host} (start it there)"
         for server in servers:
             if admin_answers(server):
@@ -399,19 +401,20 @@ def up(spec: MeshSpec, launcher: Launcher, root: Path, timeout: float = 60.0,
     return outcome
 
 
-def down(spec: MeshSpec, launchers: list[Launcher]) -> list[str]:
-    """Stop every server of the mesh, highest level first, including workers
-    that ``tangomesh scale`` added to its pipelines; returns those stopped."""
+def down(spec: MeshSpec, launchers: list[Launcher], hosts: Collection[str] | None = None) -> list[str]:
+    """Stop every server of the mesh on ``hosts`` (default: this host),
+    highest level first, including workers that ``tangomesh scale`` added to
+    its pipelines; returns those stopped."""
     stopped = []
     db = tango.Database()
-    here = short_hostname()
+    here = set(hosts) if hosts is not None else {short_hostname()}
     declared = {s.name for s in spec.servers}
     scaled = [s for p in sorted(worker_pipelines(spec)) for s in worker_servers(db, p) if s.name not in declared]
     for launcher in launchers:
         launcher.stop_supervising()
     for level in sorted({*spec.levels, *(s.level for s in scaled)}, reverse=True):
         for server in [*spec.at_level(level), *(s for s in scaled if s.level == level)]:
-            if server.host != here:
+            if server.host not in here:
                 continue
             was_running = admin_answers(server, 500) or exported_pid(db, server) is not None
             for launcher in launchers:

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from support import wait_for
+from support.compare import same_product
 from services.ops.home import bin_dir, pid_alive
 from services.ops.mesh import DEFAULT_MESH
 from sink.queries import SinkClient
@@ -383,22 +384,6 @@ def recording_mesh(home: Path, root: Path) -> Path:
     return path
 
 
-#: Relative rounding allowed between a scan and its replay in floating-point
-#: results: the same events, but cut into other units of work, and batched
-#: float32 products (xrf's projections) round by the batch's size, to
-#: about 1e-5 of a product's largest value.
-BATCH_ROUNDING = 1e-5
-
-
-def same_array(a: np.ndarray, b: np.ndarray) -> bool:
-    if a.dtype != b.dtype or a.shape != b.shape:
-        return False
-    if a.dtype.kind in "fc":
-        scale = float(np.nanmax(np.abs(a))) if np.isfinite(a).any() else 0.0  # float32 rounds by the largest term
-        return bool(np.allclose(a, b, rtol=BATCH_ROUNDING, atol=BATCH_ROUNDING * scale, equal_nan=True))
-    return bool(np.array_equal(a, b))
-
-
 def nexus_datasets(path: Path) -> dict[str, np.ndarray]:
     """Every numeric dataset of a NeXus file, by path below its entry (the
     entry's name carries the scan id, which a replay changes)."""
@@ -449,7 +434,7 @@ def test_a_recorded_full_scan_replays_into_identical_products_and_nexus_datasets
             assert products and products == sorted(again["products"]), (products, again["products"])
             for product in products:
                 a, b = client.get(scan, product), client.get(replay["scan"], product)
-                assert same_array(a, b), f"{product} differs after the replay"
+                assert same_product(a, b), f"{product} differs after the replay"
             files = {f["pipeline"]: Path(f["path"]) for f in original["consumers"]["files"]
                      if f["path"].endswith(".nxs")}
             replayed = [Path(f["path"]) for f in replay["consumers"]["files"] if f["path"].endswith(".nxs")]
@@ -457,7 +442,7 @@ def test_a_recorded_full_scan_replays_into_identical_products_and_nexus_datasets
             first, second = nexus_datasets(files[pipeline]), nexus_datasets(replayed[0])
             measured = {k for k in first if k not in IDENTITY and not any(t in k.rsplit("/", 1)[-1] for t in TIMING)}
             assert measured and measured <= set(second), sorted(measured - set(second))
-            differing = [k for k in sorted(measured) if not same_array(first[k], second[k])]
+            differing = [k for k in sorted(measured) if not same_product(first[k], second[k])]
             assert not differing, f"{pipeline}: NeXus datasets differ after the replay: {differing}"
     finally:
         client.close()
