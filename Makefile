@@ -20,13 +20,19 @@ $(STAMP): setup.cfg pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	@touch $@
 
-# Debian's Starter (what Astor drives) and tango_admin, for the Starter tests.
+# Debian's packages the tests run for real: Starter (what Astor drives) and
+# tango_admin; Slurm's controller, node daemon, clients and munge (a one-node
+# cluster the Slurm tests start themselves, no systemd needed); iproute2 for
+# the network namespaces that stand for hosts.
+SYSTEM_PACKAGES := tango-starter libtango-tools slurmctld slurmd slurm-client munge iproute2
 system-deps:
-	@if [ -x $(STARTER) ] && command -v tango_admin >/dev/null; then exit 0; fi; \
+	@if [ -x $(STARTER) ] && command -v tango_admin >/dev/null && [ -x /usr/sbin/slurmctld ] && \
+	  [ -x /usr/sbin/slurmd ] && command -v sbatch >/dev/null && [ -x /usr/sbin/munged ] && command -v ip >/dev/null; then \
+	  exit 0; fi; \
 	if [ "$$(id -u)" -ne 0 ]; then \
-	  echo "missing $(STARTER) / tango_admin: run 'sudo apt-get install tango-starter libtango-tools' or make as root"; exit 1; \
+	  echo "missing Debian packages: run 'sudo apt-get install $(SYSTEM_PACKAGES)' or make as root"; exit 1; \
 	fi; \
-	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends tango-starter libtango-tools
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(SYSTEM_PACKAGES)
 
 test: $(STAMP) system-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -30,6 +31,7 @@ from rich.table import Table
 from services.ops import mesh, supervise
 from services.ops.driver import ScanDriver
 from services.ops.replay import Replay
+from services.ops.slurm import SlurmLauncher, SlurmSettings
 from services.ops.verdicts import consumer_verdict
 from services.sim.sims import SIM_NAMES, Simulation, make_simulation, parse_shape
 from services.ops.demo import demo
@@ -101,6 +103,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("workers", type=int)
     p.add_argument("--mesh", type=Path, default=mesh.DEFAULT_MESH, help="mesh file (for the topology device)")
     p.add_argument("--timeout", type=float, default=60.0)
+    p.add_argument("--slurm", action="store_true", help="run the workers as Slurm batch jobs (a submit host)")
+    p.add_argument("--beamtime-metadata", type=Path,
+                   help="with --slurm: partition, reservation, account and nodes from this beamtime metadata "
+                        "file's onlineAnalysis section")
+    for option, text in (("--partition", "Slurm partition"), ("--reservation", "Slurm reservation"),
+                         ("--account", "Slurm account"), ("--time", "Slurm time limit, e.g. 8:00:00")):
+        p.add_argument(option, default=None, help=f"with --slurm: {text}")
+    p.add_argument("--cpus", type=int, default=1, help="with --slurm: CPUs per worker job")
+    p.add_argument("--mem", type=int, default=0, help="with --slurm: MB per worker job (0: the default)")
 
     p = sub.add_parser("query", help="what the sink holds: the scan list, or one scan's points and products")
     p.add_argument("scan", nargs="?", help="scan id (default: list the scans held)")
@@ -329,9 +340,21 @@ def cmd_scale(args: argparse.Namespace) -> int:
     spec = mesh.MeshSpec.load(args.mesh)
     resolve_tango_host(home(), start=False)
     root = home()
-    running = mesh.scale_workers(spec, args.pipeline, args.workers, mesh.LocalLauncher(root), root, args.timeout)
+    launcher = SlurmLauncher(root, _slurm_settings(args)) if args.slurm else mesh.LocalLauncher(root)
+    running = mesh.scale_workers(spec, args.pipeline, args.workers, launcher, root, args.timeout)
     console.print(f"pipeline {args.pipeline}: {len(running)} worker(s) running: {', '.join(running) or '-'}")
     return 0
+
+
+def _slurm_settings(args: argparse.Namespace) -> SlurmSettings:
+    """The job options: the beamtime's onlineAnalysis section, then what the command line says."""
+    section: dict[str, Any] = {}
+    if args.beamtime_metadata:
+        section = json.loads(args.beamtime_metadata.read_text()).get("onlineAnalysis") or {}
+    base = SlurmSettings.from_online_analysis(section, cpus_per_task=args.cpus, mem_mb=args.mem)
+    given = {k: v for k, v in (("partition", args.partition), ("reservation", args.reservation),
+                               ("account", args.account), ("time_limit", args.time)) if v is not None}
+    return dataclasses.replace(base, **given)
 
 
 def _sink_client(args: argparse.Namespace) -> SinkClient:

@@ -1,0 +1,111 @@
+"""Workers as Slurm jobs, against a real single-node Slurm (Debian's slurmctld, slurmd, munge).
+
+A small mesh (the counters pipeline and the sink) runs on this host; ``tangomesh
+scale counters 3 --slurm`` adds two workers as batch jobs. They register from
+their node and take units like the local one; a ``scancel`` of a busy job
+loses no point (the master re-dispatches what it held); scaling down cancels
+the jobs and Slurm forgets them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from services.ops.home import bin_dir, pid_alive
+from services.ops.mesh import DEFAULT_MESH
+from support import wait_for
+from support.slurm import SlurmCluster
+
+pytestmark = pytest.mark.slow
+
+KEEP = {"TopologyManager/mesh", "Sink/beamline", "Sorter/counters", "PipelineWorker/counters-01",
+        "PipelineMaster/counters"}
+JOBS = "tangomesh-counters-"
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    t0 = time.monotonic()
+    slurm = SlurmCluster(tmp_path_factory.mktemp("slurm"))
+    print(f"Slurm up in {time.monotonic() - t0:.1f} s")
+    yield slurm
+    slurm.close()
+
+
+def counters_mesh(home: Path) -> Path:
+    spec = json.loads(DEFAULT_MESH.read_text())
+    spec["_tangomesh"]["servers"] = {k: v for k, v in spec["_tangomesh"]["servers"].items() if k in KEEP}
+    spec["servers"] = {server: {i: v for i, v in instances.items() if f"{server}/{i}" in KEEP}
+                       for server, instances in spec["servers"].items()}
+    spec["servers"] = {k: v for k, v in spec["servers"].items() if v}
+    home.mkdir(parents=True, exist_ok=True)
+    path = home / "counters.json"
+    path.write_text(json.dumps(spec))
+    return path
+
+
+def test_slurm_workers_join_do_work_survive_a_scancel_without_loss_and_leave_when_scaled_down(cluster,
+                                                                                             tmp_path) -> None:
+    home = tmp_path / "home"
+    mesh_file = counters_mesh(home)
+    env = {k: v for k, v in os.environ.items() if k != "TANGO_HOST"} | {"TANGOMESH_HOME": str(home)}
+    tangomesh = str(bin_dir() / "tangomesh")
+
+    def run(*args: str, timeout: float = 120) -> str:
+        result = subprocess.run([tangomesh, *args, "--mesh", str(mesh_file)], env=env, capture_output=True,
+                                text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        assert result.returncode == 0, f"tangomesh {' '.join(args)}:\n{result.stdout}\n{result.stderr}"
+        return result.stdout
+
+    def rows() -> dict[str, dict]:
+        return {r["name"]: r for r in json.loads(run("status", "--json"))}
+
+    run("up")
+    try:
+        t0 = time.monotonic()
+        run("scale", "counters", "3", "--slurm", "--time", "30", "--cpus", "1", "--mem", "500")
+        print(f"two Slurm workers submitted and registered in {time.monotonic() - t0:.1f} s")
+        jobs = cluster.jobs(JOBS)
+        assert sorted(jobs.values()) == ["RUNNING", "RUNNING"], jobs
+        slurm_workers = ["tangomesh/counters-worker/02", "tangomesh/counters-worker/03"]
+        assert all(rows()[w]["state"] == "ON" for w in slurm_workers)
+        job_of = {w: (home / "run" / f"PipelineWorker_counters-{w[-2:]}.slurm").read_text().strip()
+                  for w in slurm_workers}
+        assert set(job_of.values()) == set(jobs)
+        for log in (home / "logs").glob("PipelineWorker_counters-0[23]-*.log"):
+            assert log.stat().st_size > 0  # the jobs' output is kept beside the other servers' logs
+
+        scan = subprocess.Popen([tangomesh, "scan", "--sim", "counters", "--pipelines", "counters", "--shape",
+                                 "40x30", "--rate", "150", "--json", "--mesh", str(mesh_file)], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+        try:
+            busy = wait_for(lambda: next((w for w in slurm_workers if rows()[w]["counters"]["events_in"] > 0), None),
+                            30, "a Slurm worker to take units")
+            pid = rows()[busy]["pid"]
+            subprocess.run(["scancel", job_of[busy]], check=True, timeout=20)
+            out, errors = scan.communicate(timeout=180)
+        finally:
+            if scan.poll() is None:
+                scan.kill()
+                scan.communicate()
+        summary = json.loads(out)
+        assert scan.returncode == 0 and summary["lossless"], (summary, errors[-2000:])
+        counters = summary["pipelines"]["counters"]
+        assert counters["points_delivered"] == 1200 and counters["missing"] == 0 and counters["duplicates"] == 0
+        assert not pid_alive(pid)
+        assert job_of[busy] not in cluster.jobs(JOBS) or cluster.jobs(JOBS)[job_of[busy]] != "RUNNING"
+        other = next(w for w in slurm_workers if w != busy)
+        assert rows()[other]["counters"]["events_in"] > 0  # the remaining Slurm worker took units too
+
+        run("scale", "counters", "1", "--slurm")
+        wait_for(lambda: not cluster.jobs(JOBS), 30, "Slurm to let the scaled-down jobs go")
+        assert not any(w in rows() for w in slurm_workers)
+        assert rows()["tangomesh/counters-worker/01"]["state"] == "ON"
+    finally:
+        run("down", timeout=180)
