@@ -48,6 +48,7 @@ class Kind(StrEnum):
     WRITER = "writer"
     RECORDER = "recorder"
     INGESTER = "ingester"  # a detector protocol's ingester device; its streams register as SOURCE
+    AUTOSCALER = "autoscaler"  # fits a pipeline's worker count to its load (services/ops/autoscaler.py)
 
 
 #: Services the sorter delivers to: every one registered for the pipeline (or for all, pipeline "").

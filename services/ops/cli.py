@@ -227,6 +227,11 @@ def cmd_status(args: argparse.Namespace) -> int:
             " ".join(f"{k}={v}" for k, v in r["endpoints"].items()),
         )
     console.print(table)
+    for r in rows:
+        if r.get("decision"):
+            d = r["decision"]
+            console.print(f"autoscaler {r['name']} ({r['pipeline']}): {d['workers_from']} -> {d['workers_to']} "
+                          f"workers at {time.strftime('%H:%M:%S', time.localtime(d['at']))}: {escape(d['reason'])}")
     if supervise.left_behind(root):
         console.print("[bold yellow]supervisor: not running[/] (killed?): nothing restarts the servers; "
                       "`tangomesh up` starts it again, carrying on its restart counts")

@@ -443,6 +443,8 @@ def status(spec: MeshSpec | None, topology_device: str, root: Path | None = None
     for svc in services:
         row = {k: svc[k] for k in ("name", "kind", "pipeline", "server", "host", "pid", "endpoints")}
         row.update(_read_live(svc["name"]))
+        if svc["kind"] == "autoscaler":
+            row["decision"] = _last_decision(svc["name"])
         rows.append(row)
     if spec is not None:
         known = {r["name"] for r in rows}
@@ -489,6 +491,16 @@ def _read_live(device: str) -> dict[str, Any]:
         "state": str(state.value),
         "counters": {n: (v.value if not v.has_failed else None) for n, v in zip(names, counts)},
     }
+
+
+def _last_decision(device: str) -> dict[str, Any] | None:
+    """An autoscaler's latest decision ({} before its first, None if it cannot be read)."""
+    try:
+        proxy = tango.DeviceProxy(device)
+        proxy.set_timeout_millis(1500)
+        return json.loads(proxy.read_attribute("LastDecision").value)
+    except (tango.DevFailed, ValueError):
+        return None
 
 
 # --------------------------------------------------------------------------- scaling

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import tango
 
 from services.ops.home import bin_dir, pid_alive
 from services.ops.mesh import DEFAULT_MESH
@@ -38,7 +39,10 @@ def cluster(tmp_path_factory):
     slurm.close()
 
 
-def counters_mesh(home: Path) -> Path:
+def counters_mesh(home: Path, autoscaled: bool = False) -> Path:
+    """The counters pipeline and the sink of deploy/mesh.json; ``autoscaled``: with a
+    slow worker (50 ms per unit of at most 10 points), a small burst queue, and
+    an Autoscaler submitting Slurm workers."""
     spec = json.loads(DEFAULT_MESH.read_text())
     spec["_tangomesh"]["servers"] = {k: v for k, v in spec["_tangomesh"]["servers"].items() if k in KEEP}
     spec["servers"] = {server: {i: v for i, v in instances.items() if f"{server}/{i}" in KEEP}
@@ -46,6 +50,16 @@ def counters_mesh(home: Path) -> Path:
     spec["servers"] = {k: v for k, v in spec["servers"].items() if v}
     home.mkdir(parents=True, exist_ok=True)
     path = home / "counters.json"
+    if autoscaled:
+        master = spec["servers"]["PipelineMaster"]["counters"]["PipelineMaster"]["tangomesh/counters/master"]
+        master["properties"].update(MaxQueueBytes=["32768"], MaxUnitPoints=["10"])
+        worker = spec["servers"]["PipelineWorker"]["counters-01"]["PipelineWorker"]["tangomesh/counters-worker/01"]
+        worker["properties"]["ProcessingDelaySeconds"] = ["0.05"]
+        spec["servers"]["Autoscaler"] = {"counters": {"Autoscaler": {"tangomesh/counters/autoscaler": {"properties": {
+            "Pipeline": ["counters"], "MinWorkers": ["1"], "MaxWorkers": ["3"], "UpAfterSeconds": ["1"],
+            "CooldownSeconds": ["2"], "IdleDownSeconds": ["3"], "Backend": ["slurm"], "MeshFile": [str(path)],
+            "SlurmTimeLimit": ["30"], "SlurmMemMB": ["500"]}}}}}
+        spec["_tangomesh"]["servers"]["Autoscaler/counters"] = {"level": 6}
     path.write_text(json.dumps(spec))
     return path
 
@@ -107,5 +121,58 @@ def test_slurm_workers_join_do_work_survive_a_scancel_without_loss_and_leave_whe
         wait_for(lambda: not cluster.jobs(JOBS), 30, "Slurm to let the scaled-down jobs go")
         assert not any(w in rows() for w in slurm_workers)
         assert rows()["tangomesh/counters-worker/01"]["state"] == "ON"
+    finally:
+        run("down", timeout=180)
+
+
+def test_the_autoscaler_submits_slurm_workers_for_a_burst_and_cancels_them_after_it_losing_nothing(
+        cluster, tmp_path) -> None:
+    """One slow worker (200 points/s) and a scan sent at 600 points/s: the
+    master holds its sources back, the Autoscaler adds Slurm workers (up to 3),
+    they take units; once the pipeline is idle it cancels them again."""
+    home = tmp_path / "home"
+    mesh_file = counters_mesh(home, autoscaled=True)
+    env = {k: v for k, v in os.environ.items() if k != "TANGO_HOST"} | {"TANGOMESH_HOME": str(home)}
+    tangomesh = str(bin_dir() / "tangomesh")
+
+    def run(*args: str, timeout: float = 120) -> str:
+        result = subprocess.run([tangomesh, *args, "--mesh", str(mesh_file)], env=env, capture_output=True,
+                                text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        assert result.returncode == 0, f"tangomesh {' '.join(args)}:\n{result.stdout}\n{result.stderr}"
+        return result.stdout
+
+    def rows() -> dict[str, dict]:
+        return {r["name"]: r for r in json.loads(run("status", "--json"))}
+
+    run("up")
+    try:
+        t0 = time.monotonic()
+        out = run("scan", "--sim", "counters", "--pipelines", "counters", "--shape", "60x40", "--rate", "600",
+                  "--json", timeout=300)
+        took = time.monotonic() - t0
+        summary = json.loads(out)
+        assert summary["lossless"], summary
+        counters = summary["pipelines"]["counters"]
+        assert counters["points_delivered"] == 2400 and counters["missing"] == 0 and counters["duplicates"] == 0
+        tango_host = (home / "tango_host").read_text().strip()  # the mesh's own database, named in full
+        autoscaler = tango.DeviceProxy(f"tango://{tango_host}/tangomesh/counters/autoscaler")
+        ups = [d for d in json.loads(autoscaler.Decisions) if d["workers_to"] > d["workers_from"]]
+        assert ups and all("sources held back" in d["reason"] or "queue" in d["reason"] for d in ups), ups
+        assert max(d["workers_to"] for d in ups) >= 2
+        scaler = rows()["tangomesh/counters/autoscaler"]
+        assert scaler["kind"] == "autoscaler" and scaler["state"] == "ON"
+        added = [w for w in rows() if w.startswith("tangomesh/counters-worker/") and w != "tangomesh/counters-worker/01"]
+        worked = [w for w in added if rows()[w]["counters"]["events_in"] > 0]
+        print(f"scan of 2400 points in {took:.1f} s; decisions {[(d['workers_to'], d['reason']) for d in ups]}; "
+              f"Slurm workers {added}, {len(worked)} took units")
+        assert worked, "the Slurm workers the autoscaler added took no units"
+        assert cluster.jobs(JOBS), "no Slurm job for the added workers"
+
+        # idle: back to the one local worker, the Slurm jobs cancelled
+        wait_for(lambda: not cluster.jobs(JOBS), 60, "the autoscaler to cancel the Slurm workers")
+        last = wait_for(lambda: (d := rows()["tangomesh/counters/autoscaler"]["decision"]) and d["workers_to"] == 1
+                        and d, 30, "the scale-down decision")
+        assert "idle" in last["reason"] and last["workers_from"] > 1, last
+        assert [w for w in rows() if w.startswith("tangomesh/counters-worker/")] == ["tangomesh/counters-worker/01"]
     finally:
         run("down", timeout=180)
