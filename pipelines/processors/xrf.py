@@ -210,7 +210,8 @@ class Xrf(Processor):
         self.overlaps = self._overlaps()
         bg = s.get("background", {})
         self.background = None if bg.get("method", "snip") == "none" else {
-            "method": bg.get("method", "snip"), "terms": bg.get("terms", 2), "width": max(int(round(bg.get("width_keV", 0.6) / cal.gain_keV_per_channel)), 1),
+            "method": bg.get("method", "snip"), "terms": bg.get("terms", 0),
+            "width": max(int(round(bg.get("width_keV", 0.6) / cal.gain_keV_per_channel)), 1),
             "binning": bg.get("binning", 1), "smoothing": bg.get("smoothing_channels", 3)}
         self.entangled: dict[str, tuple[str, float]] | None = None
         self.frozen: dict[str, Any] | None = None
