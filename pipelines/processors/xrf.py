@@ -1,29 +1,34 @@
 """``xrf``: element intensities from energy-dispersive XRF spectra.
 
 Per batch, vectorised over its points (docs/modalities/xrf.md has the
-measurements behind each choice):
+measurements on real spectra behind each choice):
 
-1. **Continuum**: a SNIP strip of each spectrum (services/physics/continuum.py),
-   subtracted. It never rises above the data, so it cannot go negative
-   between peaks or trade counts with the lines.
-2. **Lines**: a weighted linear least-squares fit of the net spectra by the
-   components of services/physics/xrfmodel.py: one per element and series
-   (K, L, M or PyMca's Ka / Kb / L1..L3 / M1..M5 groups), each with all its
-   xraylib lines in their detected proportions (path attenuation, detector
-   efficiency, optional thick-sample self-absorption) and their escape
-   peaks; the elastic and Compton peaks when they lie in the fit range.
-   Weights are Poisson, ``1 / max(mean spectrum of the batch, 1)``: a common
-   weight keeps the batch one matrix product, and is exact up to a scale for
-   spectra of one shape (a map), where per-point ``1 / y`` would bias weak
-   points low. Negative elements are refitted without them (one active-set
-   pass per pattern of negatives), then clipped at zero.
-3. **Pile-up** (``pileup``): the batch's fitted line spectrum convolved with
-   itself is one more component (its amplitude per point), fitted in a second pass.
-4. **Quality**: ``chi2_reduced`` per point, from the normal equations
-   (no residual array), with the point's own Poisson variance.
+1. **Continuum** (``background.method``): ``snip`` (default), a SNIP strip of
+   each spectrum, subtracted: it never rises above the data, so it cannot go
+   negative between peaks or trade counts with the lines, and a point's
+   values never depend on its batch. ``snip_scan``, for maps: the SNIP of the
+   scan's first batch's mean spectrum (low noise) is one more component, its
+   amplitude fitted per point; ten times faster, and unbiased at the low
+   counts of map pixels, where a SNIP of a noisy spectrum sits low.
+2. **Lines**: a linear least-squares fit by the components of
+   services/physics/xrfmodel.py: one per element and series (K, L, M or
+   PyMca's Ka / Kb / L1..L3 / M1..M5 groups), each with all its xraylib lines
+   in their detected proportions (path attenuation, detector efficiency,
+   optional thick-sample self-absorption) and their escape peaks; the elastic
+   and Compton peaks when they lie in the fit range (else dropped, with the
+   reason in ``model.dropped``). ``weights``: ``uniform`` (default, as PyMca's
+   fast map fit) or ``poisson`` (``1 / max(mean of the first batch, 1)``, frozen
+   for the scan). One matrix product per batch; negative lines are refitted
+   without them (one active-set pass per pattern of negatives), then clipped.
+3. **Pile-up** (``pileup``): the first batch's fitted line spectrum convolved
+   with itself is one more component, its amplitude per point.
+4. **Quality**: ``chi2_reduced`` per point, with the point's own Poisson
+   variance, so a user sees where the model fails (a missing element).
+   ``entangled`` (per scan) names lines whose split with a neighbour rests on
+   the database's line ratios (fit correlation >= 0.5).
 5. **ROI**: counts in ``roi_fwhm`` FWHM around each element's strongest line
    minus the continuum under them, and ``<El>_roi_overlap``: the share of the
-   fitted counts in that window that belong to other lines.
+   fitted counts in that window that belong to other lines (``overlaps`` names them).
 
 Settings may start from a PyMca ``.cfg`` text (``pymca_config``, read by
 services/physics/pymca_config.py); explicit settings override it.
@@ -107,7 +112,7 @@ class Xrf(Processor):
 
     @classmethod
     def check_settings(cls, scan, settings) -> dict:
-        settings = super().check_settings(scan, settings)
+        settings = dict(super().check_settings(scan, settings))  # a copy: the caller's document stays as given
         if "pymca_config" in settings:  # the file's facts first, explicit settings over them
             explicit = {k: v for k, v in settings.items() if k != "pymca_config"}
             settings = validate_against(cls.settings_schema, "Xrf settings (with pymca_config)",
