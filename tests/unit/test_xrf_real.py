@@ -267,3 +267,18 @@ def test_thick_sample_matrix_escape_and_pileup_each_hold_the_steel_spectrum(meta
     assert thin["chi2_reduced"][0] > 1.3 * full["chi2_reduced"][0]
     assert bare["chi2_reduced"][0] > 1.8 * full["chi2_reduced"][0]
     assert full["Fe"][0] == pytest.approx(ref.areas["Fe Ka"] + ref.areas["Fe Kb"], rel=0.05)
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"background": {"method": "strip"}}, "background/method"),
+    ({"weights": "chi"}, "weights"),
+    ({"matrix": {"material": "Xq9", "density_g_cm3": 1.0, "thickness_cm": 0.1}},
+     "material 'Xq9' is neither an element nor a formula"),
+    ({"attenuators": [{"material": {"Be": 1.0}, "density_g_cm3": -1.0, "thickness_cm": 0.1}]}, "density_g_cm3"),
+    ({"elements": {"Fe": ["K", "K"]}}, "elements/Fe"),
+    ({"pymca_config": "[peaks]\nFe = K\n"}, r"no \[fit\] section"),
+])
+def test_bad_xrf_settings_are_refused_naming_the_problem(meta, change, match) -> None:
+    settings = {"detector": "sdd", **read_pymca_config(config_text("Steel.spe")), **change}
+    with pytest.raises(ValueError, match=match):
+        Xrf.check_settings(meta, settings)
