@@ -129,7 +129,13 @@ class Xrf(Processor):
         lo_hi = settings.get("fit_range_keV")
         if lo_hi is not None and not lo_hi[0] < lo_hi[1]:
             raise ValueError(f"fit_range_keV {lo_hi} is empty: give [low, high] with low < high")
-        cls.setup_of(settings)  # materials parse, lines excited
+        setup = cls.setup_of(settings)  # materials parse, lines excited
+        lo, hi = settings.get("fit_range_keV", [1.0, setup.incident_keV + 0.6])
+        for element, series in setup.elements.items():
+            energies = [line.energy_keV for s in series for line in series_lines(element, s, setup.incident_keV)]
+            if not any(lo <= e <= hi for e in energies):
+                raise ValueError(f"{element} {'/'.join(series)} lines ({min(energies):.2f}-{max(energies):.2f} keV) "
+                                 f"lie outside the fit range [{lo:.2f}, {hi:.2f}] keV")
         return settings
 
     @staticmethod
@@ -245,6 +251,8 @@ class Xrf(Processor):
             shares = [(line, share * self.model.components[i].in_window)
                       for i in self.series[element] for line, share in self.model.components[i].lines
                       if energy[0] <= line.energy_keV <= energy[-1]]
+            shares = shares or [(line, share) for i in self.series[element] for line, share in
+                                self.model.components[i].lines]  # only a tail in the window: its nearest line
             line = max(shares, key=lambda ls: ls[1])[0]
             half = width * float(self.setup.resolution.fwhm_keV(line.energy_keV))
             weights[np.abs(energy - line.energy_keV) <= half, k] = 1.0

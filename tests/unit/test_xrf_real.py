@@ -229,10 +229,13 @@ def test_scatter_peaks_outside_the_fit_range_are_dropped_not_refused(meta) -> No
 
 
 def test_an_element_with_no_line_in_the_fit_range_is_refused_by_name(meta) -> None:
+    """At StartScan already (check_settings, no data read)."""
     ref = reference("Steel.spe")
     settings = {**read_pymca_config(ref.config_text), "fit_range_keV": [7.5, 14.0], "elements": {"Cr": "K", "Ni": "K"}}
     with pytest.raises(ValueError, match=r"Cr K lines \(5.41-5.95 keV\) lie outside the fit range \[7.50, 14.00\] keV"):
-        run(meta, ref.counts, **settings)
+        Xrf.check_settings(meta, {"detector": "sdd", **settings})
+    with pytest.raises(ValueError, match=r"Cr K lines \(5.41-5.95 keV\) lie outside"):
+        run(meta, ref.counts, **settings)  # the worker's start_scan refuses alike
 
 
 def test_components_that_cannot_be_told_apart_are_named(meta) -> None:
