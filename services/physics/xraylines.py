@@ -55,6 +55,50 @@ def emission_lines(element: str, series: str, incident_keV: float) -> tuple[Line
     return tuple(lines)
 
 
+#: Series a fit can name: whole shells (K, L, M), PyMca's K sub-groups (Ka: K-L
+#: transitions, Kb: the rest of K) and single subshells (L1..L3, M1..M5).
+SERIES_SHELLS = {"K": ("K",), "Ka": ("K",), "Kb": ("K",), "L": ("L1", "L2", "L3"), "L1": ("L1",), "L2": ("L2",),
+                 "L3": ("L3",), "M": ("M1", "M2", "M3", "M4", "M5"), **{f"M{i}": (f"M{i}",) for i in range(1, 6)}}
+#: Lines below this share of their series' production are left out (they are below any detection limit).
+MIN_LINE_SHARE = 1e-4
+
+
+def _transitions(shell: str) -> list[str]:
+    """xraylib's IUPAC line macros starting from one vacancy shell (``KL3``, ``L3M5``, ...)."""
+    n = len(shell)
+    return sorted(name[:-5] for name in dir(xraylib) if name.endswith("_LINE") and name.startswith(shell)
+                  and len(name) > n + 5 and name[n] in "KLMNOPQ" and name[n + 1:-5].isdigit())
+
+
+@lru_cache(maxsize=None)
+def series_lines(element: str, series: str, incident_keV: float) -> tuple[Line, ...]:
+    """Every line of ``series`` (see :data:`SERIES_SHELLS`) excited at ``incident_keV``,
+    with its production cross section (xraylib Kissel photoionisation, fluorescence
+    yield, radiative rate, with Coster-Kronig and cascade transfers); empty if no
+    vacancy of the series can be made. Why all transitions: on real spectra the
+    small ones (K-N, L3-N1, ...) are counts a four-line model pushes onto neighbours."""
+    z = xraylib.SymbolToAtomicNumber(element)
+    if z <= 0:
+        raise ValueError(f"unknown element {element!r}")
+    if series not in SERIES_SHELLS:
+        raise ValueError(f"unknown series {series!r} (known: {sorted(SERIES_SHELLS)})")
+    lines = []
+    for shell in SERIES_SHELLS[series]:
+        for name in _transitions(shell):
+            if series == "Ka" and not name.startswith("KL") or series == "Kb" and name.startswith("KL"):
+                continue
+            code = getattr(xraylib, f"{name}_LINE")
+            try:
+                energy = xraylib.LineEnergy(z, code)
+                cs = xraylib.CS_FluorLine_Kissel_Cascade(z, code, incident_keV)
+            except ValueError:  # no data for this line of this element
+                continue
+            if 0 < energy < incident_keV and cs > 0:
+                lines.append(Line(element, name, energy, cs))
+    total = sum(line.cross_section_cm2_g for line in lines)
+    return tuple(line for line in lines if line.cross_section_cm2_g >= MIN_LINE_SHARE * total)
+
+
 def default_series(element: str, incident_keV: float) -> str:
     """K if the K edge is excited, else L: what an XRF user looks at first."""
     z = xraylib.SymbolToAtomicNumber(element)
