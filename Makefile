@@ -51,6 +51,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_writers.py
 	$(BIN)/python benchmarks/bench_modalities.py
 	$(BIN)/python benchmarks/bench_ingest.py
+	$(BIN)/python benchmarks/bench_autoscale.py
 
 clean:
 	-$(BIN)/tangomesh down 2>/dev/null

@@ -15,9 +15,10 @@ cost of authentication. Cases: small events (a counter set of 9 float64, ~330 by
 XRF-sized events (a 4096-channel uint32 spectrum plus i0 and time, 16 KB),
 large frames (1024x2048 uint16, 4 MB), plain and as the detector sends them
 (bitshuffle-LZ4, decompressed in the worker only), passed through and
-integrated by the xrd processor (pyFAI, 1000 bins); each with 1 and 2 workers and with
-one point per message as well as blocks. Latency: source send to consumer
-receipt at a fixed rate of 1 kHz, one point per message.
+integrated by the xrd processor (pyFAI, 1000 bins); each with 1, 2 and 4 workers
+(events/s against the worker count) and with one point per message as well as
+blocks. Latency: source send to consumer receipt at a fixed rate of 1 kHz, one
+point per message.
 
     python benchmarks/bench_pipeline.py            # ~3 min, rich table
     python benchmarks/bench_pipeline.py --quick --json
@@ -163,7 +164,7 @@ def run_mode(args: argparse.Namespace, spec: mesh.MeshSpec, launcher: mesh.Local
     try:
         mesh.up(spec, launcher, root, trusted=auth == security.OFF)
         link = TangoManagerLink(spec.topology_device)
-        for workers in (1, 2):
+        for workers in (1, 2, 4):
             mesh.scale_workers(spec, PIPELINE, workers, launcher, root)
             time.sleep(1.0)  # the new worker finds the master (lookup period)
             for name, profile_name, block, points_full, points_quick in chosen(args):
