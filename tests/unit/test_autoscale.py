@@ -61,3 +61,33 @@ def test_counts_outside_the_bounds_are_corrected_at_once() -> None:
 def test_a_policy_that_cannot_work_is_refused(fields, why) -> None:
     with pytest.raises(ValueError, match=why):
         ScalePolicy(**fields)
+
+
+def test_the_component_applies_a_decision_records_it_and_reports_the_workers_running() -> None:
+    from services.ops.autoscaler import AutoscalerComponent, AutoscalerConfig
+
+    clock = iter([0.0, 0.5, 1.0, 1.5])
+    loads = iter([load(1, held=True)] * 4)
+    applied: list[int] = []
+
+    def scale_to(n: int) -> int:
+        applied.append(n)
+        return n
+
+    component = AutoscalerComponent("test/autoscaler/1", "xrd", AutoscalerConfig(up_after_s=1.0, cooldown_s=0.0),
+                                    lambda: next(loads), scale_to, clock=lambda: next(clock))
+    assert [component.step() for _ in range(2)] == [None, None]
+    decision = component.step()
+    assert decision is not None and decision.workers_to == 2 and applied == [2]
+    assert component.target == component.workers == 2 and list(component.decisions) == [decision]
+    assert decision.to_json()["load"]["sources_held"] is True
+    assert "1 -> 2" in component.status()
+
+
+def test_a_config_that_cannot_work_refuses_the_device_at_start() -> None:
+    from services.ops.autoscaler import AutoscalerConfig
+
+    with pytest.raises(ValueError, match="Backend"):
+        AutoscalerConfig(backend="kubernetes")
+    with pytest.raises(ValueError, match="MinWorkers <= MaxWorkers"):
+        AutoscalerConfig(min_workers=5, max_workers=2)
