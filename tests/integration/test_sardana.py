@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from pathlib import Path
 
 import h5py
@@ -15,7 +16,11 @@ import numpy as np
 import pytest
 import tango
 
-from services.registration import TangoManagerLink
+from services.registration import TangoManagerLink, wait_registered
+from services.sim.counters import Counters
+from services.sim.detector import Acquisition
+from services.sim.phantom import make_phantom
+from services.source import SourceClient
 from sink.queries import QUERY, SinkClient
 from support import ServerPool, topology_props, wait_for
 from support.sardana import start_sardana
@@ -170,6 +175,69 @@ def test_a_stopped_macro_aborts_the_scan_everywhere_with_the_reason(beamline) ->
     with h5py.File(nexus_file(scan), "r") as f:
         assert f["entry/process/status"][()].decode() == "aborted"
         assert "stopped" in json.loads(f["entry/process/summary/data"][()])["reason"]
+
+
+class SimulatedDetector(threading.Thread):
+    """A detector streaming to the mesh by itself, as an ingester does: it
+    learns the scan from the master's OpenScans, then sends one block per row
+    of the simulated beamline's counters (services/sim) where the beam is at
+    each point of a snake mesh over ``fast`` x ``slow``; the master joins it
+    with the Sardana stream by acquisition index."""
+
+    def __init__(self, link: TangoManagerLink, before: set[str], fast: np.ndarray, slow: np.ndarray) -> None:
+        super().__init__(daemon=True)
+        self.source = SourceClient("counters", PIPE, link, LOOP, prefix="simdet")
+        wait_registered(self.source.registration)
+        self.before, self.fast, self.slow = before, fast, slow
+        self.detector = Counters(make_phantom(seed=3, size_um=10.0))
+        self.sent: dict[str, list[np.ndarray]] = {}
+        self.scan = ""
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            master = tango.DeviceProxy("test/sar/master")
+            self.scan = wait_for(lambda: next((s["scan"] for s in json.loads(master.OpenScans)
+                                               if s["scan"] not in self.before), None), 60, "the Sardana scan to open")
+            cols = len(self.fast)
+            for row, y in enumerate(self.slow):
+                x = self.fast[::-1] if row % 2 else self.fast  # Sardana runs the odd rows of a bidirectional mesh back
+                index = np.arange(row * cols, (row + 1) * cols)
+                acq = Acquisition(index, index * 0.01, x, np.full(cols, y), np.ones(cols), np.full(cols, 1e6), 0.01)
+                arrays = self.detector.acquire(acq, np.random.default_rng(row))
+                for name, values in arrays.items():
+                    self.sent.setdefault(name, []).append(values)
+                self.source.block(self.scan, row * cols, arrays, timeout=30)
+        except BaseException as exc:  # noqa: BLE001 - the test reports it
+            self.error = exc
+
+
+def test_a_mesh_with_a_detector_streaming_itself_gives_maps_of_both(beamline) -> None:
+    """Scans that span tools: Sardana's motors and a detector that streams to
+    the mesh on its own are joined by acquisition index into one map."""
+    door, client, _, _ = beamline
+    fast, slow = np.linspace(0, 8, 5), np.linspace(0, 6, 4)
+    detector = SimulatedDetector(TangoManagerLink(MANAGER), {s["scan"] for s in client.list()["scans"]}, fast, slow)
+    door.senv("TangoMeshAnalysis", {PIPE: {"processor": "counters", "streams": ["sardana", "counters"],
+                                           "settings": {"counters": ["sardana/mot01", "counters/i0", "counters/xbic"],
+                                                        "not_normalised": ["mot01"]}}})
+    try:
+        detector.start()
+        assert door.run("mesh", "mot01", "0", "8", "4", "mot02", "0", "6", "3", "0.01", "True") == tango.DevState.ON, \
+            door.lines("Error")
+        scan = started_scan(door)
+        detector.join(30)
+    finally:
+        door.senv("TangoMeshAnalysis", ANALYSIS)
+        detector.source.close()  # a source left registered would join every later scan of the pipeline
+    assert detector.error is None and detector.scan == scan
+    info = finished(client, scan)
+    assert info["status"] == "complete" and info["received"] == 20 and info["map_shape"] == [4, 5]
+    expected = np.stack(detector.sent["xbic"])  # rows in acquisition order
+    expected[1::2] = expected[1::2, ::-1]  # snake rows back into map orientation
+    np.testing.assert_allclose(client.get(scan, f"{PIPE}/xbic"), expected)
+    np.testing.assert_allclose(client.get(scan, f"{PIPE}/mot01"), np.tile(fast, (4, 1)), atol=1e-6)
+    assert np.ptp(expected) > 0  # the phantom's structure, not a constant
 
 
 def test_a_scan_with_a_pipeline_down_fails_at_start_naming_it(beamline) -> None:
