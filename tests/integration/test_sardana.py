@@ -59,7 +59,10 @@ def beamline(tango_db, tmp_path_factory):
         door.senv("TangoMeshAnalysis", ANALYSIS)
         door.senv("TangoMeshBeamtime", {"id": "11020001", "beamline": "P06",
                                         "paths": {"raw": "raw", "processed": "processed"}})
-        door.senv("DataRecorder", "TangoMeshRecorder")
+        # as at a beamline: Sardana's own HDF5 file and the mesh, side by side (ScanFile and ScanRecorder pair up)
+        door.senv("ScanDir", str(tmp_path_factory.mktemp("sardana-raw")))
+        door.senv("ScanFile", ["scans.h5", "scans.tangomesh"])
+        door.senv("ScanRecorder", ["NXscanH5_FileRecorder", "TangoMeshRecorder"])
         door.run("defsnap", "mot03")  # what a scientist types: the pre-scan snapshot holds mot03
         door.senv("SampleInfo", {"name": "cell7", "description": "NMC cathode"})
         client = SinkClient(json.loads(tango.DeviceProxy(SINK).Endpoints)[QUERY])
@@ -144,15 +147,23 @@ def test_a_mesh_macro_gives_a_complete_map_and_a_file_with_the_macro_snapshot_an
 
 
 def test_an_ascan_gives_a_trace_and_status_shows_the_mesh(beamline) -> None:
-    door, client, _, _ = beamline
+    door, client, _, master = beamline
     assert door.run("ascan", "mot01", "0", "2", "9", "0.01") == tango.DevState.ON, door.lines("Error")
     scan = started_scan(door)
     info = finished(client, scan)
     assert info["status"] == "complete" and info["received"] == 10 and info["map_shape"] == [10]
-    assert info["metadata"]["scan"]["geometry"]["type"] == "line"
     assert info["failed"] == 0, info
-    np.testing.assert_allclose(client.get(scan, f"{PIPE}/mot01"), np.linspace(0, 2, 10), atol=1e-6)
+    doc = info["metadata"]
+    assert doc["scan"]["geometry"]["type"] == "line"
+    trace = client.get(scan, f"{PIPE}/mot01")
+    np.testing.assert_allclose(trace, np.linspace(0, 2, 10), atol=1e-6)
+    # Sardana's own file of the same scan holds the same motor positions and counts
+    with h5py.File(Path(doc["user"]["sardana"]["scan_dir"]) / "scans.h5", "r") as f:
+        measured = f[f"entry{doc['scan']['number']}/measurement"]
+        np.testing.assert_allclose(trace, measured["mot01"][()])
+        np.testing.assert_allclose(client.get(scan, f"{PIPE}/ct01"), measured["ct01"][()])
 
+    wait_for(lambda: json.loads(master.OpenScans) == [], 20, "the master to close the scan")
     door.run("tangomesh_status")
     status = "\n".join(door.lines("Output"))
     assert f"pipeline {PIPE}: up" in status and "test/sar/master: 0 open scan(s)" in status and "1 worker(s)" in status

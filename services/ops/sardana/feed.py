@@ -29,7 +29,7 @@ from services.ops.sardana.mapping import (Column, MeshSettings, SardanaMappingEr
                                           finite, point_arrays)
 from services.registration import ManagerLink, TangoManagerLink, wait_registered
 from services.scan_document import GRID, LINE, POINTS, Scanned, json_safe, wire_dtype
-from services.source import SourceClient
+from services.source import SendTimeout, SourceClient
 
 log = logging.getLogger("tangomesh.sardana")
 
@@ -227,8 +227,12 @@ class MeshScan:
             return "not started"
         self.open = False
         if status == "Normal":
-            for source in self.sources:
-                source.end(self.scan_id, self.sent, timeout=SEND_TIMEOUT_S)
+            try:
+                for source in self.sources:
+                    source.end(self.scan_id, self.sent, timeout=SEND_TIMEOUT_S)
+            except SendTimeout as exc:  # a stuck pipeline: without the abort its master would hold the scan open
+                self.masters.abort(self.scan_id, reason=f"the Sardana stream's end was not taken: {exc}")
+                raise RuntimeError(f"tangomesh: scan {self.scan_id} aborted: {exc}") from None
             refused = self.masters.end(self.scan_id)
             if refused:
                 log.warning("EndScan %s refused: %s", self.scan_id, refused)
