@@ -169,23 +169,34 @@ def test_an_ascan_gives_a_trace_and_status_shows_the_mesh(beamline) -> None:
     assert f"pipeline {PIPE}: up" in status and "test/sar/master: 0 open scan(s)" in status and "1 worker(s)" in status
 
 
-def test_a_stopped_macro_aborts_the_scan_everywhere_with_the_reason(beamline) -> None:
+@pytest.mark.parametrize("how, ended, word", [("StopMacro", "stop", "stopped"), ("AbortMacro", "abort", "aborted")])
+def test_a_stopped_macro_aborts_the_scan_everywhere_with_the_reason(beamline, how, ended, word) -> None:
     door, client, root, master = beamline
     door.start("ascan", "mot01", "0", "10", "200", "0.05")
     wait_for(lambda: door.lines("Info") and started_scan(door), 30, "the scan to start")
     scan = started_scan(door)
     wait_for(lambda: client.info(scan)["received"] >= 3, 30, "the first points in the sink")
-    door.stop()
+    door.proxy.command_inout(how)
     door.wait(60)
+    assert door.ended_as() == ended
     info = finished(client, scan)
     assert info["status"] == "aborted" and 3 <= info["received"] < 201
     reason = info["runs"][PIPE]["summary"]["reason"]
-    assert door.ended_as() == "stop"
-    assert re.search(r"'ascan mot01 0(\.0)? 10(\.0)? 200 0\.05' stopped after \d+ of 201 points", reason), reason
+    assert re.search(rf"'ascan mot01 0(\.0)? 10(\.0)? 200 0\.05' {word} after \d+ of 201 points", reason), reason
     assert master.CurrentScan == scan and scan not in [s["scan"] for s in json.loads(master.OpenScans)]
     with h5py.File(nexus_file(scan), "r") as f:
         assert f["entry/process/status"][()].decode() == "aborted"
-        assert "stopped" in json.loads(f["entry/process/summary/data"][()])["reason"]
+        assert word in json.loads(f["entry/process/summary/data"][()])["reason"]
+
+
+def test_abort_scan_refuses_a_malformed_reason_and_keeps_running(beamline) -> None:
+    master = beamline[3]
+    errors = master.Errors
+    for bad, why in (('{"scan": 7}', "invalid abort: at scan"), ('{"scan": "s", "because": "x"}', "invalid abort"),
+                     ("{broken", "not JSON")):
+        with pytest.raises(tango.DevFailed, match=why):
+            master.AbortScan(bad)
+    assert master.Errors == errors + 3 and master.state() != tango.DevState.FAULT
 
 
 class SimulatedDetector(threading.Thread):

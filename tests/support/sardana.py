@@ -109,7 +109,3 @@ class Door:
         """What the last macro wrote to ``Output``, ``Info``, ``Warning`` or ``Error``."""
         value = self.proxy.read_attribute(attribute).value
         return list(value or [])
-
-    def stop(self, abort: bool = False) -> None:
-        self.proxy.command_inout("AbortMacro" if abort else "StopMacro")
-
