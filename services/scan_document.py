@@ -112,7 +112,7 @@ def wire_dtype(kind: str | None) -> str | None:
         return _DTYPE_WORDS[kind]
     try:
         dtype = np.dtype(kind)
-    except TypeError:
+    except (TypeError, ValueError):
         return None
     return dtype.str if dtype.kind in "biuf" else None
 
