@@ -140,3 +140,26 @@ def test_the_abort_argument_carries_the_reason_or_is_the_bare_scan_id() -> None:
                      ('{"reason": "x"}', "'scan' is a required property"), ("{not json", "not JSON")):
         with pytest.raises(schema.SchemaError, match=why):
             parse_abort(bad)
+
+
+def test_a_pipeline_missing_a_stage_is_named_before_anything_starts() -> None:
+    from services.ops.sardana.feed import MeshLink, status_lines
+    from topology_manager.component import Registry
+    from topology_manager.local import LocalManagerLink
+
+    link = LocalManagerLink(Registry(10.0, 2.0))
+    for name, kind, pipeline in (("t/p1/master", "master", "p1"), ("t/p1/sorter", "sorter", "p1"),
+                                 ("t/p1-worker/1", "worker", "p1"), ("t/p2/master", "master", "p2"),
+                                 ("t/sink/1", "sink", "")):
+        link.register({"name": name, "kind": kind, "host": "h", "pid": 1, **({"pipeline": pipeline} if pipeline else {})})
+    mesh = MeshLink("t/topology/manager", "127.0.0.1", "sardana", link=link)
+    mesh.check_up(["p1"])  # complete: no complaint
+    with pytest.raises(RuntimeError, match=r"the scan cannot start: pipeline p2 is down \(no sorter, no worker registered\)"
+                                           r"; pipeline p3 is down \(no master, no sorter, no worker registered\)"):
+        mesh.check_up(["p1", "p2", "p3"])
+    lines = status_lines(link, read_master=lambda name: {"open_scans": [{"scan": "s-1", "points": 20,
+                                                                         "streams": ["sardana"]}]})
+    assert lines[0] == "pipeline p1: up; master t/p1/master; sorter t/p1/sorter; 1 worker(s); 0 source(s)"
+    assert lines[1] == "  master t/p1/master: 1 open scan(s)\n    s-1: 20 points, streams sardana"
+    assert lines[2].startswith("pipeline p2: DOWN; master t/p2/master; sorter none; 0 worker(s)")
+    assert lines[-1] == "services of every pipeline: t/sink/1 (sink)"
