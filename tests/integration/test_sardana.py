@@ -265,7 +265,8 @@ def test_a_mesh_with_a_detector_streaming_itself_gives_maps_of_both(beamline) ->
 def test_a_scan_with_a_pipeline_down_fails_at_start_naming_it(beamline) -> None:
     door, client, _, _ = beamline
     before = {s["scan"] for s in client.list()["scans"]}
-    door.senv("TangoMeshAnalysis", {**ANALYSIS, "xrfdown": {"processor": "counters", "settings": {"counters": ["ct01"]}}})
+    down = {"processor": "counters", "settings": {"counters": ["ct01"]}}
+    door.senv("TangoMeshAnalysis", {**ANALYSIS, "xrfdown": down})
     try:
         door.run("ascan", "mot01", "0", "1", "3", "0.01")
         errors = "\n".join(door.lines("Error"))

@@ -43,7 +43,8 @@ def sardana_mesh(fast: Scanned, slow: Scanned, snake: bool) -> SardanaScan:
         macro="mesh", macro_id="a1b2c3d4", started=1764806400.0, pattern=GRID, points=fast.points * slow.points,
         scanned=[fast, slow], snake=snake, moving=[fast.name, slow.name],
         columns=[Column(fast.name, fast.name, "<f8"), Column(slow.name, slow.name, "<f8"),
-                 Column("tango://h:1/expchan/ctctrl01/1/value", "det4", "<f8"), Column("timestamp", "timestamp", "<f8")],
+                 Column("tango://h:1/expchan/ctctrl01/1/value", "det4", "<f8"),
+                 Column("timestamp", "timestamp", "<f8")],
         measurement_group="mntgrp01", channels={"det4": {"name": "tango://h:1/expchan/ctctrl01/1/value"}},
         integration_time=0.1, snapshot={"mot03": 1.25}, sample={"name": "cell7"})
 
@@ -151,11 +152,13 @@ def test_a_pipeline_missing_a_stage_is_named_before_anything_starts() -> None:
     for name, kind, pipeline in (("t/p1/master", "master", "p1"), ("t/p1/sorter", "sorter", "p1"),
                                  ("t/p1-worker/1", "worker", "p1"), ("t/p2/master", "master", "p2"),
                                  ("t/sink/1", "sink", "")):
-        link.register({"name": name, "kind": kind, "host": "h", "pid": 1, **({"pipeline": pipeline} if pipeline else {})})
+        link.register({"name": name, "kind": kind, "host": "h", "pid": 1,
+                       **({"pipeline": pipeline} if pipeline else {})})
     mesh = MeshLink("t/topology/manager", "127.0.0.1", "sardana", link=link)
     mesh.check_up(["p1"])  # complete: no complaint
-    with pytest.raises(RuntimeError, match=r"the scan cannot start: pipeline p2 is down \(no sorter, no worker registered\)"
-                                           r"; pipeline p3 is down \(no master, no sorter, no worker registered\)"):
+    with pytest.raises(RuntimeError, match=r"the scan cannot start: pipeline p2 is down "
+                                           r"\(no sorter, no worker registered\); "
+                                           r"pipeline p3 is down \(no master, no sorter, no worker registered\)"):
         mesh.check_up(["p1", "p2", "p3"])
     lines = status_lines(link, read_master=lambda name: {"open_scans": [{"scan": "s-1", "points": 20,
                                                                          "streams": ["sardana"]}]})
