@@ -146,9 +146,14 @@ class MeshLink:
             return cls._shared[key]
 
     def sources_for(self, pipelines: list[str]) -> list[SourceClient]:
-        """This stream's source in each pipeline, registered (made on first use)."""
+        """This stream's source in each pipeline, registered (made on first use).
+        The sources of pipelines no longer selected are closed: a source left
+        registered would be joined by every later scan of its pipeline that
+        does not list its streams (their last scan ended before this one began)."""
         from tango.utils import PyTangoThread  # a Tango server process: its client threads are omni threads
 
+        for pipeline in [p for p in self.sources if p not in pipelines]:
+            self.sources.pop(pipeline).close()
         made = []
         for pipeline in pipelines:
             if pipeline not in self.sources:
