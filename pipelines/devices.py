@@ -18,6 +18,7 @@ from pipelines.sorter import SorterComponent, SorterConfig
 from pipelines.worker import WorkerComponent, WorkerConfig
 from services.device import MeshDevice, config_property, console_script, throw_invalid
 from services.registration import ManagerUnavailable
+from services.scan_control import parse_abort
 
 
 class PipelineMaster(MeshDevice):
@@ -77,10 +78,12 @@ class PipelineMaster(MeshDevice):
         except ValueError as exc:
             self._refuse("EndScan", exc)
 
-    @command(dtype_in=str, doc_in="scan id")
-    def AbortScan(self, scan_id: str) -> None:
+    @command(dtype_in=str, doc_in="scan id, or JSON {\"scan\": id, \"reason\": why} (services/schemas/abort.json): "
+                                  "the reason goes with scan_abort to every consumer")
+    def AbortScan(self, argument: str) -> None:
         try:
-            self.component.abort_scan(scan_id)
+            scan_id, reason = parse_abort(argument)
+            self.component.abort_scan(scan_id, reason)
         except ValueError as exc:
             self._refuse("AbortScan", exc)
 

@@ -243,8 +243,9 @@ class MasterComponent(PipelineComponent):
     def end_scan(self, scan_id: str) -> None:
         self.call(lambda: self._end(scan_id))
 
-    def abort_scan(self, scan_id: str) -> None:
-        self.call(lambda: self._abort(scan_id))
+    def abort_scan(self, scan_id: str, reason: str = "") -> None:
+        """Abort everywhere; ``reason`` (the control system's words) goes with scan_abort to the consumers."""
+        self.call(lambda: self._abort(scan_id, reason))
 
     # ------------------------------------------------------------ scan control (loop thread)
     def _start(self, plan: ScanPlan) -> None:

@@ -43,18 +43,11 @@ import numpy as np
 
 from services.ops.masters import ScanMasters
 from services.registration import ManagerLink, wait_registered
-from services.scan_document import (axis, line_geometry, points_geometry, raster_geometry, scan_document, start_time,
-                                    stream_declaration)
+from services.scan_document import (GRID, LINE, POINTS, Scanned, beamtime_part, json_safe, motion_geometry,
+                                    sample_part, scan_document, start_time, stream_declaration, wire_dtype)
 from services.source import SourceClient
 
 log = logging.getLogger("tangomesh.bluesky")
-
-DTYPES = {"number": "<f8", "integer": "<i8", "boolean": "|b1"}
-
-
-def json_safe(value: Any) -> Any:
-    """Bluesky documents hold tuples, numpy scalars and arrays: plain JSON instead."""
-    return json.loads(json.dumps(value, default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v)))
 
 
 class MeshFeed:
@@ -133,14 +126,15 @@ class MeshFeed:
                     log.warning("EndScan %s refused: %s", self.scan_id, refused)
                     self.masters.abort(self.scan_id, only=refused)
             else:
-                self.masters.abort(self.scan_id)
+                self.masters.abort(self.scan_id, reason=f"Bluesky run ended {doc.get('exit_status', '?')}"
+                                   + (f": {doc['reason']}" if doc.get("reason") else ""))
         finally:
             self.start, self.scan_id, self.primary = None, None, None
 
     # ------------------------------------------------------------ mapping
     def _stream_keys(self, data_keys: dict[str, Any]) -> dict[str, dict[str, str]]:
-        numeric = {k: DTYPES.get(v.get("dtype"), "<f8") for k, v in data_keys.items()
-                   if v.get("dtype") in DTYPES or v.get("dtype") == "array"}
+        numeric = {k: wire_dtype(v.get("dtype")) or "<f8" for k, v in data_keys.items()
+                   if wire_dtype(v.get("dtype")) or v.get("dtype") == "array"}
         chosen = self.stream_keys or {"primary": sorted(numeric)}
         out = {}
         for stream, keys in chosen.items():
@@ -161,52 +155,61 @@ class MeshFeed:
 
     def document(self, start: dict[str, Any], descriptor: dict[str, Any]) -> dict[str, Any]:
         """The StartScan document for a run, from its start and primary descriptor."""
-        data_keys = descriptor["data_keys"]
-        units = {k: v.get("units", "") or "" for k, v in data_keys.items()}
-        uid = start["uid"]
-        number = int(start.get("scan_id", 0))
-        beamtime = json_safe(self.beamtime)
-        for ours, theirs in (("id", "beamtime_id"), ("beamline", "beamline_id"), ("proposal", "proposal_id")):
-            if start.get(theirs):
-                beamtime[ours] = str(start[theirs])
-        sample = start.get("sample", "unknown")
-        sample = json_safe(sample) if isinstance(sample, dict) and "name" in sample else {"name": str(sample)}
-        configuration = json_safe({k: v.get("data", {}) for k, v in descriptor.get("configuration", {}).items()})
-        detectors = list(start.get("detectors", []))
-        return scan_document(
-            beamtime=beamtime, scan_id=f"bluesky-{number}-{uid[:8]}", number=number,
-            name=f"{start.get('plan_name', 'run')}_{number}",
-            command=f"{start.get('plan_name', '?')}({json.dumps(json_safe(start.get('plan_args', {})))})",
-            started=start_time(start["time"]), geometry=self.geometry(start, units), sample=sample,
-            acquisition={"detectors": {d: configuration.get(d, {}) for d in detectors}},
-            devices={k: v for k, v in configuration.items() if k not in detectors},
-            analysis=self.analysis,
-            streams={s: stream_declaration({k: (dt, tuple(data_keys[k].get("shape", []))) for k, dt in keys.items()},
-                                           units)
-                     for s, keys in self.keys.items()},
-            user={"bluesky_start": json_safe(start)})
-
-    @staticmethod
-    def geometry(start: dict[str, Any], units: dict[str, str]) -> dict[str, Any]:
-        motors = list(start.get("motors", []))
-        shape = list(start.get("shape", []))
-        extents = [list(e) for e in start.get("extents", [])]
-        if start.get("plan_pattern") == "outer_product" and len(motors) == 2 == len(shape) == len(extents):
-            (slow, fast), (n_slow, n_fast), (e_slow, e_fast) = motors, shape, extents
-            snaking = list(start.get("snaking", [False, False]))
-            return raster_geometry(
-                axis(fast, float(e_fast[0]), float(e_fast[1]), int(n_fast), units.get(fast, "")),
-                axis(slow, float(e_slow[0]), float(e_slow[1]), int(n_slow), units.get(slow, "")),
-                snake=bool(snaking[1]) if len(snaking) > 1 else False)
-        points = int(start.get("num_points", 0))
-        args = start.get("plan_pattern_args", {}).get("args", [])
-        if start.get("plan_pattern") == "inner_product" and len(motors) == 1 and len(args) == 3 and points:
-            return line_geometry(axis(motors[0], float(args[1]), float(args[2]), points, units.get(motors[0], "")))
-        if not points:
-            raise ValueError(f"run {start.get('uid')}: num_points is not in the start document; "
-                             "the mesh needs the number of points at scan start")
-        return points_geometry(points, ({"name": m, "units": units.get(m, "")} for m in motors))
+        return bluesky_document(start, descriptor, self.keys, self.analysis, self.beamtime)
 
     def close(self) -> None:
         for source in self.sources.values():
             source.close()
+
+
+def bluesky_document(start: dict[str, Any], descriptor: dict[str, Any], keys: dict[str, dict[str, str]],
+                     analysis: dict[str, Any], beamtime: dict[str, Any]) -> dict[str, Any]:
+    """The StartScan document of a run: its start and primary descriptor, the
+    mesh streams' data keys (stream -> key -> dtype), the analysis section and
+    the beamtime defaults. The parts common to every control system (geometry,
+    sample, beamtime, JSON values) go through ``services.scan_document``."""
+    data_keys = descriptor["data_keys"]
+    units = {k: v.get("units", "") or "" for k, v in data_keys.items()}
+    uid = start["uid"]
+    number = int(start.get("scan_id", 0))
+    configuration = json_safe({k: v.get("data", {}) for k, v in descriptor.get("configuration", {}).items()})
+    detectors = list(start.get("detectors", []))
+    return scan_document(
+        beamtime=beamtime_part(beamtime, id=start.get("beamtime_id"), beamline=start.get("beamline_id"),
+                               proposal=start.get("proposal_id")),
+        scan_id=f"bluesky-{number}-{uid[:8]}", number=number,
+        name=f"{start.get('plan_name', 'run')}_{number}",
+        command=f"{start.get('plan_name', '?')}({json.dumps(json_safe(start.get('plan_args', {})))})",
+        started=start_time(start["time"]), geometry=bluesky_geometry(start, units),
+        sample=sample_part(start.get("sample", "unknown")),
+        acquisition={"detectors": {d: configuration.get(d, {}) for d in detectors}},
+        devices={k: v for k, v in configuration.items() if k not in detectors},
+        analysis=analysis,
+        streams={s: stream_declaration({k: (dt, tuple(data_keys[k].get("shape", []))) for k, dt in ks.items()}, units)
+                 for s, ks in keys.items()},
+        user={"bluesky_start": json_safe(start)})
+
+
+def bluesky_geometry(start: dict[str, Any], units: dict[str, str]) -> dict[str, Any]:
+    """A ``grid_scan`` (outer product of two motors) is a grid with the *second*
+    motor fast (Bluesky lists the slow one first); a one-motor ``scan`` a line;
+    anything else points."""
+    motors = list(start.get("motors", []))
+    shape = list(start.get("shape", []))
+    extents = [list(e) for e in start.get("extents", [])]
+    points = int(start.get("num_points", 0))
+    if start.get("plan_pattern") == "outer_product" and len(motors) == 2 == len(shape) == len(extents):
+        (slow, fast), (n_slow, n_fast), (e_slow, e_fast) = motors, shape, extents
+        snaking = list(start.get("snaking", [False, False]))
+        return motion_geometry(GRID, int(n_slow) * int(n_fast), [
+            Scanned(fast, float(e_fast[0]), float(e_fast[1]), int(n_fast), units.get(fast, "")),
+            Scanned(slow, float(e_slow[0]), float(e_slow[1]), int(n_slow), units.get(slow, ""))],
+            snake=bool(snaking[1]) if len(snaking) > 1 else False)
+    args = start.get("plan_pattern_args", {}).get("args", [])
+    if start.get("plan_pattern") == "inner_product" and len(motors) == 1 and len(args) == 3 and points:
+        return motion_geometry(LINE, points, [Scanned(motors[0], float(args[1]), float(args[2]), points,
+                                                      units.get(motors[0], ""))])
+    if not points:
+        raise ValueError(f"run {start.get('uid')}: num_points is not in the start document; "
+                         "the mesh needs the number of points at scan start")
+    return motion_geometry(POINTS, points, moving=({"name": m, "units": units.get(m, "")} for m in motors))

@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 from services.component import brief
 from services.registration import ManagerLink, master_proxy
+from services.scan_control import abort_argument
 
 log = logging.getLogger("tangomesh.masters")
 
@@ -211,13 +212,16 @@ class ScanMasters:
         return _all_at_once({p: (lambda proxy=proxy: proxy.EndScan(scan_id))
                              for p, proxy in self.proxies.items() if not lost(p)}, CALL_TIMEOUT_MS / 1000, lost)
 
-    def abort(self, scan_id: str, only: Iterable[str] | None = None, wait_s: float = CALL_TIMEOUT_MS / 1000) -> None:
+    def abort(self, scan_id: str, only: Iterable[str] | None = None, wait_s: float = CALL_TIMEOUT_MS / 1000,
+              reason: str = "") -> None:
         """AbortScan on every master that started the scan (or those of them in
         ``only``), all at once, waiting up to ``wait_s`` (a call still running
         is left to its client timeout); their errors are logged, not raised
-        (the scan is failing already: the first error is the one to report)."""
+        (the scan is failing already: the first error is the one to report).
+        ``reason`` travels to every consumer with the scan's abort."""
         chosen = [p for p in self.started if only is None or p in set(only)]
-        errors = _all_at_once({p: (lambda proxy=self.proxies[p]: proxy.AbortScan(scan_id)) for p in chosen}, wait_s)
+        argument = abort_argument(scan_id, reason)
+        errors = _all_at_once({p: (lambda proxy=self.proxies[p]: proxy.AbortScan(argument)) for p in chosen}, wait_s)
         for pipeline, error in errors.items():
             log.warning("AbortScan %s on pipeline %s: %s", scan_id, pipeline, error)
         self.started = [p for p in self.started if p not in chosen]
