@@ -151,6 +151,10 @@ class PandaReplay:
         """The PandA disappears: the listener and the connection close."""
         self._connected.clear()
         if self._listener is not None:
+            try:  # wakes the accepting thread (a plain close leaves a blocked accept listening)
+                self._listener.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
             self._listener.close()
         if self._client is not None:
             try:
@@ -164,3 +168,21 @@ class PandaReplay:
 
     def close(self) -> None:
         self.go_away()
+
+
+def oracle_columns(recorded: bytes) -> dict[str, "np.ndarray"]:
+    """Each column of a recorded capture as the ``pandablocks`` client decodes
+    and scales it (its DataConnection, then its HDF writer's FrameProcessor)."""
+    import numpy as np
+    from pandablocks.connections import DataConnection
+    from pandablocks.hdf import FrameProcessor
+    from pandablocks.responses import FrameData, StartData
+
+    conn = DataConnection()
+    conn.connect(scaled=True)
+    events = list(conn.receive_bytes(recorded))
+    start = next(e for e in events if isinstance(e, StartData))
+    rows = np.concatenate([e.data for e in events if isinstance(e, FrameData)])
+    processor = FrameProcessor()
+    processor.create_processors(start)
+    return {f"{f.name}.{f.capture}": np.asarray(v) for f, v in zip(start.fields, processor.scale_data(FrameData(rows)))}

@@ -1,0 +1,237 @@
+"""PcapIngester end to end on real PandA captures, through the ``position`` processor.
+
+Real processes: the embedded Tango DB, TopologyManager, PipelineMaster, one
+PipelineWorker running ``position``, Sorter, the PcapIngester server, and a
+probe consuming the sorter's output as the sink and the writers do. The
+PandA's side of the data port is :class:`support.panda.PandaReplay`: it
+sends the bytes real PandAs sent (the PandABlocks team's dumps, from the
+``pandablocks`` 0.10.4 sdist on PyPI); the expected values are what the
+``pandablocks`` client decodes from the same bytes. The official
+PandABlocks-server simulator is C on GitHub only and is not built here.
+
+The master's IncompleteTimeoutSeconds is long (60 s): a scan whose capture
+lost samples ends within the test's time only because the ingester
+declares them missing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import sys
+import time
+
+import numpy as np
+import pytest
+import tango
+
+from services.ops.masters import ScanMasters
+from services.ops.probe import Probe
+from services.registration import TangoManagerLink
+from support import ServerPool, topology_props, wait_for
+from support.documents import minimal
+from support.panda import Capture, PandaReplay, dump, oracle_columns
+
+pytestmark = pytest.mark.slow
+
+MANAGER = "tangomesh/topology/manager"
+PIPE = "pcap"
+INGESTER = "test/pcap/ingester"
+LOOP = "127.0.0.1"
+X_COLUMN, Y_COLUMN = "COUNTER1.OUT.Mean", "COUNTER3.OUT.Value"  # x mapped by ArrayNames, y by its default name
+
+
+@pytest.fixture(scope="module")
+def script_path(tmp_path_factory):
+    """``PcapIngester`` on PATH when the venv's scripts predate it (a fresh ``make test`` installs it)."""
+    from services.ops.home import bin_dir
+
+    if (bin_dir() / "PcapIngester").exists():
+        yield
+        return
+    extra = tmp_path_factory.mktemp("bin")
+    script = extra / "PcapIngester"
+    script.write_text(f"#!{sys.executable}\nimport sys\nfrom ingesters.devices import pcap_main\n"
+                      "sys.exit(pcap_main())\n")
+    script.chmod(script.stat().st_mode | stat.S_IXUSR)
+    old = os.environ["PATH"]
+    os.environ["PATH"] = f"{extra}{os.pathsep}{old}"
+    yield
+    os.environ["PATH"] = old
+
+
+@pytest.fixture(scope="module")
+def mesh(tango_db, tmp_path_factory, script_path):
+    logs = tmp_path_factory.mktemp("pcap-logs")
+    panda = PandaReplay()
+    pool = ServerPool(logs)
+    try:
+        pool.start("TopologyManager/pcap", {"TopologyManager": {MANAGER: topology_props()}})
+        pool.start("Sorter/pcap", {"Sorter": {"test/pcap/sorter": {"DataHost": LOOP, "Pipeline": PIPE}}})
+        pool.start("PipelineWorker/pcap", {"PipelineWorker": {"test/pcap-worker/1": {
+            "Pipeline": PIPE, "HeartbeatSeconds": 0.2}}})
+        pool.start("PipelineMaster/pcap", {"PipelineMaster": {"test/pcap/master": {
+            "DataHost": LOOP, "Pipeline": PIPE, "IncompleteTimeoutSeconds": 60.0}}})
+        ingester = pool.start("PcapIngester/test", {"PcapIngester": {INGESTER: {
+            "DataHost": LOOP, "Pipeline": PIPE, "PandaHost": f"{LOOP}:{panda.port}", "Stream": "panda",
+            "BlockPoints": 500, "ArrayNames": f"{X_COLUMN}=x_enc", "ScanWaitSeconds": 3.0,
+            "ReconnectSeconds": 0.3}}})
+        link = TangoManagerLink(MANAGER)
+        probe = Probe(PIPE, link, LOOP, keep=True, name="test/pcap/probe")
+        wait_for(lambda: {"source", "sorter", "recorder", "master"} <= {
+            s["kind"] for s in link.lookup({"pipeline": PIPE})}, 30, "the pipeline and the ingester's source")
+        wait_for(lambda: len(json.loads(tango.DeviceProxy("test/pcap/master").WorkerTable)) == 1, 30, "the worker")
+        panda.wait_connected()
+        yield {"panda": panda, "probe": probe, "link": link, "ingester": ingester,
+               "device": tango.DeviceProxy(INGESTER)}
+        probe.close()
+    finally:
+        pool.stop_all()
+        panda.close()
+
+
+def document(scan_id: str, points: int) -> dict:
+    doc = minimal({"type": "points", "points": points})
+    doc["scan"]["id"] = scan_id
+    doc["analysis"] = {PIPE: {"processor": "position", "streams": ["panda"], "settings": {"axes": {
+        "x": {"encoder": "panda/x_enc"}, "y": {"encoder": f"panda/{Y_COLUMN}"}}}}}
+    return doc
+
+
+def run_capture(mesh, scan_id: str, points: int, capture: bytes, chunk: int = 4096, timeout: float = 40):
+    """StartScan, then the PandA sends ``capture``; the probe's tally once the scan ended."""
+    masters = ScanMasters(mesh["link"], [PIPE])
+    masters.start(document(scan_id, points))
+    try:
+        mesh["panda"].arm(capture, chunk)
+        wait_for(lambda: mesh["probe"].ended(scan_id) is not None, timeout,
+                 f"scan {scan_id} to end\n{mesh['ingester'].log_text()[-3000:]}")
+    except BaseException:
+        masters.abort(scan_id)
+        raise
+    return mesh["probe"].ended(scan_id)
+
+
+def positions(tally, points: int) -> dict[str, np.ndarray]:
+    """x and y per index, NaN where nothing was delivered."""
+    out = {a: np.full(points, np.nan) for a in ("x", "y")}
+    for start, arrays in tally.chunks:
+        for a in out:
+            if a in arrays:
+                out[a][start:start + len(arrays[a])] = arrays[a]
+    return out
+
+
+@pytest.mark.parametrize("name", ["fast_dump", "raw_dump"])
+def test_the_positions_are_the_captures_values(mesh, name) -> None:
+    """A real SCALED capture (58 samples) and a real RAW one (10000 samples, Means divided by
+    the gate duration): every index holds the value the pandablocks client decodes."""
+    dev = mesh["device"]
+    errors0, samples0 = dev.Errors, dev.Samples
+    recorded = dump(name)
+    want = oracle_columns(recorded)
+    points = len(want[X_COLUMN])
+    tally = run_capture(mesh, f"pcap-{name}-{time.time_ns()}", points, Capture.of(recorded).whole(), chunk=1500)
+    assert not tally.aborted and tally.incomplete_points == 0 and tally.gap_points == 0 and tally.failed_points == 0
+    np.testing.assert_array_equal(tally.delivered_indices(), np.arange(points))
+    got = positions(tally, points)
+    np.testing.assert_array_equal(got["x"], want[X_COLUMN])
+    np.testing.assert_array_equal(got["y"], want[Y_COLUMN])
+    assert dev.Samples == samples0 + points and dev.Errors == errors0
+    assert mesh["panda"].options[-1] == b"XML FRAMED SCALED\n"
+    assert dev.CurrentScan == "" and dev.LastEndReason == "Disarmed"
+
+
+def test_a_data_overrun_leaves_gaps_for_the_samples_never_sent(mesh) -> None:
+    """The real RAW capture ended by the PandA after 1234 of 10000 samples with 'Data overrun':
+    indices 0..1233 hold their values, 1234..9999 are declared missing (without the 60 s wait)."""
+    dev = mesh["device"]
+    gaps0, faulted0 = dev.GapPoints, dev.FaultedCaptures
+    recorded = dump("raw_dump")
+    want = oracle_columns(recorded)
+    t0 = time.monotonic()
+    tally = run_capture(mesh, f"pcap-overrun-{time.time_ns()}", 10000, Capture.of(recorded).cut(1234, "Data overrun"))
+    assert time.monotonic() - t0 < 40
+    assert tally.incomplete_points == 10000 - 1234 and not tally.aborted
+    np.testing.assert_array_equal(tally.delivered_indices(), np.arange(1234))
+    got = positions(tally, 10000)
+    np.testing.assert_array_equal(got["x"][:1234], want[X_COLUMN][:1234])
+    assert np.isnan(got["x"][1234:]).all()
+    assert dev.GapPoints == gaps0 + 10000 - 1234 and dev.FaultedCaptures == faulted0 + 1
+    assert dev.LastEndReason == "Data overrun"
+
+
+def test_the_panda_going_away_cuts_its_capture_and_the_next_capture_is_ingested(mesh) -> None:
+    """Half the capture is sent, then the PandA disappears: that scan ends with what came, the
+    rest missing; the PandA comes back on the same port, the ingester reconnects, and the next
+    scan's capture arrives whole."""
+    dev, panda = mesh["device"], mesh["panda"]
+    connections0, samples0 = dev.Connections, dev.Samples
+    recorded = dump("fast_dump")
+    want = oracle_columns(recorded)
+    whole = Capture.of(recorded).whole()
+    cut_scan = f"pcap-cut-{time.time_ns()}"
+    masters = ScanMasters(mesh["link"], [PIPE])
+    masters.start(document(cut_scan, 58))
+    try:
+        panda.arm(whole[:len(whole) // 2], 512)
+        wait_for(lambda: dev.Samples > samples0, 20, "the first samples")
+        panda.go_away()
+        wait_for(lambda: mesh["probe"].ended(cut_scan) is not None, 30, "the cut scan to end")
+    except BaseException:
+        masters.abort(cut_scan)
+        raise
+    cut = mesh["probe"].ended(cut_scan)
+    sent = dev.Samples - samples0
+    assert 0 < sent < 58 and cut.incomplete_points == 58 - sent
+    np.testing.assert_array_equal(positions(cut, 58)["x"][:sent], want[X_COLUMN][:sent])
+    assert dev.LastEndReason == "lost" and not dev.Connected
+    panda.listen()
+    panda.wait_connected()
+    wait_for(lambda: dev.Connections == connections0 + 1 and dev.Connected, 20, "the ingester to reconnect")
+    tally = run_capture(mesh, f"pcap-after-{time.time_ns()}", 58, whole)
+    assert tally.incomplete_points == 0
+    np.testing.assert_array_equal(positions(tally, 58)["x"], want[X_COLUMN])
+
+
+def test_a_capture_without_a_scan_is_refused_then_the_next_works(mesh) -> None:
+    dev = mesh["device"]
+    refused0, discarded0 = dev.RefusedCaptures, dev.DiscardedSamples
+    recorded = dump("fast_dump")
+    mesh["panda"].arm(Capture.of(recorded).whole())
+    wait_for(lambda: dev.RefusedCaptures == refused0 + 1 and dev.DiscardedSamples == discarded0 + 58, 20,
+             "the capture to be refused and drained")
+    assert dev.State() == tango.DevState.ON
+    tally = run_capture(mesh, f"pcap-after-refusal-{time.time_ns()}", 58, Capture.of(recorded).whole())
+    np.testing.assert_array_equal(positions(tally, 58)["y"], oracle_columns(recorded)[Y_COLUMN])
+
+
+def test_bytes_the_protocol_forbids_are_refused_and_the_ingester_reconnects(mesh) -> None:
+    """A header whose sample size disagrees with its fields: counted, logged, the connection
+    dropped and made anew; the next capture arrives whole."""
+    dev, panda = mesh["device"], mesh["panda"]
+    errors0, connections0, accepted0 = dev.Errors, dev.Connections, panda.connections
+    recorded = dump("fast_dump")
+    bad = Capture.of(recorded).whole().replace(b'sample_bytes="52"', b'sample_bytes="50"')
+    panda.arm(bad)
+    wait_for(lambda: dev.Connections == connections0 + 1 and panda.connections == accepted0 + 1, 20,
+             "the ingester to reconnect")
+    assert dev.Errors == errors0 + 1
+    assert "sample_bytes 50 but the fields take 52" in mesh["ingester"].log_text()
+    tally = run_capture(mesh, f"pcap-after-bad-{time.time_ns()}", 58, Capture.of(recorded).whole())
+    assert tally.incomplete_points == 0
+
+
+def test_a_bad_property_leaves_the_device_in_fault_saying_why(mesh, tmp_path) -> None:
+    pool = ServerPool(tmp_path)
+    try:
+        pool.start("PcapIngester/bad", {"PcapIngester": {"test/pcap/bad": {
+            "Pipeline": PIPE, "PandaHost": "panda:8889", "CaptureOptions": "BASE64"}}})
+        bad = tango.DeviceProxy("test/pcap/bad")
+        assert bad.State() == tango.DevState.FAULT
+        assert "CaptureOptions" in bad.Status()
+        with pytest.raises(tango.DevFailed, match="TANGOMESH_Fault"):
+            bad.Samples
+    finally:
+        pool.stop_all()
