@@ -26,6 +26,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from support.simulators import ROOT
 
 PANDABLOCKS = "pandablocks==0.10.4"
@@ -170,10 +172,9 @@ class PandaReplay:
         self.go_away()
 
 
-def oracle_columns(recorded: bytes) -> dict[str, "np.ndarray"]:
+def oracle_columns(recorded: bytes) -> dict[str, np.ndarray]:
     """Each column of a recorded capture as the ``pandablocks`` client decodes
     and scales it (its DataConnection, then its HDF writer's FrameProcessor)."""
-    import numpy as np
     from pandablocks.connections import DataConnection
     from pandablocks.hdf import FrameProcessor
     from pandablocks.responses import FrameData, StartData
