@@ -1,8 +1,8 @@
 """PcapIngester end to end on real PandA captures, through the ``position`` processor.
 
 Real processes: the embedded Tango DB, TopologyManager, PipelineMaster, one
-PipelineWorker running ``position``, Sorter, the PcapIngester server, and a
-probe consuming the sorter's output as the sink and the writers do. The
+PipelineWorker running ``position``, Sorter, the Sink, the PcapIngester
+server, and a probe consuming the sorter's output as the writers do. The
 PandA's side of the data port is :class:`support.panda.PandaReplay`: it
 sends the bytes real PandAs sent (the PandABlocks team's dumps, from the
 ``pandablocks`` 0.10.4 sdist on PyPI); the expected values are what the
@@ -31,6 +31,7 @@ from services.ops.probe import Probe
 from services.registration import TangoManagerLink
 from support import ServerPool, topology_props, wait_for
 from support.documents import minimal
+from sink.queries import QUERY, SinkClient
 from support.panda import Capture, PandaReplay, dump, oracle_columns
 
 pytestmark = pytest.mark.slow
@@ -38,6 +39,7 @@ pytestmark = pytest.mark.slow
 MANAGER = "tangomesh/topology/manager"
 PIPE = "pcap"
 INGESTER = "test/pcap/ingester"
+SINK = "test/pcap/sink"
 LOOP = "127.0.0.1"
 X_COLUMN, Y_COLUMN = "COUNTER1.OUT.Mean", "COUNTER3.OUT.Value"  # x mapped by ArrayNames, y by its default name
 
@@ -68,6 +70,7 @@ def mesh(tango_db, tmp_path_factory, script_path):
     pool = ServerPool(logs)
     try:
         pool.start("TopologyManager/pcap", {"TopologyManager": {MANAGER: topology_props()}})
+        pool.start("Sink/pcap", {"Sink": {SINK: {"DataHost": LOOP, "MemoryBudgetBytes": 64 * 2**20}}})
         pool.start("Sorter/pcap", {"Sorter": {"test/pcap/sorter": {"DataHost": LOOP, "Pipeline": PIPE}}})
         pool.start("PipelineWorker/pcap", {"PipelineWorker": {"test/pcap-worker/1": {
             "Pipeline": PIPE, "HeartbeatSeconds": 0.2}}})
@@ -82,9 +85,12 @@ def mesh(tango_db, tmp_path_factory, script_path):
         wait_for(lambda: {"source", "sorter", "recorder", "master"} <= {
             s["kind"] for s in link.lookup({"pipeline": PIPE})}, 30, "the pipeline and the ingester's source")
         wait_for(lambda: len(json.loads(tango.DeviceProxy("test/pcap/master").WorkerTable)) == 1, 30, "the worker")
+        wait_for(lambda: SINK in {s["name"] for s in link.lookup({})}, 20, "the sink")
         panda.wait_connected()
+        sink = SinkClient(json.loads(tango.DeviceProxy(SINK).Endpoints)[QUERY])
         yield {"panda": panda, "probe": probe, "link": link, "ingester": ingester,
-               "device": tango.DeviceProxy(INGESTER)}
+               "device": tango.DeviceProxy(INGESTER), "sink": sink}
+        sink.close()
         probe.close()
     finally:
         pool.stop_all()
@@ -132,7 +138,8 @@ def test_the_positions_are_the_captures_values(mesh, name) -> None:
     recorded = dump(name)
     want = oracle_columns(recorded)
     points = len(want[X_COLUMN])
-    tally = run_capture(mesh, f"pcap-{name}-{time.time_ns()}", points, Capture.of(recorded).whole(), chunk=1500)
+    scan = f"pcap-{name}-{time.time_ns()}"
+    tally = run_capture(mesh, scan, points, Capture.of(recorded).whole(), chunk=1500)
     assert not tally.aborted and tally.incomplete_points == 0 and tally.gap_points == 0 and tally.failed_points == 0
     np.testing.assert_array_equal(tally.delivered_indices(), np.arange(points))
     got = positions(tally, points)
@@ -141,6 +148,12 @@ def test_the_positions_are_the_captures_values(mesh, name) -> None:
     assert dev.Samples == samples0 + points and dev.Errors == errors0
     assert mesh["panda"].options[-1] == b"XML FRAMED SCALED\n"
     assert dev.CurrentScan == "" and dev.LastEndReason == "Disarmed"
+    sink = mesh["sink"]
+    wait_for(lambda: sink.info(scan)["status"] == "complete", 10, "the sink to see the scan's end")
+    info = sink.info(scan)
+    assert (info["expected"], info["received"], info["missing"]) == (points, points, 0)
+    np.testing.assert_array_equal(sink.get(scan, f"{PIPE}/x"), want[X_COLUMN])
+    np.testing.assert_array_equal(sink.get(scan, f"{PIPE}/y"), want[Y_COLUMN])
 
 
 def test_a_data_overrun_leaves_gaps_for_the_samples_never_sent(mesh) -> None:
@@ -151,7 +164,8 @@ def test_a_data_overrun_leaves_gaps_for_the_samples_never_sent(mesh) -> None:
     recorded = dump("raw_dump")
     want = oracle_columns(recorded)
     t0 = time.monotonic()
-    tally = run_capture(mesh, f"pcap-overrun-{time.time_ns()}", 10000, Capture.of(recorded).cut(1234, "Data overrun"))
+    scan = f"pcap-overrun-{time.time_ns()}"
+    tally = run_capture(mesh, scan, 10000, Capture.of(recorded).cut(1234, "Data overrun"))
     assert time.monotonic() - t0 < 40
     assert tally.incomplete_points == 10000 - 1234 and not tally.aborted
     np.testing.assert_array_equal(tally.delivered_indices(), np.arange(1234))
@@ -160,6 +174,16 @@ def test_a_data_overrun_leaves_gaps_for_the_samples_never_sent(mesh) -> None:
     assert np.isnan(got["x"][1234:]).all()
     assert dev.GapPoints == gaps0 + 10000 - 1234 and dev.FaultedCaptures == faulted0 + 1
     assert dev.LastEndReason == "Data overrun"
+    sink = mesh["sink"]
+    wait_for(lambda: sink.info(scan)["status"] != "running", 10, "the sink to see the scan's end")
+    info = sink.info(scan)
+    # the missing indices went on as events without the stream: position fails them, with the reason
+    assert (info["expected"], info["failed"], info["runs"][PIPE]["incomplete"]) == (10000, 8766, 8766)
+    errors = info["runs"][PIPE]["errors"]  # the first few kept
+    assert min(map(int, errors)) == 1234 and all("stream 'panda' is missing" in e for e in errors.values())
+    in_sink = sink.get(scan, f"{PIPE}/x")
+    np.testing.assert_array_equal(in_sink[:1234], want[X_COLUMN][:1234])
+    assert np.isnan(in_sink[1234:]).all()
 
 
 def test_the_panda_going_away_cuts_its_capture_and_the_next_capture_is_ingested(mesh) -> None:
