@@ -1,5 +1,9 @@
 """From a detector's series to a scan's stream: frame numbers to acquisition indices, gaps, ends.
 
+(:class:`CaptureMapper`, at the end, does the same for block sources that
+number nothing themselves, a PandABox capture: sample ``n`` of a capture is
+index ``first_index + n``, and the scan's points are the plan.)
+
 Sans-IO: :class:`SeriesMapper` takes the decoded SIMPLON events of one
 detector stream and returns the tangomesh messages to send (``data``
 blocks, ``gap`` declarations, the stream's ``scan_end``); the ingester's
