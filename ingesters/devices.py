@@ -11,12 +11,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from tango.server import attribute
+from tango.server import attribute, command
 from tango.utils import PyTangoThread
 
 from ingesters.eiger import EigerComponent, EigerConfig
 from ingesters.panda import PcapComponent, PcapConfig
-from services.device import MeshDevice, config_property, console_script
+from ingesters.replay import FileComponent, FileConfig
+from services.device import MeshDevice, config_property, console_script, throw_invalid
 from services.registration import ManagerLink, master_proxy
 
 
@@ -153,3 +154,61 @@ class PcapIngester(MeshDevice):
 
 
 pcap_main = console_script(PcapIngester)
+
+
+class FileIngester(MeshDevice):
+    """An EIGER's HDF5 output (DECTRIS master + data files) replayed as one tangomesh source stream."""
+
+    MasterFile = config_property(FileConfig, "master", doc="The DECTRIS master file (<name>_master.h5)")
+    Stream = config_property(FileConfig, "stream", doc="Stream name on the data plane (as the scan document says)")
+    Pipelines = config_property(FileConfig, "pipelines", doc="Pipelines fed; default: the Pipeline property")
+    Pace = config_property(
+        FileConfig, "pace", doc="recorded (the file's frame_time apart), max, or frames per second")
+    BlockFrames = config_property(FileConfig, "block_frames", doc="Most frames per block")
+    ScanWaitSeconds = config_property(
+        FileConfig, "scan_wait", doc="How long a replay waits for an open scan taking the stream, then is refused")
+
+    component: FileComponent
+
+    def create_component(self) -> FileComponent:
+        pipelines = tuple(self.Pipelines) or ((self.Pipeline,) if self.Pipeline else ())
+        config = self.config_from_properties(FileConfig, pipelines=pipelines)
+        link = self.create_link()
+        return FileComponent(self.get_name(), config, link, self.advertised_host, _open_scans(link), PyTangoThread)
+
+    @command(dtype_in=str, doc_in='JSON (services/schemas/file-replay.json), e.g. {"pace": 10, "first": 0, '
+                                  '"count": 100}; {} replays MasterFile whole at Pace', dtype_out=int,
+             doc_out="the replay's series number")
+    def Replay(self, request: str) -> int:
+        try:
+            return self.component.replay(request)
+        except ValueError as exc:
+            self.component.counters.error(f"Replay: {exc}")
+            throw_invalid(str(exc), "FileIngester.Replay")
+
+    @attribute(dtype=bool, doc="A replay is queued, looking for its scan or playing")
+    def Playing(self) -> bool:
+        return self.component.playing
+
+    @attribute(dtype=int, doc="Replays started")
+    def Replays(self) -> int:
+        return self.component.replays
+
+    @attribute(dtype=str, doc="Scan the playing replay feeds ('' when none)")
+    def CurrentScan(self) -> str:
+        return self.component.current_scan
+
+    @attribute(dtype=int, doc="Frames sent on")
+    def Frames(self) -> int:
+        return self.component.mapper.frames
+
+    @attribute(dtype=int, doc="Acquisition indices declared missing")
+    def GapPoints(self) -> int:
+        return self.component.mapper.gap_points
+
+    @attribute(dtype=int, doc="Replays refused: no open scan took the stream within ScanWaitSeconds")
+    def RefusedReplays(self) -> int:
+        return self.component.refused_series
+
+
+file_main = console_script(FileIngester)

@@ -171,6 +171,11 @@ class SeriesMapper:
             raise ValueError(f"end of series {e.series} while series {self.open.series} is open")
         return self._close("frames the detector planned never arrived before its series end")
 
+    def cut(self, why: str) -> list[codec.Message]:
+        """The open series ends here, for ``why`` (its source failed): its
+        planned rest declared missing, then ``scan_end``; nothing if none is open."""
+        return self._close(why) if self.open is not None else []
+
     def _close(self, why: str) -> list[codec.Message]:
         run = self.open
         assert run is not None
