@@ -17,9 +17,6 @@ declares them missing.
 from __future__ import annotations
 
 import json
-import os
-import stat
-import sys
 import time
 
 import numpy as np
@@ -33,6 +30,7 @@ from support import ServerPool, topology_props, wait_for
 from support.documents import minimal
 from sink.queries import QUERY, SinkClient
 from support.panda import Capture, PandaReplay, dump, oracle_columns
+from support.scripts import on_path
 
 pytestmark = pytest.mark.slow
 
@@ -46,21 +44,8 @@ X_COLUMN, Y_COLUMN = "COUNTER1.OUT.Mean", "COUNTER3.OUT.Value"  # x mapped by Ar
 
 @pytest.fixture(scope="module")
 def script_path(tmp_path_factory):
-    """``PcapIngester`` on PATH when the venv's scripts predate it (a fresh ``make test`` installs it)."""
-    from services.ops.home import bin_dir
-
-    if (bin_dir() / "PcapIngester").exists():
+    with on_path(tmp_path_factory.mktemp("bin"), {"PcapIngester": "ingesters.devices:pcap_main"}):
         yield
-        return
-    extra = tmp_path_factory.mktemp("bin")
-    script = extra / "PcapIngester"
-    script.write_text(f"#!{sys.executable}\nimport sys\nfrom ingesters.devices import pcap_main\n"
-                      "sys.exit(pcap_main())\n")
-    script.chmod(script.stat().st_mode | stat.S_IXUSR)
-    old = os.environ["PATH"]
-    os.environ["PATH"] = f"{extra}{os.pathsep}{old}"
-    yield
-    os.environ["PATH"] = old
 
 
 @pytest.fixture(scope="module")
