@@ -188,7 +188,8 @@ def main() -> int:
         print(f"  decoder, rows              : {r['decoder_rows_samples_per_s']:>10} samples/s")
         print(f"  decoder, rows + columns    : {r['decoder_columns_samples_per_s']:>10} samples/s")
         print(f"  pandablocks {r['pandablocks']} DataConnection: {r['pandablocks_samples_per_s']:>10} samples/s")
-        print(f"  raw TCP receive            : {r['raw_tcp_samples_per_s']:>10} samples/s  {r['raw_tcp_MB_per_s']} MB/s")
+        print(f"  raw TCP receive            : {r['raw_tcp_samples_per_s']:>10} samples/s  "
+              f"{r['raw_tcp_MB_per_s']} MB/s")
         print(f"  PcapComponent (to a PULL)  : {r['ingest_samples_per_s']:>10} samples/s  {r['ingest_MB_per_s']} MB/s "
               f"({r['blocks_out']} blocks of {r['block']})")
 

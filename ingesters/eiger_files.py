@@ -153,7 +153,8 @@ class EigerMaster:
         except CompressionError as exc:
             raise FileLayoutError(f"{self.path}: frame {number}: {exc}") from None
 
-    def events(self, series: int, first: int = 0, count: int | None = None) -> Iterator[SeriesStart | Frame | SeriesEnd]:
+    def events(self, series: int, first: int = 0,
+               count: int | None = None) -> Iterator[SeriesStart | Frame | SeriesEnd]:
         """The series: start, frames ``first .. first + count - 1`` numbered from 0, end."""
         count = self.frames - first if count is None else count
         if first < 0 or count < 0 or first + count > self.frames:

@@ -157,7 +157,8 @@ class FileComponent(IngesterComponent):
             # the replay is the stream's whole part of the scan: what it does not cover is missing at its end
             start = dataclasses.replace(start, expected=max(start.expected or 0, choice.points - choice.first_index))
             log.info("replay %d of %s (%d frames, %s) joins scan %s", series, request.master,
-                     request.count or master.frames - request.first, "as fast as taken" if not pace else f"{pace:g} s apart", choice.scan)
+                     request.count or master.frames - request.first,
+                     "as fast as taken" if not pace else f"{pace:g} s apart", choice.scan)
             self.send(self.mapper.bind(start, choice))
             t0 = time.monotonic()
             for event in events:
