@@ -15,7 +15,7 @@ from tango.server import attribute, command
 from tango.utils import PyTangoThread
 
 from ingesters.eiger import EigerComponent, EigerConfig
-from ingesters.panda import PcapComponent, PcapConfig
+from ingesters.panda import PcapComponent, PcapConfig, RepublishComponent
 from ingesters.replay import FileComponent, FileConfig
 from services.device import MeshDevice, config_property, console_script, throw_invalid
 from services.registration import ManagerLink, master_proxy
@@ -87,7 +87,9 @@ main = console_script(EigerIngester)
 class PcapIngester(MeshDevice):
     """A PandABox / PandABlocks position-capture stream (PCAP data port) as one tangomesh source stream."""
 
-    PandaHost = config_property(PcapConfig, "panda", doc="The PandA's data port: host or host:port (port 8889)")
+    PandaHost = config_property(
+        PcapConfig, "panda", doc="The PandA's data port: host or host:port (port 8889); tcp://host:port: the ZeroMQ "
+                                 "PUB of a MAX IV-style PCAP republisher instead")
     Stream = config_property(PcapConfig, "stream", doc="Stream name on the data plane (as the scan document says)")
     Pipelines = config_property(PcapConfig, "pipelines", doc="Pipelines fed; default: the Pipeline property")
     CaptureOptions = config_property(
@@ -106,7 +108,8 @@ class PcapIngester(MeshDevice):
         pipelines = tuple(self.Pipelines) or ((self.Pipeline,) if self.Pipeline else ())
         config = self.config_from_properties(PcapConfig, pipelines=pipelines)
         link = self.create_link()
-        return PcapComponent(self.get_name(), config, link, self.advertised_host, _open_scans(link), PyTangoThread)
+        kind = RepublishComponent if config.republished else PcapComponent
+        return kind(self.get_name(), config, link, self.advertised_host, _open_scans(link), PyTangoThread)
 
     @attribute(dtype=bool, doc="The data port answered OK and the connection is up")
     def Connected(self) -> bool:

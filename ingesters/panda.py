@@ -26,7 +26,9 @@ import select
 import socket
 import threading
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
+
+import zmq
 
 from ingesters import pcap
 from ingesters.base import IngesterComponent, OpenScans
@@ -60,6 +62,8 @@ class PcapConfig:
 
     def __post_init__(self) -> None:
         host, _, port = self.panda.rpartition(":") if ":" in self.panda else (self.panda, "", str(pcap.DATA_PORT))
+        if self.republished:
+            host, port = "zmq", "1"
         if not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ValueError(f"PandaHost must be host or host:port (data port {pcap.DATA_PORT}), not {self.panda!r}")
         if not self.stream or "/" in self.stream or len(self.stream) > 64:
@@ -75,6 +79,11 @@ class PcapConfig:
         if self.scan_wait <= 0 or self.reconnect <= 0:
             raise ValueError("ScanWaitSeconds and ReconnectSeconds must be positive")
         self.array_names()
+
+    @property
+    def republished(self) -> bool:
+        """``PandaHost`` is the ZeroMQ PUB of a republisher (``tcp://host:port``), not the PandA's data port."""
+        return self.panda.startswith("tcp://")
 
     @property
     def address(self) -> tuple[str, int]:
@@ -264,7 +273,7 @@ class PcapComponent(IngesterComponent):
 
     def _found(self, choice: ScanChoice | None) -> None:
         self._finding = None
-        start = self._start
+        start: Any = self._start
         if start is None:
             return
         if choice is None:
@@ -272,9 +281,10 @@ class PcapComponent(IngesterComponent):
             self.refused(f"capture {self.captures}")
             return
         self.joined(choice)
+        missed = getattr(start, "missed", 0)  # a republished start says nothing of missed samples
         log.info("capture %d joins scan %s (%d points, first index %d, %d missed) on %s", self.captures,
-                 choice.scan, choice.points, choice.first_index, start.missed, ", ".join(choice.pipelines))
-        self.send(self.mapper.bind(choice, start.missed))
+                 choice.scan, choice.points, choice.first_index, missed, ", ".join(choice.pipelines))
+        self.send(self.mapper.bind(choice, missed))
 
     # ------------------------------------------------------------ views
     @property
@@ -290,3 +300,101 @@ class PcapComponent(IngesterComponent):
                 f"sent, {self.mapper.gap_points} missing, {self.refused_series} captures refused, "
                 f"{self.mapper.drained} samples discarded, {self.connections} connections.")
 
+
+
+class RepublishComponent(PcapComponent):
+    """The MAX IV variant: a Tango device re-publishes the PandA's captures on
+    a ZeroMQ PUB as JSON (``series-start``, ``data`` rows from
+    ``frame_number`` on, ``series-end``; :func:`ingesters.pcap.decode_republished`).
+    This ingester subscribes to it instead of reading the data port. A PUB
+    cannot be held back: rows the republisher drops when this reader falls
+    behind show up as a ``frame_number`` jump, declared missing at their own
+    indices, never shifted."""
+
+    SUB_HWM = 10_000  # messages queued here before the publisher drops for this reader
+
+    def start(self) -> None:
+        self.start_sources()
+        self.sub = zmq.Context.instance().socket(zmq.SUB)
+        self.sub.rcvhwm = self.SUB_HWM
+        self.sub.linger = 0
+        self.sub.setsockopt(zmq.SUBSCRIBE, b"")
+        self.sub.connect(self.config.panda)
+        self.connected, self.connections = True, 1
+        self.start_threads(self._run, "pcap-zmq")
+        log.info("subscribed to the PCAP republisher %s as stream %s for %s", self.config.panda, self.config.stream,
+                 ", ".join(self.config.pipelines))
+
+    def stop(self) -> None:
+        self.stop_common()
+        self.sub.close(0)
+
+    def _run(self) -> None:
+        backlog: list[Any] = []
+        while not self._stopping.is_set():
+            if self._finding is not None:
+                if not self._finding.done():
+                    self._stopping.wait(0.02)
+                    continue
+                self._found(self._finding.result())
+            if backlog:
+                self._handle_republished(backlog.pop(0))
+                continue
+            try:
+                if not self.sub.poll(int(POLL_S * 1000)):
+                    self.send(self.mapper.flush())
+                    continue
+                parts = self.sub.recv_multipart(copy=False)
+            except zmq.ZMQError as exc:
+                if self._stopping.is_set():
+                    return
+                self.counters.error(f"republisher socket: {exc}")
+                continue
+            try:
+                backlog = [pcap.decode_republished(parts)]
+            except pcap.PcapError as exc:
+                self.counters.error(f"{self.config.stream}: {exc}")
+
+    def _handle_republished(self, event: Any) -> None:
+        try:
+            if isinstance(event, pcap.RepublishStart):
+                if self.mapper.open is not None:
+                    self.faulted_captures += 1
+                    self.counters.error(f"{self.config.stream}: series-start while the capture of scan "
+                                        f"{self.mapper.scan} was open (its end lost?): that one ends here")
+                    self.send(self.mapper.end("a new series started before this one's end"))
+                self.captures += 1
+                self._start = event
+                self._finding = self.request_scan(f"capture {self.captures}")
+            elif isinstance(event, pcap.RepublishRows):
+                self._rows(event)
+            else:
+                self.last_end = "series-end"
+                self._start = None
+                self.send(self.mapper.end("the capture's series-end came before the scan's last point"))
+                self.targets = ()
+        except ValueError as exc:
+            self.counters.error(f"{self.config.stream}: {exc}")
+
+    def _rows(self, rows: pcap.RepublishRows) -> None:
+        self.counters.events_in += len(rows)
+        if self.mapper.open is None:
+            if not self.mapper.draining:
+                raise ValueError(f"rows from frame {rows.frame_number} without a series-start")
+            self.mapper.drained += len(rows)
+            return
+        expected = self.mapper.next_sample
+        if rows.frame_number < expected:
+            raise ValueError(f"rows from frame {rows.frame_number} again or out of order (next expected "
+                             f"{expected}): refused, never renumbered")
+        if rows.frame_number > expected:
+            self.send(self.mapper.skip(rows.frame_number, f"republished frames {expected}.."
+                                                          f"{rows.frame_number - 1} never arrived"))
+        arrays = {self.names.get(c, default_array_name(c)): v for c, v in rows.columns.items()}
+        room = self.mapper.room()
+        if len(rows) > room:
+            self.beyond_points += len(rows) - room
+            self.counters.error(f"{self.config.stream}: {len(rows) - room} rows beyond scan {self.mapper.scan}'s "
+                                f"{self.mapper.open.choice.points} points refused")
+            arrays = {n: a[:room] for n, a in arrays.items()}
+        self.send(self.mapper.samples(arrays))

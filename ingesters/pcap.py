@@ -41,7 +41,7 @@ import re
 import struct
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -507,3 +507,84 @@ class PcapDecoder:
     @property
     def in_capture(self) -> bool:
         return self.start is not None
+
+
+# ---------------------------------------------------------------- the MAX IV republish variant
+MAX_REPUBLISH_BYTES = 1 << 24  # one JSON message of rows
+_REPUBLISH_META = ("message_id", "message_type", "version", "frame_number")
+
+
+@dataclass(frozen=True)
+class RepublishStart:
+    """``series-start``: a capture begins (the republisher saw the PandA armed)."""
+
+    message_id: int
+    arm_time: str | None
+
+
+@dataclass(frozen=True)
+class RepublishRows:
+    """``data``: consecutive rows from sample ``frame_number`` on, one list per field."""
+
+    message_id: int
+    frame_number: int
+    columns: dict[str, np.ndarray]
+
+    def __len__(self) -> int:
+        return len(next(iter(self.columns.values())))
+
+
+@dataclass(frozen=True)
+class RepublishEnd:
+    message_id: int
+
+
+def decode_republished(parts: Sequence[Any]) -> RepublishStart | RepublishRows | RepublishEnd:
+    """One ZeroMQ message of the MAX IV PCAP republisher (what dranspose's
+    ``ZmqSubPCAPIngester`` reads): a single JSON part, ``version`` 1,
+    ``message_type`` ``series-start`` / ``data`` / ``series-end``; a ``data``
+    message carries ``frame_number`` (its first row's sample number) and one
+    equally long list of numbers per field. Anything else: :class:`PcapError`."""
+    import json
+
+    if len(parts) != 1:
+        raise PcapError(f"a republished PCAP message has one part, not {len(parts)}")
+    buffer = getattr(parts[0], "buffer", parts[0])
+    if len(buffer) > MAX_REPUBLISH_BYTES:
+        raise PcapError(f"a republished PCAP message of {len(buffer)} bytes")
+    try:
+        doc = json.loads(bytes(buffer))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise PcapError(f"a republished PCAP message that is not JSON: {str(exc)[:200]}") from None
+    if not isinstance(doc, dict):
+        raise PcapError("a republished PCAP message that is not a JSON object")
+    if doc.get("version") != 1:
+        raise PcapError(f"republished PCAP version {doc.get('version')!r}, not 1")
+    message_id, kind = doc.get("message_id"), doc.get("message_type")
+    if type(message_id) is not int:
+        raise PcapError(f"message_id {message_id!r} is not an integer")
+    if kind == "series-start":
+        arm = doc.get("arm_time")
+        return RepublishStart(message_id, arm if isinstance(arm, str) else None)
+    if kind == "series-end":
+        return RepublishEnd(message_id)
+    if kind != "data":
+        raise PcapError(f"message_type {kind!r} is not series-start, data or series-end")
+    first = doc.get("frame_number")
+    if type(first) is not int or first < 0:
+        raise PcapError(f"frame_number {first!r} is not a non-negative integer")
+    columns: dict[str, np.ndarray] = {}
+    for name, values in doc.items():
+        if name in _REPUBLISH_META:
+            continue
+        if not isinstance(values, list) or not values or len(name) > 64:
+            raise PcapError(f"field {name[:64]!r} is not a non-empty list of numbers")
+        if not all(type(v) in (int, float) for v in values):
+            raise PcapError(f"field {name!r} holds something other than numbers")
+        columns[name] = np.asarray(values, dtype=np.float64)
+    if not columns:
+        raise PcapError("a data message without fields")
+    lengths = {len(v) for v in columns.values()}
+    if len(lengths) != 1:
+        raise PcapError(f"a data message whose fields differ in length: {sorted(lengths)}")
+    return RepublishRows(message_id, first, columns)

@@ -292,6 +292,26 @@ class CaptureMapper:
         self.open.next_sample += count
         return self.flush() if self.pending_count >= self.block_points else []
 
+    @property
+    def next_sample(self) -> int:
+        """The sample number the open capture expects next."""
+        return self.open.first_sample + self.open.next_sample if self.open else 0
+
+    def skip(self, sample: int, why: str) -> list[codec.Message]:
+        """Samples up to ``sample`` never came (a source that numbers its rows
+        said so): pending ones go, the skipped indices are declared missing."""
+        run = self.open
+        if run is None or sample <= self.next_sample:
+            raise ValueError(f"cannot skip to sample {sample} (next is {self.next_sample})")
+        start = run.choice.first_index + self.next_sample
+        stop = min(run.choice.points, run.choice.first_index + sample)
+        out = self.flush()
+        if stop > start:
+            out.append(protocol.source_gap(run.choice.scan, self.stream, start, stop, why))
+            self.gap_points += stop - start
+        run.next_sample = sample - run.first_sample
+        return out
+
     def end(self, why: str) -> list[codec.Message]:
         """The capture ended (its ``END`` line, or the connection was lost):
         what it did not deliver up to the scan's points is declared missing,

@@ -22,6 +22,7 @@ import time
 import numpy as np
 import pytest
 import tango
+import zmq
 
 from services.ops.masters import ScanMasters
 from services.ops.probe import Probe
@@ -29,7 +30,7 @@ from services.registration import TangoManagerLink
 from support import ServerPool, topology_props, wait_for
 from support.documents import minimal
 from sink.queries import QUERY, SinkClient
-from support.panda import Capture, PandaReplay, dump, oracle_columns
+from support.panda import Capture, PandaReplay, dump, oracle_columns, republished_recording
 from support.scripts import on_path
 
 pytestmark = pytest.mark.slow
@@ -37,6 +38,7 @@ pytestmark = pytest.mark.slow
 MANAGER = "tangomesh/topology/manager"
 PIPE = "pcap"
 INGESTER = "test/pcap/ingester"
+REPUBLISHED = "test/pcap/republished"  # a second device of the server: the MAX IV republisher's PUB as "pandazmq"
 SINK = "test/pcap/sink"
 LOOP = "127.0.0.1"
 X_COLUMN, Y_COLUMN = "COUNTER1.OUT.Mean", "COUNTER3.OUT.Value"  # x mapped by ArrayNames, y by its default name
@@ -52,6 +54,8 @@ def script_path(tmp_path_factory):
 def mesh(tango_db, tmp_path_factory, script_path):
     logs = tmp_path_factory.mktemp("pcap-logs")
     panda = PandaReplay()
+    publisher = zmq.Context.instance().socket(zmq.XPUB)  # XPUB: the subscription is seen, so nothing is sent early
+    pub_port = publisher.bind_to_random_port(f"tcp://{LOOP}")
     pool = ServerPool(logs)
     try:
         pool.start("TopologyManager/pcap", {"TopologyManager": {MANAGER: topology_props()}})
@@ -64,7 +68,9 @@ def mesh(tango_db, tmp_path_factory, script_path):
         ingester = pool.start("PcapIngester/test", {"PcapIngester": {INGESTER: {
             "DataHost": LOOP, "Pipeline": PIPE, "PandaHost": f"{LOOP}:{panda.port}", "Stream": "panda",
             "BlockPoints": 500, "ArrayNames": f"{X_COLUMN}=x_enc", "ScanWaitSeconds": 3.0,
-            "ReconnectSeconds": 0.3}}})
+            "ReconnectSeconds": 0.3},
+            REPUBLISHED: {"DataHost": LOOP, "Pipeline": PIPE, "PandaHost": f"tcp://{LOOP}:{pub_port}",
+                          "Stream": "pandazmq", "BlockPoints": 100, "ScanWaitSeconds": 3.0}}})
         link = TangoManagerLink(MANAGER)
         probe = Probe(PIPE, link, LOOP, keep=True, name="test/pcap/probe")
         wait_for(lambda: {"source", "sorter", "recorder", "master"} <= {
@@ -72,21 +78,26 @@ def mesh(tango_db, tmp_path_factory, script_path):
         wait_for(lambda: len(json.loads(tango.DeviceProxy("test/pcap/master").WorkerTable)) == 1, 30, "the worker")
         wait_for(lambda: SINK in {s["name"] for s in link.lookup({})}, 20, "the sink")
         panda.wait_connected()
+        assert publisher.poll(20_000), "the republish ingester did not subscribe"
+        assert publisher.recv() == b"\x01"
         sink = SinkClient(json.loads(tango.DeviceProxy(SINK).Endpoints)[QUERY])
         yield {"panda": panda, "probe": probe, "link": link, "ingester": ingester,
-               "device": tango.DeviceProxy(INGESTER), "sink": sink}
+               "device": tango.DeviceProxy(INGESTER), "sink": sink, "publisher": publisher,
+               "republished": tango.DeviceProxy(REPUBLISHED)}
         sink.close()
         probe.close()
     finally:
         pool.stop_all()
         panda.close()
+        publisher.close(0)
 
 
-def document(scan_id: str, points: int) -> dict:
+def document(scan_id: str, points: int, stream: str = "panda") -> dict:
     doc = minimal({"type": "points", "points": points})
     doc["scan"]["id"] = scan_id
-    doc["analysis"] = {PIPE: {"processor": "position", "streams": ["panda"], "settings": {"axes": {
-        "x": {"encoder": "panda/x_enc"}, "y": {"encoder": f"panda/{Y_COLUMN}"}}}}}
+    axes = {"x": {"encoder": "panda/x_enc"}, "y": {"encoder": f"panda/{Y_COLUMN}"}} if stream == "panda" else \
+        {"x": {"encoder": "pandazmq/energy"}, "y": {"encoder": "pandazmq/INENC3.VAL.Mean"}}
+    doc["analysis"] = {PIPE: {"processor": "position", "streams": [stream], "settings": {"axes": axes}}}
     return doc
 
 
@@ -244,3 +255,42 @@ def test_a_bad_property_leaves_the_device_in_fault_saying_why(mesh, tmp_path) ->
             bad.Samples
     finally:
         pool.stop_all()
+
+
+def test_the_max_iv_republished_stream_gives_its_positions_and_a_lost_message_is_a_gap(mesh) -> None:
+    """dranspose's real recording of the MAX IV PCAP republisher (ZeroMQ PUB, JSON rows) sent
+    twice: whole, every index holds its row's energy; then with one data message lost (as a
+    PUB drops for a slow reader), its 15 rows are declared missing at their own indices."""
+    import json as json_
+
+    dev, publisher = mesh["republished"], mesh["publisher"]
+    messages = republished_recording()
+    rows = [json_.loads(m) for m in messages[1:-1]]
+    energy = np.concatenate([r["energy"] for r in rows])
+    assert len(energy) == 1500
+    for lost in (None, 40):
+        scan = f"pcap-zmq-{lost}-{time.time_ns()}"
+        masters = ScanMasters(mesh["link"], [PIPE])
+        masters.start(document(scan, 1500, stream="pandazmq"))
+        try:
+            publisher.send(messages[0])
+            wait_for(lambda: dev.CurrentScan == scan, 20, "the series to join the scan")
+            for k, message in enumerate(messages[1:], start=1):
+                if k != lost:
+                    publisher.send(message)
+            wait_for(lambda: mesh["probe"].ended(scan) is not None, 30, f"scan {scan} to end")
+        except BaseException:
+            masters.abort(scan)
+            raise
+        tally = mesh["probe"].ended(scan)
+        got = positions(tally, 1500)["x"]
+        if lost is None:
+            assert tally.incomplete_points == 0
+            np.testing.assert_array_equal(got, energy)
+        else:
+            first, count = rows[lost - 1]["frame_number"], len(rows[lost - 1]["energy"])
+            missing = np.zeros(1500, bool)
+            missing[first:first + count] = True
+            assert tally.incomplete_points == count
+            assert np.isnan(got[missing]).all()
+            np.testing.assert_array_equal(got[~missing], energy[~missing])

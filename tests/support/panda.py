@@ -187,3 +187,34 @@ def oracle_columns(recorded: bytes) -> dict[str, np.ndarray]:
     processor = FrameProcessor()
     processor.create_processors(start)
     return {f"{f.name}.{f.capture}": np.asarray(v) for f, v in zip(start.fields, processor.scale_data(FrameData(rows)))}
+
+
+DRANSPOSE = "dranspose==0.2.0"  # MIT; its sdist ships a real recording of the MAX IV PCAP republisher
+
+
+def republished_recording() -> list[bytes]:
+    """``tests/data/pcap-zmq.cbors`` of the dranspose sdist (from PyPI, cached like the dumps):
+    the single-part ZeroMQ messages a MAX IV PCAP republisher sent, in order."""
+    import cbor2
+
+    root = Path(os.environ.get("TANGOMESH_SIM_VENVS", ROOT / ".venv-sims")) / "dranspose-sdist"
+    name, version = DRANSPOSE.split("==")
+    target = root / f"{name}-{version}" / "tests" / "data" / "pcap-zmq.cbors"
+    if not target.exists():
+        root.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+                        DRANSPOSE, "-d", str(root)], check=True)
+        with tarfile.open(root / f"{name}-{version}.tar.gz") as tar:
+            member = tar.getmember(f"{name}-{version}/tests/data/pcap-zmq.cbors")
+            tar.extractall(root, members=[member], filter="data")
+    messages = []
+    with open(target, "rb") as f:
+        decoder = cbor2.CBORDecoder(f)
+        while True:
+            try:
+                parts = decoder.decode()
+            except (EOFError, cbor2.CBORDecodeEOF):
+                break
+            assert isinstance(parts, list) and len(parts) == 1
+            messages.append(bytes(parts[0]))
+    return messages

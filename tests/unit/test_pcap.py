@@ -258,3 +258,60 @@ def test_a_refused_capture_is_drained_and_the_next_binds() -> None:
     mapper.bind(ScanChoice("s2", 2, ("p",)))
     out = mapper.samples({"x": np.zeros(2)}) + mapper.end("Ok")
     assert [m.type for m in out] == [codec.DATA, codec.SCAN_END]
+
+
+# ---------------------------------------------------------------- the MAX IV republish variant
+def test_the_recorded_republished_stream_decodes_row_for_row() -> None:
+    """dranspose's real recording of the MAX IV republisher (102 messages): every data message's
+    fields equal the JSON's lists, frame numbers run on without a hole to 1500 rows."""
+    import json
+
+    from support.panda import republished_recording
+
+    messages = republished_recording()
+    events = [pcap.decode_republished([m]) for m in messages]
+    assert isinstance(events[0], pcap.RepublishStart) and events[0].arm_time == "2024-10-07T08:49:10.627Z"
+    assert isinstance(events[-1], pcap.RepublishEnd)
+    rows = [e for e in events if isinstance(e, pcap.RepublishRows)]
+    assert len(rows) == 100
+    expected = 0
+    for event, message in zip(rows, messages[1:-1]):
+        doc = json.loads(message)
+        assert event.frame_number == doc["frame_number"] == expected
+        assert set(event.columns) == {"inttime", "triggernumber", "repeatindex", "energy", "INENC3.VAL.Mean"}
+        for name, values in event.columns.items():
+            np.testing.assert_array_equal(values, np.array(doc[name], dtype=np.float64))
+        expected += len(event)
+    assert expected == 1500
+
+
+@pytest.mark.parametrize("message, reason", [
+    (b"emptyness", "not JSON"),
+    (b"[1]", "not a JSON object"),
+    (b'{"message_id": 1, "message_type": "data", "version": 2}', "version 2"),
+    (b'{"message_id": "1", "message_type": "data", "version": 1}', "message_id"),
+    (b'{"message_id": 1, "message_type": "image", "version": 1}', "message_type 'image'"),
+    (b'{"message_id": 1, "message_type": "data", "version": 1, "frame_number": -1, "x": [1]}', "frame_number"),
+    (b'{"message_id": 1, "message_type": "data", "version": 1, "frame_number": 0}', "without fields"),
+    (b'{"message_id": 1, "message_type": "data", "version": 1, "frame_number": 0, "x": []}', "non-empty list"),
+    (b'{"message_id": 1, "message_type": "data", "version": 1, "frame_number": 0, "x": ["a"]}', "other than numbers"),
+    (b'{"message_id": 1, "message_type": "data", "version": 1, "frame_number": 0, "x": [1], "y": [1, 2]}',
+     "differ in length"),
+])
+def test_malformed_republished_messages_are_refused(message, reason) -> None:
+    with pytest.raises(pcap.PcapError, match=reason):
+        pcap.decode_republished([message])
+    with pytest.raises(pcap.PcapError, match="one part"):
+        pcap.decode_republished([message, message])
+
+
+def test_a_frame_number_jump_is_a_gap_at_its_own_indices() -> None:
+    mapper = CaptureMapper("panda", block_points=100)
+    mapper.bind(ScanChoice("s", 30, ("p",)))
+    out = mapper.samples({"x": np.arange(5.0)})
+    out += mapper.skip(12, "lost")
+    out += mapper.samples({"x": np.arange(12.0, 15.0)}) + mapper.flush()
+    assert [(m.type, m.index, m.count) for m in out] == [("data", 0, 5), ("gap", 5, 7), ("data", 12, 3)]
+    assert mapper.next_sample == 15 and mapper.gap_points == 7
+    with pytest.raises(ValueError, match="cannot skip"):
+        mapper.skip(15, "no")
