@@ -327,7 +327,8 @@ class RepublishComponent(PcapComponent):
 
     def stop(self) -> None:
         self.stop_common()
-        self.sub.close(0)
+        if getattr(self, "sub", None) is not None:  # None when the start failed before subscribing
+            self.sub.close(0)
 
     def _run(self) -> None:
         backlog: list[Any] = []

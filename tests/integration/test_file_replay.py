@@ -151,3 +151,18 @@ def test_a_replay_with_no_scan_open_is_refused_then_the_next_works(mesh) -> None
     wait_for(lambda: dev.RefusedReplays == refused0 + 1 and not dev.Playing, 20, "the replay to be refused")
     tally, _ = replay(mesh, f"replay-after-{time.time_ns()}", FRAMES, {"pace": 200})
     np.testing.assert_array_equal(tally.arrays()["eiger/image"], mesh["pixels"])
+
+
+def test_a_master_file_that_cannot_be_read_leaves_the_device_in_fault_saying_why(mesh, tmp_path) -> None:
+    pool = ServerPool(tmp_path)
+    try:
+        with on_path(tmp_path, {"FileIngester": "ingesters.devices:file_main"}):
+            pool.start("FileIngester/bad", {"FileIngester": {"test/replay/bad": {
+                "Pipeline": PIPE, "MasterFile": str(tmp_path / "none_master.h5")}}})
+        bad = tango.DeviceProxy("test/replay/bad")
+        assert bad.State() == tango.DevState.FAULT
+        assert "not an HDF5 file" in bad.Status()
+        with pytest.raises(tango.DevFailed, match="TANGOMESH_Fault"):
+            bad.Replay("{}")
+    finally:
+        pool.stop_all()
