@@ -52,6 +52,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_modalities.py
 	$(BIN)/python benchmarks/bench_ingest.py
 	$(BIN)/python benchmarks/bench_autoscale.py
+	$(BIN)/python benchmarks/bench_ingest_pcap.py
 
 clean:
 	-$(BIN)/tangomesh down 2>/dev/null

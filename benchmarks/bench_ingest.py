@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import report  # noqa: E402 - beside this script
 from ingesters.eiger import EigerComponent, EigerConfig  # noqa: E402
-from services import codec  # noqa: E402
+from services import codec, security  # noqa: E402
 from services.compression import CompressedFrames  # noqa: E402
 from topology_manager.component import TopologyComponent, TopologyConfig  # noqa: E402
 from topology_manager.local import LocalManagerLink  # noqa: E402
@@ -110,6 +110,7 @@ def main() -> int:
     parser.add_argument("--block", type=int, default=16)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    security.configure(security.OFF)  # the plain PULL here plays the master: no CurveZMQ (bench_pipeline measures it)
     messages = v1_stream(args.frames)
     compressed = len(messages[1][2])
     t_raw = raw(messages)

@@ -14,7 +14,8 @@ Which scan a series joins is asked once per series, at its start, on a
 second thread (a Tango read of each pipeline's master's ``OpenScans``), while
 the loop leaves the detector unread; after ``scan_wait`` seconds without an
 open scan the series is refused, counted, and its frames discarded as they
-come (docs/ingesters.md).
+come (docs/ingesters.md). The sources, the scan lookup and the sending are
+:class:`ingesters.base.IngesterComponent`'s, shared with the PcapIngester.
 """
 
 from __future__ import annotations
@@ -22,28 +23,22 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import threading
-import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
 import zmq
 
 from ingesters import simplon
-from ingesters.series import ScanChoice, SeriesMapper, choose_scan
-from services import codec, protocol
-from services.component import Component
+from ingesters.base import OpenScans, IngesterComponent
+from ingesters.series import ScanChoice, SeriesMapper
 from services.dataplane import DATA_MAX_FRAME_BYTES, limit_frames
 from services.registration import ManagerLink
-from services.source import SourceClient
 
 log = logging.getLogger("tangomesh.ingester.eiger")
 
 POLL_MS = 50
-FIND_PERIOD_S = 0.2  # how often a series start asks the masters again while no scan is open
 DETECTOR_HWM = 4  # messages queued here from the detector; the rest waits in the detector's buffer
 
-#: pipeline -> that pipeline's master's open scans (``PipelineMaster.OpenScans``); raises if unreachable
-OpenScans = Callable[[str], list[dict[str, Any]]]
 
 
 @dataclass(frozen=True)
@@ -68,59 +63,35 @@ class EigerConfig:
             raise ValueError(f"ScanWaitSeconds must be positive (got {self.scan_wait})")
 
 
-class EigerComponent(Component):
-    kind = protocol.Kind.INGESTER
-
+class EigerComponent(IngesterComponent):
     def __init__(self, name: str, config: EigerConfig, link: ManagerLink, host: str, open_scans: OpenScans,
                  thread_factory: Callable[..., threading.Thread] = threading.Thread) -> None:
-        super().__init__(name, config.pipelines[0], log)
+        super().__init__(name, config.stream, config.pipelines, config.scan_wait, link, host, open_scans,
+                         thread_factory, log)
         self.config = config
-        self.link = link
-        self.host = host
-        self.open_scans = open_scans
-        self.thread_factory = thread_factory
         self.mapper = SeriesMapper(config.stream, config.block_frames)
-        self.sources: dict[str, SourceClient] = {}
         self.detector: zmq.Socket | None = None
         self.series = -1
         self.series_seen = 0
-        self.refused_series = 0
         self.restarts = 0
-        self.blocked_seconds = 0.0
-        self.used_scans: list[str] = []  # scans earlier series joined, newest last (a few kept)
-        self.targets: tuple[str, ...] = ()
         self._finding: concurrent.futures.Future | None = None
         self._finding_header: simplon.SeriesStart | None = None
-        self._requests: list[tuple[simplon.SeriesStart, concurrent.futures.Future]] = []
-        self._wake = threading.Event()
         self.capabilities = {"stream": config.stream, "detector": config.endpoint, "protocol": "simplon"}
-        self.threads: list[threading.Thread] = []
 
     # ------------------------------------------------------------ life cycle
     def start(self) -> None:
-        for pipeline in self.config.pipelines:
-            self.sources[pipeline] = SourceClient(self.config.stream, pipeline, self.link, self.host,
-                                                  prefix="ingester", thread_factory=self.thread_factory)
-        self.endpoints = {f"{protocol.SOURCE_OUT}:{p}": s.endpoint for p, s in self.sources.items()}
+        self.start_sources()
         self.detector = zmq.Context.instance().socket(zmq.PULL)
         self.detector.rcvhwm = DETECTOR_HWM
         self.detector.linger = 0
         limit_frames(self.detector, DATA_MAX_FRAME_BYTES)
         self.detector.connect(self.config.endpoint)
-        self.threads = [self.thread_factory(target=self._run, name="eiger-loop", daemon=True),
-                        self.thread_factory(target=self._find_loop, name="eiger-scan-finder", daemon=True)]
-        for t in self.threads:
-            t.start()
+        self.start_threads(self._run, "eiger")
         log.info("reading %s as stream %s for %s", self.config.endpoint, self.config.stream,
                  ", ".join(self.config.pipelines))
 
     def stop(self) -> None:
-        super().stop()
-        self._wake.set()
-        for t in self.threads:
-            t.join(2)
-        for s in self.sources.values():
-            s.close()
+        self.stop_common()
         if self.detector is not None:
             self.detector.close(0)
 
@@ -139,7 +110,7 @@ class EigerComponent(Component):
                 continue
             try:
                 if not self.detector.poll(POLL_MS):
-                    self._send(self.mapper.flush())
+                    self.send(self.mapper.flush())
                     continue
                 parts = self.detector.recv_multipart(copy=False)
             except zmq.ZMQError as exc:
@@ -156,7 +127,7 @@ class EigerComponent(Component):
             self._handle_safely(backlog.pop(0))
             try:
                 if not backlog and not self.detector.poll(0):  # nothing more waiting: what is pending goes now
-                    self._send(self.mapper.flush())
+                    self.send(self.mapper.flush())
             except zmq.ZMQError:
                 pass
 
@@ -175,20 +146,17 @@ class EigerComponent(Component):
             if self.mapper.open is not None:
                 self.restarts += 1
                 closing = self.mapper.restart(event)
-                self._send(closing)
+                self.send(closing)
                 self.counters.error(f"{self.config.stream}: series {event.series} started while series "
                                     f"{self.series} was open (detector restarted?): that one ended there, "
                                     "its missing frames declared")
             self.series = event.series if event.series is not None else -1
             self._finding_header = event
-            future: concurrent.futures.Future = concurrent.futures.Future()
-            self._requests.append((event, future))
-            self._finding = future
-            self._wake.set()
+            self._finding = self.request_scan(f"series {event.series}")
         elif isinstance(event, simplon.Frame):
-            self._send(self.mapper.frame(event))
+            self.send(self.mapper.frame(event))
         else:
-            self._send(self.mapper.end(event))
+            self.send(self.mapper.end(event))
             if self.mapper.open is None:
                 self.targets = ()
 
@@ -196,75 +164,13 @@ class EigerComponent(Component):
         header, self._finding, self._finding_header = self._finding_header, None, None
         assert header is not None
         if choice is None:
-            self.refused_series += 1
             self.mapper.refuse(header.series)
-            self.counters.error(f"{self.config.stream}: no open scan takes stream {self.config.stream} on "
-                                f"{', '.join(self.config.pipelines)} within {self.config.scan_wait:g} s: "
-                                f"series {header.series} refused, its frames discarded")
+            self.refused(f"series {header.series}")
             return
-        self.used_scans = [*self.used_scans[-63:], choice.scan]
-        self.targets = choice.pipelines
+        self.joined(choice)
         log.info("series %s joins scan %s (%d points, first index %d) on %s", header.series, choice.scan,
                  choice.points, choice.first_index, ", ".join(choice.pipelines))
-        self._send(self.mapper.bind(header, choice))
-
-    def _send(self, messages: list[codec.Message]) -> None:
-        """To each pipeline the series feeds; blocks while a master holds the
-        stream back (retrying, so that stop is not held up)."""
-        for msg in messages:
-            frames = codec.encode(msg)
-            for pipeline in self.targets:
-                sock = self.sources[pipeline].socket
-                t0 = None
-                while True:
-                    try:
-                        codec.send_frames(sock, frames, zmq.NOBLOCK)
-                        break
-                    except zmq.Again:
-                        if self._stopping.is_set():
-                            return
-                        t0 = t0 or time.monotonic()
-                        sock.poll(100, zmq.POLLOUT)
-                if t0 is not None:
-                    self.blocked_seconds += time.monotonic() - t0
-            self.counters.events_out += 1
-
-    # ------------------------------------------------------------ which scan (finder thread)
-    def _find_loop(self) -> None:
-        while not self._stopping.is_set():
-            self._wake.wait(0.5)
-            self._wake.clear()
-            while self._requests:
-                header, future = self._requests.pop(0)
-                try:
-                    future.set_result(self._find(header))
-                except Exception as exc:  # never leave the loop waiting on an answer that does not come
-                    log.exception("looking up the scan of series %s failed", header.series)
-                    self.counters.error(f"scan lookup failed: {exc!r}")
-                    future.set_result(None)
-
-    def _find(self, header: simplon.SeriesStart) -> ScanChoice | None:
-        deadline = time.monotonic() + self.config.scan_wait
-        problem = ""
-        while not self._stopping.is_set():
-            scans: dict[str, list[dict[str, Any]]] = {}
-            for pipeline in self.config.pipelines:
-                try:
-                    scans[pipeline] = self.open_scans(pipeline)
-                except Exception as exc:  # master not registered or not answering: ask again
-                    problem = f"{pipeline}: {exc}"
-            try:
-                choice = choose_scan(self.config.stream, scans, self.used_scans)
-            except (KeyError, TypeError, ValueError, AttributeError) as exc:  # a master answering nonsense
-                problem, choice = f"malformed OpenScans: {exc!r}", None
-            if choice is not None:
-                return choice
-            if time.monotonic() >= deadline:
-                if problem:
-                    log.warning("series %s: last problem asking the masters: %s", header.series, problem)
-                return None
-            self._stopping.wait(FIND_PERIOD_S)
-        return None
+        self.send(self.mapper.bind(header, choice))
 
     # ------------------------------------------------------------ views
     @property

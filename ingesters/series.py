@@ -1,5 +1,9 @@
 """From a detector's series to a scan's stream: frame numbers to acquisition indices, gaps, ends.
 
+(:class:`CaptureMapper`, at the end, does the same for block sources that
+number nothing themselves, a PandABox capture: sample ``n`` of a capture is
+index ``first_index + n``, and the scan's points are the plan.)
+
 Sans-IO: :class:`SeriesMapper` takes the decoded SIMPLON events of one
 detector stream and returns the tangomesh messages to send (``data``
 blocks, ``gap`` declarations, the stream's ``scan_end``); the ingester's
@@ -167,6 +171,11 @@ class SeriesMapper:
             raise ValueError(f"end of series {e.series} while series {self.open.series} is open")
         return self._close("frames the detector planned never arrived before its series end")
 
+    def cut(self, why: str) -> list[codec.Message]:
+        """The open series ends here, for ``why`` (its source failed): its
+        planned rest declared missing, then ``scan_end``; nothing if none is open."""
+        return self._close(why) if self.open is not None else []
+
     def _close(self, why: str) -> list[codec.Message]:
         run = self.open
         assert run is not None
@@ -198,6 +207,146 @@ class SeriesMapper:
         self.frames += len(frames)
         return [codec.Message(codec.DATA, scan=self.open.choice.scan, stream=self.stream, index=self.pending_index,
                               count=len(frames), arrays=arrays)]
+
+    @property
+    def scan(self) -> str:
+        return self.open.choice.scan if self.open else ""
+
+
+@dataclass
+class _Capture:
+    choice: ScanChoice
+    first_sample: int  # sample numbers count from the capture's first, missed ones included
+    next_sample: int = 0
+    layout: tuple | None = None
+
+
+class CaptureMapper:
+    """One stream's captures from a block source (a PandABox PCAP capture):
+    sample ``n`` of a capture is acquisition index ``first_index + n``.
+
+    Like :class:`SeriesMapper`, every method returns the messages to send in
+    order, a ``ValueError`` refuses one call and leaves the state as it was.
+    The rules differ only where the source does: samples come in runs of any
+    length (no per-sample number on the wire: arrival order is the number),
+    and a capture does not say how many samples it plans, so the scan's
+    points are the plan; whatever the capture did not deliver by its end
+    (or by the connection's loss) is declared missing there."""
+
+    def __init__(self, stream: str, block_points: int) -> None:
+        self.stream = stream
+        self.block_points = block_points
+        self.open: _Capture | None = None
+        self.draining = False  # the open capture was refused: its samples are discarded
+        self.pending: list[dict[str, np.ndarray]] = []
+        self.pending_count = 0
+        self.pending_index = 0
+        self.points = 0  # samples sent on
+        self.gap_points = 0
+        self.drained = 0
+
+    def bind(self, choice: ScanChoice, missed: int = 0) -> list[codec.Message]:
+        """The capture starting now joins ``choice``; the server's ``missed``
+        samples (captured before this connection listened) are missing, as
+        are the indices below the stream's ``first_index``."""
+        self.open, self.draining = _Capture(choice, missed), False
+        stop = min(choice.first_index + missed, choice.points)
+        if stop > 0:
+            self.gap_points += stop
+            return [protocol.source_gap(choice.scan, self.stream, 0, stop,
+                                        "before the capture's first sample received")]
+        return []
+
+    def refuse(self) -> None:
+        self.open, self.draining = None, True
+
+    def room(self) -> int:
+        """How many more samples the open capture's scan has indices for."""
+        run = self.open
+        if run is None:
+            return 0
+        return max(0, run.choice.points - (run.choice.first_index + run.first_sample + run.next_sample))
+
+    def samples(self, arrays: dict[str, np.ndarray]) -> list[codec.Message]:
+        """The next consecutive samples (one 1-D array per name, equal lengths)."""
+        count = len(next(iter(arrays.values()))) if arrays else 0
+        if self.open is None:
+            if self.draining:
+                self.drained += count
+                return []
+            raise ValueError(f"{count} samples without a capture header")
+        if any(a.ndim != 1 or len(a) != count for a in arrays.values()):
+            raise ValueError("a run of samples whose arrays differ in length")
+        if count > self.room():
+            raise ValueError(f"{count} samples, room for {self.room()} in scan {self.open.choice.scan}")
+        layout = tuple((n, a.dtype.str) for n, a in arrays.items())
+        if self.open.layout is not None and layout != self.open.layout:
+            raise ValueError("the capture's fields changed within the capture")
+        self.open.layout = layout
+        if not count:
+            return []
+        if not self.pending:
+            self.pending_index = self.open.choice.first_index + self.open.first_sample + self.open.next_sample
+        self.pending.append(arrays)
+        self.pending_count += count
+        self.open.next_sample += count
+        return self.flush() if self.pending_count >= self.block_points else []
+
+    @property
+    def next_sample(self) -> int:
+        """The sample number the open capture expects next."""
+        return self.open.first_sample + self.open.next_sample if self.open else 0
+
+    def skip(self, sample: int, why: str) -> list[codec.Message]:
+        """Samples up to ``sample`` never came (a source that numbers its rows
+        said so): pending ones go, the skipped indices are declared missing."""
+        run = self.open
+        if run is None or sample <= self.next_sample:
+            raise ValueError(f"cannot skip to sample {sample} (next is {self.next_sample})")
+        start = run.choice.first_index + self.next_sample
+        stop = min(run.choice.points, run.choice.first_index + sample)
+        out = self.flush()
+        if stop > start:
+            out.append(protocol.source_gap(run.choice.scan, self.stream, start, stop, why))
+            self.gap_points += stop - start
+        run.next_sample = sample - run.first_sample
+        return out
+
+    def end(self, why: str) -> list[codec.Message]:
+        """The capture ended (its ``END`` line, or the connection was lost):
+        what it did not deliver up to the scan's points is declared missing,
+        then ``scan_end``. Nothing to say for a refused capture."""
+        if self.open is None:
+            self.draining = False
+            return []
+        run = self.open
+        out = self.flush()
+        received = run.choice.first_index + run.first_sample + run.next_sample
+        stop = run.choice.points
+        if stop > received:
+            out.append(protocol.source_gap(run.choice.scan, self.stream, received, stop, why))
+            self.gap_points += stop - received
+        out.append(codec.Message(codec.SCAN_END, scan=run.choice.scan, stream=self.stream, count=stop))
+        self.open = None
+        return out
+
+    def flush(self) -> list[codec.Message]:
+        """The pending samples as data blocks of at most ``block_points``."""
+        if not self.pending or self.open is None:
+            self.pending, self.pending_count = [], 0
+            return []
+        runs, self.pending, total = self.pending, [], self.pending_count
+        self.pending_count = 0
+        joined = {name: (runs[0][name] if len(runs) == 1 else np.concatenate([r[name] for r in runs]))
+                  for name in runs[0]}
+        out = []
+        for start in range(0, total, self.block_points):
+            stop = min(total, start + self.block_points)
+            out.append(codec.Message(codec.DATA, scan=self.open.choice.scan, stream=self.stream,
+                                     index=self.pending_index + start, count=stop - start,
+                                     arrays={n: a[start:stop] for n, a in joined.items()}))
+        self.points += total
+        return out
 
     @property
     def scan(self) -> str:
