@@ -70,6 +70,7 @@ class EigerConfig:
 
 class EigerComponent(Component):
     kind = protocol.Kind.INGESTER
+    thread_prefix = "eiger"
 
     def __init__(self, name: str, config: EigerConfig, link: ManagerLink, host: str, open_scans: OpenScans,
                  thread_factory: Callable[..., threading.Thread] = threading.Thread) -> None:
@@ -102,17 +103,27 @@ class EigerComponent(Component):
             self.sources[pipeline] = SourceClient(self.config.stream, pipeline, self.link, self.host,
                                                   prefix="ingester", thread_factory=self.thread_factory)
         self.endpoints = {f"{protocol.SOURCE_OUT}:{p}": s.endpoint for p, s in self.sources.items()}
-        self.detector = zmq.Context.instance().socket(zmq.PULL)
-        self.detector.rcvhwm = DETECTOR_HWM
-        self.detector.linger = 0
-        limit_frames(self.detector, DATA_MAX_FRAME_BYTES)
-        self.detector.connect(self.config.endpoint)
-        self.threads = [self.thread_factory(target=self._run, name="eiger-loop", daemon=True),
-                        self.thread_factory(target=self._find_loop, name="eiger-scan-finder", daemon=True)]
+        self.detector = self._open_detector()
+        self.threads = [self.thread_factory(target=self._run, name=f"{self.thread_prefix}-loop", daemon=True),
+                        self.thread_factory(target=self._find_loop, name=f"{self.thread_prefix}-scan-finder",
+                                            daemon=True)]
         for t in self.threads:
             t.start()
         log.info("reading %s as stream %s for %s", self.config.endpoint, self.config.stream,
                  ", ".join(self.config.pipelines))
+
+    def _open_detector(self) -> zmq.Socket:
+        """The socket the detector's stream is read from (a subclass reading another protocol may differ)."""
+        sock = zmq.Context.instance().socket(zmq.PULL)
+        sock.rcvhwm = DETECTOR_HWM
+        sock.linger = 0
+        limit_frames(sock, DATA_MAX_FRAME_BYTES)
+        sock.connect(self.config.endpoint)
+        return sock
+
+    def _decode(self, parts: list[Any]) -> list[simplon.Event]:
+        """One received message's series events; a ``ValueError`` refuses it (counted)."""
+        return simplon.decode(parts)
 
     def stop(self) -> None:
         super().stop()
@@ -149,9 +160,11 @@ class EigerComponent(Component):
                 continue
             self.counters.events_in += 1
             try:
-                backlog = simplon.decode(parts)
-            except simplon.SimplonError as exc:  # counted, the next message is read
+                backlog = self._decode(parts)
+            except ValueError as exc:  # counted, the next message is read
                 self.counters.error(f"{self.config.stream}: {exc}")
+                continue
+            if not backlog:  # a message that is part of one still to complete
                 continue
             self._handle_safely(backlog.pop(0))
             try:
