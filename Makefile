@@ -45,6 +45,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_writers.py
 	$(BIN)/python benchmarks/bench_modalities.py
 	$(BIN)/python benchmarks/bench_ingest.py
+	$(BIN)/python benchmarks/bench_ingest_xspress.py
 
 clean:
 	-$(BIN)/tangomesh down 2>/dev/null
