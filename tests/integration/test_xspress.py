@@ -262,3 +262,18 @@ def test_bad_messages_on_the_stream_are_counted_and_the_ingester_goes_on(mesh) -
     scan = f"xspress-after-bad-{time.time_ns()}"
     info = run(mesh, scan, messages("xspress3-multipart.cbors"), 5)
     assert (info["received"], info["missing"], info["failed"]) == (5, 0, 0)
+
+
+def test_a_bad_property_leaves_the_device_in_fault_saying_why(mesh, tmp_path) -> None:
+    pool = ServerPool(tmp_path)
+    try:
+        pool.start("XspressIngester/bad", {"XspressIngester": {"test/xspress/bad": {
+            "Pipeline": PIPE, "StreamerEndpoint": mesh["replay"].endpoint, "ChannelsKept": [1, 1]}}},
+            argv=[sys.executable, "-m", "ingesters.xspress_device", "bad"])
+        bad = tango.DeviceProxy("test/xspress/bad")
+        assert bad.State() == tango.DevState.FAULT
+        assert "ChannelsKept must be distinct channel numbers" in bad.Status()
+        with pytest.raises(tango.DevFailed, match="TANGOMESH_Fault"):
+            bad.Frames
+    finally:
+        pool.stop_all()

@@ -54,7 +54,8 @@ class ServerPool:
                 info.name, info._class, info.server = device, cls, server
                 db.add_device(info)
                 if props:
-                    db.put_device_property(device, {k: [str(v)] for k, v in props.items()})
+                    db.put_device_property(device, {k: [str(x) for x in v] if isinstance(v, (list, tuple)) else [str(v)]
+                                                    for k, v in props.items()})
         script, instance = server.split("/")
         log = self.log_dir / f"{server.replace('/', '_')}.log"
         handle = ServerHandle(server, spawn(argv or [executable(script), instance], log), log)
