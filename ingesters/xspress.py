@@ -40,7 +40,7 @@ all channels are kept), the dead-time quantities ``icr``, ``ocr``, ``dtc``,
 the ``ocr`` the device sends is mis-scaled and is dropped), and the raw
 counters ``all_events``, ``all_good``, ``clock_ticks``, ``total_ticks``,
 ``reset_ticks``, ``event_width`` (and ``window_counts`` ``(windows,
-channels)`` when sent).
+channels)`` when sent); and the frame's ``exptime`` (s, one value).
 """
 
 from __future__ import annotations
@@ -376,6 +376,7 @@ class XspressDecoder:
         arrays.update(dead_time(counters["all_events"], counters["all_good"], counters["clock_ticks"],
                                 counters["reset_ticks"], counters["event_width"]))
         arrays.update(counters)
+        arrays["exptime"] = np.array(image.exptime)  # one value per frame: (frames,) in a block
         if windows is not None:
             arrays["window_counts"] = windows[:, keep]
         return XspressFrame(form, self.series, image.frame, arrays, exptime=image.exptime)

@@ -40,7 +40,8 @@ def oracle(recording: list[list[bytes]]) -> list[dict]:
         if part[:1] == b"{" and json.loads(part).get("htype") == "image":
             head = json.loads(part)
             spectra = np.frombuffer(parts[k + 1], np.uint32).reshape(head["shape"])
-            frames.append({"frame": head["frame"], "mca": spectra, "scalers": pickle.loads(parts[k + 2])})
+            frames.append({"frame": head["frame"], "mca": spectra, "scalers": pickle.loads(parts[k + 2]),
+                           "exptime": head["exptime"]})
     return frames
 
 
@@ -83,6 +84,7 @@ def test_every_frame_of_the_recordings_decodes_equal_to_the_plain_route(recordin
         np.testing.assert_allclose(a["ocr"], s[0] * CLOCK_HZ ** 2, rtol=1e-9)
         np.testing.assert_allclose(a["live_time"], s[3] / CLOCK_HZ)
         np.testing.assert_allclose(a["icr"], s[1] * a["dtc"] / a["live_time"], rtol=1e-12)
+        assert a["exptime"].shape == () and a["exptime"] == ref["exptime"]
         if len(s) == 9:
             np.testing.assert_array_equal(a["window_counts"], s[8])
         else:
@@ -389,6 +391,7 @@ def test_recorded_frames_map_to_indices_a_removed_frame_a_gap_repeats_refused() 
     indices = np.concatenate([np.arange(m.index, m.stop) for m in data])
     np.testing.assert_array_equal(indices, [i for i in range(11) if i != 7])
     assert data[0].arrays["mca"].shape == (4, 2, 4096) and data[0].arrays["dtc"].shape == (4, 2)
+    assert data[0].arrays["exptime"].shape == (4,)
     end = out[-1]
     assert end.type == codec.SCAN_END and end.count == 11 and mapper.frames == 10 and mapper.gap_points == 1
     want = oracle(msgs)
