@@ -264,6 +264,18 @@ def test_bad_messages_on_the_stream_are_counted_and_the_ingester_goes_on(mesh) -
     assert (info["received"], info["missing"], info["failed"]) == (5, 0, 0)
 
 
+def test_a_restarted_streamer_is_subscribed_again_without_the_ingester_doing_anything(mesh) -> None:
+    """The streamer's process restarts (its PUB closed, bound again on the same address): the
+    ingester's SUB reconnects and subscribes again by itself, and the next scan is whole."""
+    replay = mesh["replay"]
+    replay.restart()
+    replay.wait_subscribed(30)
+    scan = f"xspress-restarted-{time.time_ns()}"
+    info = run(mesh, scan, messages("xspress3-multipart.cbors"), 5)
+    assert (info["received"], info["missing"], info["failed"]) == (5, 0, 0)
+    assert mesh["device"].State() == tango.DevState.ON
+
+
 def test_a_bad_property_leaves_the_device_in_fault_saying_why(mesh, tmp_path) -> None:
     pool = ServerPool(tmp_path)
     try:

@@ -18,14 +18,27 @@ import zmq
 
 class XspressReplay:
     def __init__(self, host: str = "127.0.0.1") -> None:
-        self.socket = zmq.Context.instance().socket(zmq.XPUB)
-        self.socket.setsockopt(zmq.XPUB_NODROP, 1)
-        self.socket.sndhwm = 100_000
-        self.socket.linger = 0
+        self.socket = self._socket()
         port = self.socket.bind_to_random_port(f"tcp://{host}")
         self.endpoint = f"tcp://{host}:{port}"
         self.subscribers = 0
         self.sent = 0
+
+    @staticmethod
+    def _socket() -> zmq.Socket:
+        sock = zmq.Context.instance().socket(zmq.XPUB)
+        sock.setsockopt(zmq.XPUB_NODROP, 1)
+        sock.sndhwm = 100_000
+        sock.linger = 0
+        return sock
+
+    def restart(self) -> None:
+        """As when the streamer's process restarts: the socket closed, a new one bound on the same
+        address, nobody subscribed to it until a subscriber reconnects."""
+        self.socket.close(0)
+        self.socket = self._socket()
+        self.socket.bind(self.endpoint)
+        self.subscribers = 0
 
     def wait_subscribed(self, timeout: float = 30.0) -> None:
         """Until a subscriber's subscription has arrived (its messages would reach it from then on)."""
