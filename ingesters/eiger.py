@@ -71,10 +71,11 @@ class EigerConfig:
 class EigerComponent(Component):
     kind = protocol.Kind.INGESTER
     thread_prefix = "eiger"
+    logger = log  # a subclass for another protocol logs under its own name
 
     def __init__(self, name: str, config: EigerConfig, link: ManagerLink, host: str, open_scans: OpenScans,
                  thread_factory: Callable[..., threading.Thread] = threading.Thread) -> None:
-        super().__init__(name, config.pipelines[0], log)
+        super().__init__(name, config.pipelines[0], self.logger)
         self.config = config
         self.link = link
         self.host = host
@@ -109,7 +110,7 @@ class EigerComponent(Component):
                                             daemon=True)]
         for t in self.threads:
             t.start()
-        log.info("reading %s as stream %s for %s", self.config.endpoint, self.config.stream,
+        self.logger.info("reading %s as stream %s for %s", self.config.endpoint, self.config.stream,
                  ", ".join(self.config.pipelines))
 
     def _open_detector(self) -> zmq.Socket:
@@ -179,7 +180,7 @@ class EigerComponent(Component):
         except ValueError as exc:  # a refused frame or end: counted, the stream goes on
             self.counters.error(f"{self.config.stream}: {exc}")
         except Exception as exc:  # a bug must not stop the stream
-            log.exception("ingester loop step failed")
+            self.logger.exception("ingester loop step failed")
             self.counters.error(f"internal error: {exc!r}")
 
     def _handle(self, event: simplon.Event) -> None:
@@ -217,7 +218,7 @@ class EigerComponent(Component):
             return
         self.used_scans = [*self.used_scans[-63:], choice.scan]
         self.targets = choice.pipelines
-        log.info("series %s joins scan %s (%d points, first index %d) on %s", header.series, choice.scan,
+        self.logger.info("series %s joins scan %s (%d points, first index %d) on %s", header.series, choice.scan,
                  choice.points, choice.first_index, ", ".join(choice.pipelines))
         self._send(self.mapper.bind(header, choice))
 
@@ -252,7 +253,7 @@ class EigerComponent(Component):
                 try:
                     future.set_result(self._find(header))
                 except Exception as exc:  # never leave the loop waiting on an answer that does not come
-                    log.exception("looking up the scan of series %s failed", header.series)
+                    self.logger.exception("looking up the scan of series %s failed", header.series)
                     self.counters.error(f"scan lookup failed: {exc!r}")
                     future.set_result(None)
 
@@ -274,7 +275,7 @@ class EigerComponent(Component):
                 return choice
             if time.monotonic() >= deadline:
                 if problem:
-                    log.warning("series %s: last problem asking the masters: %s", header.series, problem)
+                    self.logger.warning("series %s: last problem asking the masters: %s", header.series, problem)
                 return None
             self._stopping.wait(FIND_PERIOD_S)
         return None

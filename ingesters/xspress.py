@@ -134,7 +134,8 @@ class _DtypeState:
 
     def __init__(self, name: Any, align: Any = False, copy: Any = True) -> None:
         if not isinstance(name, str) or name not in PICKLED_DTYPES:
-            raise pickle.UnpicklingError(f"dtype {name!r} refused: only numeric dtypes ({', '.join(sorted(PICKLED_DTYPES))})")
+            raise pickle.UnpicklingError(f"dtype {name!r} refused: only numeric dtypes "
+                                         f"({', '.join(sorted(PICKLED_DTYPES))})")
         self.name = name
         self.dtype: np.dtype | None = None
 

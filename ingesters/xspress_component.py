@@ -73,6 +73,7 @@ class XspressConfig:
 
 class XspressComponent(EigerComponent):
     thread_prefix = "xspress"
+    logger = log
 
     def __init__(self, name: str, config: XspressConfig, link: ManagerLink, host: str, open_scans: OpenScans,
                  thread_factory: Callable[..., threading.Thread] = threading.Thread) -> None:

@@ -31,7 +31,8 @@ class XspressIngester(MeshDevice):
     BlockFrames = config_property(
         XspressConfig, "block_frames", doc="Most frames per block; fewer when the streamer has sent nothing more")
     ScanWaitSeconds = config_property(
-        XspressConfig, "scan_wait", doc="How long a new series waits for an open scan taking the stream, then is refused")
+        XspressConfig, "scan_wait",
+        doc="How long a new series waits for an open scan taking the stream, then is refused")
     ChannelsKept = config_property(
         XspressConfig, "channels", doc="Detector channels kept, in this order (0-based); empty keeps all")
 
