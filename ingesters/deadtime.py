@@ -5,7 +5,7 @@ sends an ``ocr`` that is ``AllGood / ClockTicks / 80e6``, mis-scaled by
 (80e6)² (reference notes on detector streams, section 3), so every rate is
 recomputed from the counters the hardware counted. The formula reproduces
 the device's own ``dtc`` (checked on the three public recordings in
-``tests/unit/test_xspress.py``):
+``tests/unit/test_xspress_decoder.py``):
 
 * ``busy  = ResetTicks + AllEvents × (event_width + 1)`` clock ticks in which the
   channel could not take an event,

@@ -37,7 +37,15 @@ class XspressReplay:
         address, nobody subscribed to it until a subscriber reconnects."""
         self.socket.close(0)
         self.socket = self._socket()
-        self.socket.bind(self.endpoint)
+        deadline = time.monotonic() + 10
+        while True:  # libzmq releases the closed socket's address on its I/O thread, a moment later
+            try:
+                self.socket.bind(self.endpoint)
+                break
+            except zmq.ZMQError as exc:
+                if exc.errno != zmq.EADDRINUSE or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
         self.subscribers = 0
 
     def wait_subscribed(self, timeout: float = 30.0) -> None:
