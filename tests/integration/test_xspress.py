@@ -16,7 +16,9 @@ the full pickle, the dead-time formula written out here):
   travelled right;
 * a frame removed from the replay is a gap at its own index;
 * further series in the same run are ingested into their own scans, a
-  repeated frame is refused, a lost series end is ended at the next header.
+  repeated frame is refused, a lost series end is ended at the next header;
+* and, without the mesh, our decoder agrees with MAX IV's own (dranspose's
+  ``middlewares.xspress.parse``, run in its own venv) on every packet.
 """
 
 from __future__ import annotations
@@ -38,10 +40,12 @@ from services.scan import parse_scan
 from sink.queries import QUERY, SinkClient
 from support import ServerPool, topology_props, wait_for
 from support.documents import minimal
-from support.recordings import messages
+from support.recordings import XSPRESS_FILES, messages, recording_bytes
+from support.simulators import sim_venv
 from support.xspress_replay import XspressReplay
 
 pytestmark = pytest.mark.slow
+DRANSPOSE_VENV = ("dranspose", ["dranspose==0.2.0"])  # its own venv: its decoder as a second oracle
 
 MANAGER = "tangomesh/topology/manager"
 PIPE = "xsp"
@@ -289,3 +293,36 @@ def test_a_bad_property_leaves_the_device_in_fault_saying_why(mesh, tmp_path) ->
             bad.Frames
     finally:
         pool.stop_all()
+
+
+@pytest.mark.parametrize("name", XSPRESS_FILES)
+def test_our_decoder_agrees_with_dransposes_own_on_every_packet(name) -> None:
+    """MAX IV's decoder (dranspose 0.2.0's ``middlewares.xspress.parse``, in its own venv from PyPI)
+    on the same recording: the same packets in the same order, per-channel spectra sums and every
+    scaler equal; its ``dtc`` (the device's) equals the one we recompute."""
+    import subprocess
+    from pathlib import Path
+
+    from ingesters.xspress import XspressDecoder, XspressEnd, XspressFrame, XspressStart
+
+    bin_dir = sim_venv(*DRANSPOSE_VENV)
+    script = Path(__file__).resolve().parents[1] / "support" / "dranspose_oracle.py"
+    theirs = json.loads(subprocess.run([str(bin_dir / "python"), str(script)], input=recording_bytes(name),
+                                       capture_output=True, check=True, timeout=120).stdout)
+    decoder = XspressDecoder()
+    ours = [e for m in messages(name) for e in decoder.feed(m)]
+    assert len(ours) == len(theirs) > 2
+    names = {"AllEvents": "all_events", "AllGood": "all_good", "ClockTicks": "clock_ticks",
+             "TotalTicks": "total_ticks", "ResetTicks": "reset_ticks", "event_widths": "event_width"}
+    for mine, other in zip(ours, theirs):
+        if isinstance(mine, XspressFrame):
+            assert mine.frame == other["frame"]
+            np.testing.assert_array_equal(mine.channels["mca"].sum(axis=1), other["sums"])
+            for their_name, our_name in names.items():
+                np.testing.assert_array_equal(mine.channels[our_name], other["meta"][their_name])
+            np.testing.assert_allclose(mine.channels["dtc"], other["meta"]["dtc"], rtol=1e-12)
+            np.testing.assert_allclose(mine.channels["ocr"], np.asarray(other["meta"]["ocr"]) * CLOCK ** 2,
+                                       rtol=1e-9)
+        else:
+            assert other["htype"] == ("header" if isinstance(mine, XspressStart) else "series_end")
+            assert isinstance(mine, (XspressStart, XspressEnd))
