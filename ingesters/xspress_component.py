@@ -47,7 +47,7 @@ MAX_PART_BYTES = MAX_CHANNELS * MAX_BINS * 4  # the largest spectra part the dec
 
 @dataclass(frozen=True)
 class XspressConfig:
-    endpoint: str = ""  # the streamer's PUB, e.g. tcp://xspress3-host:9999
+    endpoint: str = ""  # the streamer's PUB, tcp://host:port (the port its device publishes on)
     stream: str = "xspress3"
     pipelines: tuple[str, ...] = ()  # default: the device's Pipeline
     block_frames: int = 16  # most frames in one block; fewer when the streamer has sent nothing more
@@ -56,7 +56,7 @@ class XspressConfig:
 
     def __post_init__(self) -> None:
         if "://" not in self.endpoint:
-            raise ValueError(f"StreamerEndpoint must be a ZeroMQ address such as tcp://xspress3:9999, "
+            raise ValueError(f"StreamerEndpoint must be a ZeroMQ address such as tcp://host:port, "
                              f"not {self.endpoint!r}")
         if not self.stream or "/" in self.stream or len(self.stream) > 64:
             raise ValueError(f"Stream must be a name without '/', not {self.stream!r}")

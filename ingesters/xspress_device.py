@@ -25,7 +25,8 @@ class XspressIngester(MeshDevice):
     """An Xspress3 / Xspress3 Mini stream (MAX IV xspress3-streamer, ZeroMQ PUB) as one tangomesh source stream."""
 
     StreamerEndpoint = config_property(
-        XspressConfig, "endpoint", doc="The xspress3-streamer's ZeroMQ PUB, e.g. tcp://xspress3-host:9999")
+        XspressConfig, "endpoint",
+        doc="The xspress3-streamer's ZeroMQ PUB, tcp://host:port (the port the streamer device publishes on)")
     Stream = config_property(XspressConfig, "stream", doc="Stream name on the data plane (as the scan document says)")
     Pipelines = config_property(XspressConfig, "pipelines", doc="Pipelines fed; default: the Pipeline property")
     BlockFrames = config_property(
