@@ -53,6 +53,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_ingest.py
 	$(BIN)/python benchmarks/bench_autoscale.py
 	$(BIN)/python benchmarks/bench_ingest_pcap.py
+	$(BIN)/python benchmarks/bench_ingest_xspress.py
 
 clean:
 	-$(BIN)/tangomesh down 2>/dev/null

@@ -24,7 +24,7 @@ import concurrent.futures
 import logging
 import threading
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import zmq
 
@@ -64,10 +64,13 @@ class EigerConfig:
 
 
 class EigerComponent(IngesterComponent):
+    thread_prefix = "eiger"
+    logger = log  # a subclass for another protocol logs under its own name
+
     def __init__(self, name: str, config: EigerConfig, link: ManagerLink, host: str, open_scans: OpenScans,
                  thread_factory: Callable[..., threading.Thread] = threading.Thread) -> None:
         super().__init__(name, config.stream, config.pipelines, config.scan_wait, link, host, open_scans,
-                         thread_factory, log)
+                         thread_factory, self.logger)
         self.config = config
         self.mapper = SeriesMapper(config.stream, config.block_frames)
         self.detector: zmq.Socket | None = None
@@ -81,14 +84,23 @@ class EigerComponent(IngesterComponent):
     # ------------------------------------------------------------ life cycle
     def start(self) -> None:
         self.start_sources()
-        self.detector = zmq.Context.instance().socket(zmq.PULL)
-        self.detector.rcvhwm = DETECTOR_HWM
-        self.detector.linger = 0
-        limit_frames(self.detector, DATA_MAX_FRAME_BYTES)
-        self.detector.connect(self.config.endpoint)
-        self.start_threads(self._run, "eiger")
-        log.info("reading %s as stream %s for %s", self.config.endpoint, self.config.stream,
-                 ", ".join(self.config.pipelines))
+        self.detector = self._open_detector()
+        self.start_threads(self._run, self.thread_prefix)
+        self.logger.info("reading %s as stream %s for %s", self.config.endpoint, self.config.stream,
+                         ", ".join(self.config.pipelines))
+
+    def _open_detector(self) -> zmq.Socket:
+        """The socket the detector's stream is read from (a subclass reading another protocol may differ)."""
+        sock = zmq.Context.instance().socket(zmq.PULL)
+        sock.rcvhwm = DETECTOR_HWM
+        sock.linger = 0
+        limit_frames(sock, DATA_MAX_FRAME_BYTES)
+        sock.connect(self.config.endpoint)
+        return sock
+
+    def _decode(self, parts: list[Any]) -> list[simplon.Event]:
+        """One received message's series events; a ``ValueError`` refuses it (counted)."""
+        return simplon.decode(parts)
 
     def stop(self) -> None:
         self.stop_common()
@@ -120,9 +132,11 @@ class EigerComponent(IngesterComponent):
                 continue
             self.counters.events_in += 1
             try:
-                backlog = simplon.decode(parts)
-            except simplon.SimplonError as exc:  # counted, the next message is read
+                backlog = self._decode(parts)
+            except ValueError as exc:  # counted, the next message is read
                 self.counters.error(f"{self.config.stream}: {exc}")
+                continue
+            if not backlog:  # a message that is part of one still to complete (Xspress3's old three-part form)
                 continue
             self._handle_safely(backlog.pop(0))
             try:
@@ -137,7 +151,7 @@ class EigerComponent(IngesterComponent):
         except ValueError as exc:  # a refused frame or end: counted, the stream goes on
             self.counters.error(f"{self.config.stream}: {exc}")
         except Exception as exc:  # a bug must not stop the stream
-            log.exception("ingester loop step failed")
+            self.logger.exception("ingester loop step failed")
             self.counters.error(f"internal error: {exc!r}")
 
     def _handle(self, event: simplon.Event) -> None:
@@ -168,7 +182,7 @@ class EigerComponent(IngesterComponent):
             self.refused(f"series {header.series}")
             return
         self.joined(choice)
-        log.info("series %s joins scan %s (%d points, first index %d) on %s", header.series, choice.scan,
+        self.logger.info("series %s joins scan %s (%d points, first index %d) on %s", header.series, choice.scan,
                  choice.points, choice.first_index, ", ".join(choice.pipelines))
         self.send(self.mapper.bind(header, choice))
 

@@ -69,7 +69,8 @@ def default_of(config: type, name: str) -> Any:
     raise ValueError(f"{config.__name__} has no field {name!r}")
 
 
-_DTYPES = {"int": int, "float": float, "str": str, "bool": bool, "tuple[str, ...]": (str,)}
+_DTYPES = {"int": int, "float": float, "str": str, "bool": bool, "tuple[str, ...]": (str,),
+           "tuple[int, ...]": (int,)}
 
 
 def config_property(config: type, name: str, doc: str) -> device_property:
@@ -82,7 +83,7 @@ def config_property(config: type, name: str, doc: str) -> device_property:
         if field is not None else None
     if dtype is None:
         raise ValueError(f"{config.__name__}.{name}: not a field of a Tango property type (int, float, str, bool, "
-                         "tuple of str)")
+                         "tuple of str or int)")
     prop = device_property(dtype=dtype, default_value=default_of(config, name), doc=doc)
     prop.config_field = (config, name)  # type: ignore[attr-defined]
     return prop

@@ -43,7 +43,8 @@ class ServerPool:
         self.started: list[ServerHandle] = []
 
     def start(self, server: str, classes: dict[str, dict[str, dict[str, object]]],
-              wait_devices: bool = True) -> ServerHandle:
+              wait_devices: bool = True, argv: list[str] | None = None) -> ServerHandle:
+        """``argv``: how to run the server (default: its console script with the instance)."""
         import tango
 
         db = tango.Database()
@@ -57,7 +58,7 @@ class ServerPool:
                                                     for k, v in props.items()})  # a list: one value per line
         script, instance = server.split("/")
         log = self.log_dir / f"{server.replace('/', '_')}.log"
-        handle = ServerHandle(server, spawn([executable(script), instance], log), log)
+        handle = ServerHandle(server, spawn(argv or [executable(script), instance], log), log)
         self.started.append(handle)
         if wait_devices:
             for devices in classes.values():
