@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from support.simulators import ROOT
+from support.simulators import ROOT, rebindable_port
 
 PANDABLOCKS = "pandablocks==0.10.4"
 DUMPS = ("fast_dump", "slow_dump", "raw_dump", "raw_dump_no_duration")
@@ -101,7 +101,7 @@ class PandaReplay:
     """The PandA's side of the data port, on loopback: one client at a time."""
 
     def __init__(self, port: int = 0) -> None:
-        self.port = port
+        self.port = port or rebindable_port()  # it goes away and comes back on the same port
         self.options: list[bytes] = []  # the options line of each connection
         self.connections = 0
         self._client: socket.socket | None = None

@@ -55,6 +55,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+#: Ports a test server that goes away and comes back binds again: below Linux's ephemeral
+#: range (32768-60999), where a client reconnecting meanwhile can take the very port for its
+#: own end (TCP connects to itself when nothing listens), and the server's bind then fails.
+REBIND_PORTS = (20000, 32000)
+
+
+def rebindable_port() -> int:
+    """A free loopback port outside the ephemeral range, for a server that restarts on it."""
+    import random
+
+    for _ in range(200):
+        port = random.randrange(*REBIND_PORTS)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                continue
+    raise RuntimeError(f"no free port in {REBIND_PORTS}")
+
+
 @dataclass
 class RestDetector:
     """A simulator's SIMPLON REST API: PUT ``{"value": ...}`` to config and command paths."""

@@ -15,11 +15,14 @@ from typing import Callable, Sequence
 
 import zmq
 
+from support.simulators import REBIND_PORTS
+
 
 class XspressReplay:
     def __init__(self, host: str = "127.0.0.1") -> None:
         self.socket = self._socket()
-        port = self.socket.bind_to_random_port(f"tcp://{host}")
+        # outside the ephemeral range: restart() binds the port again while the ingester's SUB reconnects
+        port = self.socket.bind_to_random_port(f"tcp://{host}", *REBIND_PORTS)
         self.endpoint = f"tcp://{host}:{port}"
         self.subscribers = 0
         self.sent = 0
