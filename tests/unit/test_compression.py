@@ -206,3 +206,28 @@ def test_formation_cuts_units_from_compressed_blocks_without_decompressing() -> 
         image = unit.arrays[protocol.array_key("eiger", "image")]
         assert isinstance(image, CompressedFrames)
         np.testing.assert_array_equal(image.decompress(), original[unit.index:unit.stop])
+
+
+@pytest.mark.parametrize("codec_name", [BSLZ4, LZ4])
+@pytest.mark.parametrize("dtype", ["|u1", "<u2", "<u4"])
+def test_every_chunk_the_mesh_carries_decodes_with_dectris_own_decoder(codec_name: str, dtype: str) -> None:
+    """DECTRIS' reference decoder (dectris-compression, from PyPI) reads the chunks
+    as the HDF5 filters frame them, as we carry them: same pixels as ours."""
+    from dectris.compression import decompress
+
+    original = frames(count=4, dtype=dtype, seed=7)
+    packed = CompressedFrames.compress(original, codec_name)
+    ours = packed.decompress()
+    for i in range(len(packed)):
+        theirs = decompress(bytes(packed.chunk(i)), codec_name, elem_size=original.dtype.itemsize)
+        np.testing.assert_array_equal(np.frombuffer(theirs, original.dtype).reshape(original.shape[1:]), ours[i])
+
+
+def test_a_bare_lz4_block_framed_for_the_filter_decodes_with_dectris_own_decoder() -> None:
+    import lz4.block
+    from dectris.compression import decompress
+
+    frame = frames(count=1, seed=9)[0]
+    chunk = frame_lz4_block(lz4.block.compress(frame.tobytes(), store_size=False), frame.nbytes)
+    np.testing.assert_array_equal(np.frombuffer(decompress(chunk, "lz4"), frame.dtype).reshape(frame.shape), frame)
+
