@@ -20,6 +20,7 @@ from support.simulators import REBIND_PORTS
 
 class XspressReplay:
     def __init__(self, host: str = "127.0.0.1") -> None:
+        self.context = zmq.Context()  # its own: restart() ends it, so the old socket's port is surely free
         self.socket = self._socket()
         # outside the ephemeral range: restart() binds the port again while the ingester's SUB reconnects
         port = self.socket.bind_to_random_port(f"tcp://{host}", *REBIND_PORTS)
@@ -27,9 +28,8 @@ class XspressReplay:
         self.subscribers = 0
         self.sent = 0
 
-    @staticmethod
-    def _socket() -> zmq.Socket:
-        sock = zmq.Context.instance().socket(zmq.XPUB)
+    def _socket(self) -> zmq.Socket:
+        sock = self.context.socket(zmq.XPUB)
         sock.setsockopt(zmq.XPUB_NODROP, 1)
         sock.sndhwm = 100_000
         sock.linger = 0
@@ -39,9 +39,11 @@ class XspressReplay:
         """As when the streamer's process restarts: the socket closed, a new one bound on the same
         address, nobody subscribed to it until a subscriber reconnects."""
         self.socket.close(0)
+        self.context.term()  # returns once every socket of it is closed and its listener released
+        self.context = zmq.Context()
         self.socket = self._socket()
         deadline = time.monotonic() + 10
-        while True:  # libzmq releases the closed socket's address on its I/O thread, a moment later
+        while True:  # and should the kernel still hold the address a moment: try again
             try:
                 self.socket.bind(self.endpoint)
                 break
@@ -77,3 +79,4 @@ class XspressReplay:
 
     def close(self) -> None:
         self.socket.close(0)
+        self.context.term()
