@@ -452,9 +452,9 @@ class MasterComponent(PipelineComponent):
     def _finish(self, run: ScanRun) -> None:
         self.runs.pop(run.scan_id, None)
         if run.recording is not None:
+            recorded = run.recording.bytes
             run.recording.close()
-            log.info("scan %s recorded in %s (%.1f MiB)", run.scan_id, run.recording.directory,
-                     run.recording.bytes / 2**20)
+            log.info("scan %s recorded in %s (%.1f MiB)", run.scan_id, run.recording.directory, recorded / 2**20)
         self.dispatcher.end_scan(run.scan_id)
         self.finished[run.scan_id] = run
         while len(self.finished) > FINISHED_KEPT:
