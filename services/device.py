@@ -190,9 +190,13 @@ class MeshDevice(Device):
 
     # ------------------------------------------------------------ life cycle
     def init_device(self) -> None:
-        super().init_device()
-        self.set_state(DevState.INIT)
         self.start_failure = ""
+        try:
+            super().init_device()  # reads the device properties: a value Tango cannot convert raises here
+        except Exception as exc:  # e.g. "many" for an int property: FAULT saying so, not a dead server
+            self._fail_start(str(exc) or type(exc).__name__)
+            return
+        self.set_state(DevState.INIT)
         component: Component | None = None
         try:
             component = self.create_component()
@@ -205,10 +209,7 @@ class MeshDevice(Device):
                 except Exception:
                     logging.getLogger("tangomesh.device").exception("stopping %s after its failed start",
                                                                     self.get_name())
-            self.start_failure = str(exc) or type(exc).__name__
-            self.component = FaultedComponent(self.get_name(), self.refuse_in_fault, self.start_failure)
-            self.set_state(DevState.FAULT)
-            self.set_status(f"start failed: {self.start_failure}")
+            self._fail_start(str(exc) or type(exc).__name__)
             return
         self.registration = RegistrationClient(
             self.create_link(),
@@ -217,6 +218,12 @@ class MeshDevice(Device):
         )
         self.registration.start()
         self.set_state(DevState.ON)
+
+    def _fail_start(self, why: str) -> None:
+        self.start_failure = why
+        self.component = FaultedComponent(self.get_name(), self.refuse_in_fault, why)
+        self.set_state(DevState.FAULT)
+        self.set_status(f"start failed: {why}")
 
     def delete_device(self) -> None:
         if self.registration is not None:

@@ -172,10 +172,24 @@ def test_bad_property_faults_the_device_with_a_reason_and_it_stays_up(manager, t
     assert "MaxRecords must be at least 1" in proxy.status()
     assert proxy.Errors == 1
     assert device not in names(manager)  # a device that cannot work does not offer itself
+    proxy.put_property({"MaxRecords": ["many"]})  # a value Tango itself cannot convert to the property's type
+    proxy.Init()
+    assert proxy.state() == tango.DevState.FAULT
+    assert "Failed to convert property 'MaxRecords'" in proxy.status() and "'many'" in proxy.status()
     proxy.put_property({"MaxRecords": ["10"]})
     proxy.Init()  # fixed in Jive, re-initialised from Astor/Jive: it recovers
     assert proxy.state() == tango.DevState.ON
     wait_for(lambda: device in names(manager), 10, "the repaired device to register")
+
+
+def test_a_property_value_tango_cannot_convert_faults_the_device_at_start_instead_of_killing_the_server(
+        manager, tango_server) -> None:
+    device = "test/recorder/badconv"
+    tango_server("Recorder/badconv", {"Recorder": {device: {"MaxRecords": "many"}}})
+    proxy = tango.DeviceProxy(device)
+    assert proxy.state() == tango.DevState.FAULT
+    assert "Failed to convert property 'MaxRecords'" in proxy.status()
+    assert proxy.Errors == 1 and device not in names(manager)
 
 
 def test_in_fault_every_device_refuses_its_own_attributes_and_commands_until_init(manager, tango_server) -> None:
