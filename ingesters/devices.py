@@ -21,14 +21,52 @@ from services.device import MeshDevice, config_property, console_script, throw_i
 from services.registration import ManagerLink, master_proxy
 
 
-def _open_scans(link: ManagerLink):
+def open_scans_of(link: ManagerLink):
+    """How an ingester reads a pipeline master's ``OpenScans`` (once per series or capture)."""
     def open_scans(pipeline: str) -> list[dict[str, Any]]:
         return json.loads(master_proxy(link, pipeline, timeout_ms=3000).OpenScans)
 
     return open_scans
 
 
-class EigerIngester(MeshDevice):
+class SeriesIngester(MeshDevice):
+    """What every ingester of a frame-numbered series stream shows (EIGER, Xspress3):
+    the attributes read the component's series mapper and counters."""
+
+    @attribute(dtype=int, doc="Number of the latest series start (-1: none yet)")
+    def Series(self) -> int:
+        return self.component.series
+
+    @attribute(dtype=str, doc="Scan the open series feeds ('' when none is open)")
+    def CurrentScan(self) -> str:
+        return self.component.current_scan
+
+    @attribute(dtype=int, doc="Frames sent on")
+    def Frames(self) -> int:
+        return self.component.mapper.frames
+
+    @attribute(dtype=int, doc="Acquisition indices declared missing (frames that never arrived)")
+    def GapPoints(self) -> int:
+        return self.component.mapper.gap_points
+
+    @attribute(dtype=int, doc="Series refused: no open scan took the stream within ScanWaitSeconds")
+    def RefusedSeries(self) -> int:
+        return self.component.refused_series
+
+    @attribute(dtype=int, doc="Frames discarded with refused series")
+    def DiscardedFrames(self) -> int:
+        return self.component.mapper.drained
+
+    @attribute(dtype=int, doc="Series that started while another was open (the detector or streamer restarted)")
+    def Restarts(self) -> int:
+        return self.component.restarts
+
+    @attribute(dtype=float, doc="Time spent waiting for the masters to take blocks (backpressure)", unit="s")
+    def BlockedSeconds(self) -> float:
+        return self.component.blocked_seconds
+
+
+class EigerIngester(SeriesIngester):
     """A DECTRIS EIGER / EIGER2 / PILATUS4 stream (SIMPLON v1 or v2) as one tangomesh source stream."""
 
     DetectorEndpoint = config_property(
@@ -46,40 +84,7 @@ class EigerIngester(MeshDevice):
         pipelines = tuple(self.Pipelines) or ((self.Pipeline,) if self.Pipeline else ())
         config = self.config_from_properties(EigerConfig, pipelines=pipelines)
         link = self.create_link()
-        return EigerComponent(self.get_name(), config, link, self.advertised_host, _open_scans(link), PyTangoThread)
-
-    @attribute(dtype=int, doc="Series number of the latest series start (-1: none yet)")
-    def Series(self) -> int:
-        return self.component.series
-
-    @attribute(dtype=str, doc="Scan the open series feeds ('' when none is open)")
-    def CurrentScan(self) -> str:
-        return self.component.current_scan
-
-    @attribute(dtype=int, doc="Frames sent on")
-    def Frames(self) -> int:
-        return self.component.mapper.frames
-
-    @attribute(dtype=int, doc="Acquisition indices declared missing (frames the detector skipped or never sent)")
-    def GapPoints(self) -> int:
-        return self.component.mapper.gap_points
-
-    @attribute(dtype=int, doc="Series refused: no open scan took the stream within ScanWaitSeconds")
-    def RefusedSeries(self) -> int:
-        return self.component.refused_series
-
-    @attribute(dtype=int, doc="Frames discarded with refused series")
-    def DiscardedFrames(self) -> int:
-        return self.component.mapper.drained
-
-    @attribute(dtype=int, doc="Series that started while another was open (the detector restarted)")
-    def Restarts(self) -> int:
-        return self.component.restarts
-
-    @attribute(dtype=float, doc="Time spent waiting for the masters to take blocks (backpressure)", unit="s")
-    def BlockedSeconds(self) -> float:
-        return self.component.blocked_seconds
-
+        return EigerComponent(self.get_name(), config, link, self.advertised_host, open_scans_of(link), PyTangoThread)
 
 main = console_script(EigerIngester)
 
@@ -109,7 +114,7 @@ class PcapIngester(MeshDevice):
         config = self.config_from_properties(PcapConfig, pipelines=pipelines)
         link = self.create_link()
         kind = RepublishComponent if config.republished else PcapComponent
-        return kind(self.get_name(), config, link, self.advertised_host, _open_scans(link), PyTangoThread)
+        return kind(self.get_name(), config, link, self.advertised_host, open_scans_of(link), PyTangoThread)
 
     @attribute(dtype=bool, doc="The data port answered OK and the connection is up")
     def Connected(self) -> bool:
@@ -177,7 +182,7 @@ class FileIngester(MeshDevice):
         pipelines = tuple(self.Pipelines) or ((self.Pipeline,) if self.Pipeline else ())
         config = self.config_from_properties(FileConfig, pipelines=pipelines)
         link = self.create_link()
-        return FileComponent(self.get_name(), config, link, self.advertised_host, _open_scans(link), PyTangoThread)
+        return FileComponent(self.get_name(), config, link, self.advertised_host, open_scans_of(link), PyTangoThread)
 
     @command(dtype_in=str, doc_in='JSON (services/schemas/file-replay.json), e.g. {"pace": 10, "first": 0, '
                                   '"count": 100}; {} replays MasterFile whole at Pace', dtype_out=int,

@@ -50,17 +50,22 @@ class EigerConfig:
     scan_wait: float = 10.0  # a series waits this long for a scan that takes its stream, then is refused
 
     def __post_init__(self) -> None:
-        if "://" not in self.endpoint:
-            raise ValueError(f"DetectorEndpoint must be a ZeroMQ address such as tcp://dcu:9999, "
-                             f"not {self.endpoint!r}")
-        if not self.stream or "/" in self.stream or len(self.stream) > 64:
-            raise ValueError(f"Stream must be a name without '/', not {self.stream!r}")
-        if not self.pipelines:
-            raise ValueError("no pipeline to feed: set Pipelines (or Pipeline)")
-        if not 1 <= self.block_frames <= 10_000:
-            raise ValueError(f"BlockFrames must be 1..10000 (got {self.block_frames})")
-        if self.scan_wait <= 0:
-            raise ValueError(f"ScanWaitSeconds must be positive (got {self.scan_wait})")
+        check_series_stream(self, "DetectorEndpoint", "tcp://dcu:9999")
+
+
+def check_series_stream(config: Any, endpoint_property: str, example: str) -> None:
+    """The properties every series-stream ingester has (endpoint, stream, pipelines,
+    block size, scan wait), checked; ValueError naming the property otherwise."""
+    if "://" not in config.endpoint:
+        raise ValueError(f"{endpoint_property} must be a ZeroMQ address such as {example}, not {config.endpoint!r}")
+    if not config.stream or "/" in config.stream or len(config.stream) > 64:
+        raise ValueError(f"Stream must be a name without '/', not {config.stream!r}")
+    if not config.pipelines:
+        raise ValueError("no pipeline to feed: set Pipelines (or Pipeline)")
+    if not 1 <= config.block_frames <= 10_000:
+        raise ValueError(f"BlockFrames must be 1..10000 (got {config.block_frames})")
+    if config.scan_wait <= 0:
+        raise ValueError(f"ScanWaitSeconds must be positive (got {config.scan_wait})")
 
 
 class EigerComponent(IngesterComponent):

@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 import zmq
 
-from ingesters.eiger import EigerComponent, OpenScans
+from ingesters.eiger import EigerComponent, OpenScans, check_series_stream
 from ingesters.series import ScanChoice
 from ingesters.xspress import MAX_BINS, MAX_CHANNELS, XspressDecoder
 from services.dataplane import limit_frames
@@ -55,17 +55,7 @@ class XspressConfig:
     channels: tuple[int, ...] = ()  # detector channels kept, in this order; () keeps all
 
     def __post_init__(self) -> None:
-        if "://" not in self.endpoint:
-            raise ValueError(f"StreamerEndpoint must be a ZeroMQ address such as tcp://host:port, "
-                             f"not {self.endpoint!r}")
-        if not self.stream or "/" in self.stream or len(self.stream) > 64:
-            raise ValueError(f"Stream must be a name without '/', not {self.stream!r}")
-        if not self.pipelines:
-            raise ValueError("no pipeline to feed: set Pipelines (or Pipeline)")
-        if not 1 <= self.block_frames <= 10_000:
-            raise ValueError(f"BlockFrames must be 1..10000 (got {self.block_frames})")
-        if self.scan_wait <= 0:
-            raise ValueError(f"ScanWaitSeconds must be positive (got {self.scan_wait})")
+        check_series_stream(self, "StreamerEndpoint", "tcp://host:port")
         if len(set(self.channels)) != len(self.channels) or any(not 0 <= c < MAX_CHANNELS for c in self.channels):
             raise ValueError(f"ChannelsKept must be distinct channel numbers 0..{MAX_CHANNELS - 1}, "
                              f"not {list(self.channels)}")

@@ -64,21 +64,29 @@ def counters_mesh(home: Path, autoscaled: bool = False) -> Path:
     return path
 
 
+class Mesh:
+    """``tangomesh`` commands on one home and mesh file, as a user runs them."""
+
+    def __init__(self, home: Path, mesh_file: Path) -> None:
+        self.mesh_file = mesh_file
+        self.env = {k: v for k, v in os.environ.items() if k != "TANGO_HOST"} | {"TANGOMESH_HOME": str(home)}
+
+    def run(self, *args: str, timeout: float = 120) -> str:
+        result = subprocess.run([str(bin_dir() / "tangomesh"), *args, "--mesh", str(self.mesh_file)], env=self.env,
+                                capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        assert result.returncode == 0, f"tangomesh {' '.join(args)}:\n{result.stdout}\n{result.stderr}"
+        return result.stdout
+
+    def rows(self) -> dict[str, dict]:
+        return {r["name"]: r for r in json.loads(self.run("status", "--json"))}
+
+
 def test_slurm_workers_join_do_work_survive_a_scancel_without_loss_and_leave_when_scaled_down(cluster,
                                                                                              tmp_path) -> None:
     home = tmp_path / "home"
     mesh_file = counters_mesh(home)
-    env = {k: v for k, v in os.environ.items() if k != "TANGO_HOST"} | {"TANGOMESH_HOME": str(home)}
-    tangomesh = str(bin_dir() / "tangomesh")
-
-    def run(*args: str, timeout: float = 120) -> str:
-        result = subprocess.run([tangomesh, *args, "--mesh", str(mesh_file)], env=env, capture_output=True,
-                                text=True, timeout=timeout, stdin=subprocess.DEVNULL)
-        assert result.returncode == 0, f"tangomesh {' '.join(args)}:\n{result.stdout}\n{result.stderr}"
-        return result.stdout
-
-    def rows() -> dict[str, dict]:
-        return {r["name"]: r for r in json.loads(run("status", "--json"))}
+    mesh = Mesh(home, mesh_file)
+    run, rows, env, tangomesh = mesh.run, mesh.rows, mesh.env, str(bin_dir() / "tangomesh")
 
     run("up")
     try:
@@ -132,17 +140,8 @@ def test_the_autoscaler_submits_slurm_workers_for_a_burst_and_cancels_them_after
     they take units; once the pipeline has been idle for 8 s it cancels them again."""
     home = tmp_path / "home"
     mesh_file = counters_mesh(home, autoscaled=True)
-    env = {k: v for k, v in os.environ.items() if k != "TANGO_HOST"} | {"TANGOMESH_HOME": str(home)}
-    tangomesh = str(bin_dir() / "tangomesh")
-
-    def run(*args: str, timeout: float = 120) -> str:
-        result = subprocess.run([tangomesh, *args, "--mesh", str(mesh_file)], env=env, capture_output=True,
-                                text=True, timeout=timeout, stdin=subprocess.DEVNULL)
-        assert result.returncode == 0, f"tangomesh {' '.join(args)}:\n{result.stdout}\n{result.stderr}"
-        return result.stdout
-
-    def rows() -> dict[str, dict]:
-        return {r["name"]: r for r in json.loads(run("status", "--json"))}
+    mesh = Mesh(home, mesh_file)
+    run, rows = mesh.run, mesh.rows
 
     run("up")
     try:

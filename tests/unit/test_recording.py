@@ -88,6 +88,8 @@ def test_a_replay_sends_the_recorded_blocks_and_declares_the_recorded_gaps_again
     from services.protocol import source_gap
     from services.recording import ScanRecording
     from services.sim.profiles import PROFILES, ProfileScan
+    from topology_manager.local import LocalManagerLink
+    from topology_manager.registry import Registry
 
     data = ProfileScan(PROFILES["counters"], "p1", 30, streams=["scaler"])
     recording = ScanRecording(tmp_path, "s1", "p1", data.document("s1", 1), started=100.0)
@@ -107,20 +109,7 @@ def test_a_replay_sends_the_recorded_blocks_and_declares_the_recorded_gaps_again
     for name, want in data.arrays("scaler", 20, 30).items():
         np.testing.assert_array_equal(replay.arrays("scaler", 20, 30)[name], want)
 
-    class Link:
-        def register(self, info):
-            return {"name": info["name"], "lease_s": 30.0, "heartbeat_s": 10.0}
-
-        def heartbeat(self, name):
-            return {"name": name, "lease_s": 30.0, "heartbeat_s": 10.0}
-
-        def deregister(self, name):
-            pass
-
-        def lookup(self, query):
-            return []
-
-    driver = ScanDriver.for_data(replay, Link())
+    driver = ScanDriver.for_data(replay, LocalManagerLink(Registry(30.0, 10.0)))
     try:  # described from the data blocks, the gap left out
         assert driver.sources["p1", "scaler"].descriptor["max_block"] == 10
     finally:
